@@ -1,0 +1,77 @@
+"""Durable workflows with live, append-only output streams for Django."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DurableStreamsError",
+    "NonDeterministicWorkflow",
+    "Status",
+    "StepFailed",
+    "StreamClosed",
+    "StreamTimeout",
+    "WorkflowCancelled",
+    "WorkflowConflict",
+    "WorkflowFailed",
+    "WorkflowHandle",
+    "WorkflowNotFound",
+    "WorkflowTimeout",
+    "aread_stream",
+    "cancel_workflow",
+    "close_stream",
+    "current_workflow_id",
+    "get_workflow",
+    "read_stream",
+    "run_step",
+    "start_workflow",
+    "step",
+    "workflow",
+    "write_stream",
+]
+
+from .exceptions import (
+    DurableStreamsError,
+    NonDeterministicWorkflow,
+    StepFailed,
+    StreamClosed,
+    StreamTimeout,
+    WorkflowCancelled,
+    WorkflowConflict,
+    WorkflowFailed,
+    WorkflowNotFound,
+    WorkflowTimeout,
+)
+
+if TYPE_CHECKING:
+    from .api import (
+        WorkflowHandle,
+        aread_stream,
+        cancel_workflow,
+        close_stream,
+        current_workflow_id,
+        get_workflow,
+        read_stream,
+        run_step,
+        start_workflow,
+        step,
+        workflow,
+        write_stream,
+    )
+    from .models import Status
+
+
+def __getattr__(name: str) -> Any:
+    # The API imports models, which need the app registry: load it on first use
+    # so that importing durable_streams (e.g. from settings) stays cheap and safe.
+    if name == "Status":
+        from .models import Status
+
+        return Status
+    if name in __all__:
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'durable_streams' has no attribute {name!r}")

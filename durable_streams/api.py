@@ -1,0 +1,514 @@
+"""The public API: decorators, starting and inspecting workflows, and reading streams."""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any, Generic, ParamSpec, TypeVar, overload
+
+from asgiref.sync import sync_to_async
+from django.db import IntegrityError, transaction
+
+from . import encoding, registry, runtime
+from .conf import get_config
+from .db import alias
+from .exceptions import (
+    StreamTimeout,
+    WorkflowCancelled,
+    WorkflowConflict,
+    WorkflowFailed,
+    WorkflowNotFound,
+    WorkflowTimeout,
+)
+from .models import ACTIVE_STATUSES, TERMINAL_STATUSES, Status, Stream, StreamEntry
+from .models import Workflow as WorkflowRun
+from .notify import (
+    announce,
+    poll_interval,
+    queue_topic,
+    stream_topic,
+    subscribe,
+    workflow_topic,
+)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+__all__ = [
+    "Workflow",
+    "WorkflowHandle",
+    "aread_stream",
+    "cancel_workflow",
+    "close_stream",
+    "current_workflow_id",
+    "get_workflow",
+    "read_stream",
+    "run_step",
+    "start_workflow",
+    "step",
+    "workflow",
+    "write_stream",
+]
+
+write_stream = runtime.write_stream
+close_stream = runtime.close_stream
+
+
+def _qualified_name(fn: Callable[..., Any]) -> str:
+    return f"{fn.__module__}.{fn.__qualname__}"
+
+
+class Workflow(Generic[P, R]):
+    """A registered workflow. Call ``start()`` to run it durably on a worker."""
+
+    def __init__(
+        self,
+        fn: Callable[P, R],
+        *,
+        name: str | None,
+        queue: str,
+        max_attempts: int | None,
+    ) -> None:
+        if not callable(fn):
+            raise TypeError(f"@workflow decorates a function, not {type(fn).__name__}.")
+        if max_attempts is not None and (
+            isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1
+        ):
+            raise ValueError(
+                f"max_attempts must be a whole number of at least 1, not {max_attempts!r}."
+            )
+        _check_name("queue", queue)
+        self.fn = fn
+        self.name = _check_name("name", name) if name is not None else _qualified_name(fn)
+        self.queue = queue
+        self._max_attempts = max_attempts
+        functools.update_wrapper(self, fn)  # type: ignore[arg-type]
+        registry.register(self)
+
+    @property
+    def max_attempts(self) -> int:
+        return self._max_attempts if self._max_attempts is not None else get_config().MAX_ATTEMPTS
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Run the body directly, in this thread, without durability (handy in tests)."""
+        return self.fn(*args, **kwargs)
+
+    def start(self, *args: P.args, **kwargs: P.kwargs) -> WorkflowHandle:
+        """Enqueue a run; a worker picks it up."""
+        return start_workflow(self, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<Workflow {self.name}>"
+
+
+def _check_name(what: str, value: object) -> str:
+    if not isinstance(value, str) or not value or len(value) > 255:
+        raise ValueError(
+            f"A workflow {what} must be a non-empty string of at most 255 characters, "
+            f"not {value!r}."
+        )
+    return value
+
+
+@overload
+def workflow(fn: Callable[P, R], /) -> Workflow[P, R]: ...
+@overload
+def workflow(
+    *, name: str | None = None, queue: str = "default", max_attempts: int | None = None
+) -> Callable[[Callable[P, R]], Workflow[P, R]]: ...
+def workflow(
+    fn: Callable[P, R] | None = None,
+    /,
+    *,
+    name: str | None = None,
+    queue: str = "default",
+    max_attempts: int | None = None,
+) -> Workflow[P, R] | Callable[[Callable[P, R]], Workflow[P, R]]:
+    """Register a function as a durable workflow, under ``name`` (default: module.qualname)."""
+    if fn is not None:
+        return Workflow(fn, name=name, queue=queue, max_attempts=max_attempts)
+
+    def decorate(fn: Callable[P, R]) -> Workflow[P, R]:
+        return Workflow(fn, name=name, queue=queue, max_attempts=max_attempts)
+
+    return decorate
+
+
+@overload
+def step(fn: Callable[P, R], /) -> Callable[P, R]: ...
+@overload
+def step(
+    *,
+    name: str | None = None,
+    retries: int = 0,
+    backoff: float = 1.0,
+    atomic: bool = False,
+) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
+def step(
+    fn: Callable[P, R] | None = None,
+    /,
+    *,
+    name: str | None = None,
+    retries: int = 0,
+    backoff: float = 1.0,
+    atomic: bool = False,
+) -> Callable[P, R] | Callable[[Callable[P, R]], Callable[P, R]]:
+    """Checkpoint a function's result when a workflow calls it.
+
+    A failing step is retried up to ``retries`` times, waiting ``backoff`` seconds,
+    then twice that, and so on. Its result must be JSON; the workflow receives the
+    decoded JSON (what a replay would return). Outside a workflow it is a plain call.
+
+    A step runs at least once: a worker that dies after the step's effect but before
+    its checkpoint commits runs it again. With ``atomic=True`` the step runs inside a
+    transaction that also records its checkpoint, so its writes to the database
+    happen exactly once.
+    """
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise ValueError(f"retries must be a whole number of at least 0, not {retries!r}.")
+    if isinstance(backoff, bool) or not isinstance(backoff, (int, float)) or backoff < 0:
+        raise ValueError(f"backoff must be a number of seconds of at least 0, not {backoff!r}.")
+
+    def decorate(fn: Callable[P, R]) -> Callable[P, R]:
+        step_name = name if name is not None else _qualified_name(fn)
+        _check_name("step name", step_name)
+
+        @functools.wraps(fn)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            return runtime.run_step(
+                fn, step_name, retries, float(backoff), args, kwargs, atomic=atomic
+            )
+
+        wrapper.step_name = step_name  # type: ignore[attr-defined]
+        return wrapper
+
+    if fn is not None:
+        return decorate(fn)
+    return decorate
+
+
+def current_workflow_id() -> str | None:
+    """The id of the workflow running in this thread (in its body or its steps), else None."""
+    execution = runtime.current_execution()
+    return None if execution is None else execution.workflow_id
+
+
+def run_step(fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:
+    """Run an undecorated callable as a step (no retries), named module.qualname."""
+    name = getattr(fn, "step_name", None) or _qualified_name(fn)
+    return runtime.run_step(fn, name, 0, 0.0, args, kwargs)
+
+
+# Starting and inspecting workflows
+
+
+def start_workflow(
+    wf: Workflow[..., Any] | str,
+    /,
+    *args: Any,
+    workflow_id: str | None = None,
+    queue: str | None = None,
+    owner: Any = None,
+    public: bool = False,
+    **kwargs: Any,
+) -> WorkflowHandle:
+    """Enqueue a run of ``wf`` and return its handle.
+
+    With a ``workflow_id`` that already exists, return that run's handle: a run is
+    never started twice. ``owner`` (a user) and ``public`` decide who may read its
+    streams. Called from a workflow body, the child's id defaults to one derived
+    from the parent, so a replay finds the same child.
+    """
+    if isinstance(wf, str):
+        wf = registry.get(wf)
+    elif not isinstance(wf, Workflow):
+        raise TypeError(
+            f"start_workflow() takes a @workflow function or its name, not {type(wf).__name__}."
+        )
+    inputs = encoding.encode_inputs(args, kwargs, wf.name)
+    if workflow_id is None:
+        workflow_id = runtime.child_workflow_id() or None
+    elif not isinstance(workflow_id, str) or not workflow_id or len(workflow_id) > 255:
+        raise ValueError(
+            "workflow_id must be a non-empty string of at most 255 characters, "
+            f"not {workflow_id!r}."
+        )
+    queue = _check_name("queue", queue) if queue is not None else wf.queue
+    owner_id = None
+    if owner is not None and getattr(owner, "is_authenticated", True):
+        owner_id = getattr(owner, "pk", owner)
+    using = alias()
+    run = WorkflowRun(
+        name=wf.name,
+        queue=queue,
+        inputs=inputs,
+        max_attempts=wf.max_attempts,
+        owner_id=owner_id,
+        is_public=bool(public),
+    )
+    if workflow_id is not None:
+        run.id = workflow_id
+    try:
+        with transaction.atomic(using=using):
+            run.save(using=using, force_insert=True)
+            announce([queue_topic(queue)], using)
+    except IntegrityError:
+        existing = (
+            WorkflowRun.objects.using(using)
+            .filter(pk=run.id)
+            .values_list("name", flat=True)
+            .first()
+        )
+        if existing is None:
+            raise
+        if existing != wf.name:
+            raise WorkflowConflict(
+                f"Workflow id {run.id!r} is already used by a run of {existing!r}, not {wf.name!r}."
+            ) from None
+    return WorkflowHandle(run.id)
+
+
+def get_workflow(workflow_id: str) -> WorkflowHandle:
+    """Return the handle of an existing run; ``WorkflowNotFound`` if there is none."""
+    handle = WorkflowHandle(workflow_id)
+    handle.status  # noqa: B018 - raises WorkflowNotFound
+    return handle
+
+
+def cancel_workflow(workflow_id: str) -> bool:
+    """Cancel an enqueued or running workflow; False if it had already ended.
+
+    A running workflow stops at its next step boundary; its open streams close now.
+    """
+    using = alias()
+    changed = WorkflowRun.objects.using(using).active().finish(workflow_id, Status.CANCELLED)
+    if not changed and not WorkflowRun.objects.using(using).filter(pk=workflow_id).exists():
+        raise WorkflowNotFound(workflow_id)
+    return changed
+
+
+class WorkflowHandle:
+    """A reference to one workflow run. Every attribute is read fresh from the database."""
+
+    def __init__(self, workflow_id: str) -> None:
+        self.workflow_id = workflow_id
+
+    def __repr__(self) -> str:
+        return f"<WorkflowHandle {self.workflow_id}>"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, WorkflowHandle) and other.workflow_id == self.workflow_id
+
+    def __hash__(self) -> int:
+        return hash(self.workflow_id)
+
+    def get(self) -> WorkflowRun:
+        """The workflow's row, as stored now."""
+        try:
+            return WorkflowRun.objects.using(alias()).get(pk=self.workflow_id)
+        except WorkflowRun.DoesNotExist:
+            raise WorkflowNotFound(self.workflow_id) from None
+
+    @property
+    def status(self) -> str:
+        status = (
+            WorkflowRun.objects.using(alias())
+            .filter(pk=self.workflow_id)
+            .values_list("status", flat=True)
+            .first()
+        )
+        if status is None:
+            raise WorkflowNotFound(self.workflow_id)
+        return status
+
+    def cancel(self) -> bool:
+        return cancel_workflow(self.workflow_id)
+
+    def _outcome(self) -> tuple[bool, Any]:
+        row = (
+            WorkflowRun.objects.using(alias())
+            .filter(pk=self.workflow_id)
+            .values_list("status", "output", "error")
+            .first()
+        )
+        if row is None:
+            raise WorkflowNotFound(self.workflow_id)
+        status, output, error = row
+        if status == Status.SUCCESS:
+            return True, None if output is None else encoding.loads(output)
+        if status == Status.ERROR:
+            record = encoding.loads(error or "{}")
+            raise WorkflowFailed(
+                self.workflow_id, record.get("type", "Error"), record.get("message", "")
+            )
+        if status == Status.CANCELLED:
+            raise WorkflowCancelled(self.workflow_id)
+        return False, None
+
+    def result(self, timeout: float | None = None) -> Any:
+        """Wait for the end and return the output, or raise what ended the workflow."""
+        using = alias()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with subscribe([workflow_topic(self.workflow_id)]) as waiter:
+            interval = poll_interval(using)
+            while True:
+                waiter.clear()
+                done, value = self._outcome()
+                if done:
+                    return value
+                wait = interval
+                if deadline is not None:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise WorkflowTimeout(
+                            f"Workflow {self.workflow_id!r} did not end within {timeout} seconds."
+                        )
+                    wait = min(wait, remaining)
+                waiter.wait(wait)
+
+    async def aresult(self, timeout: float | None = None) -> Any:
+        """``result()`` for async code."""
+        import asyncio
+
+        using = alias()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        outcome = sync_to_async(self._outcome)
+        with subscribe(
+            [workflow_topic(self.workflow_id)], loop=asyncio.get_running_loop()
+        ) as waiter:
+            interval = await sync_to_async(poll_interval)(using)
+            while True:
+                waiter.clear()
+                done, value = await outcome()
+                if done:
+                    return value
+                wait = interval
+                if deadline is not None:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise WorkflowTimeout(
+                            f"Workflow {self.workflow_id!r} did not end within {timeout} seconds."
+                        )
+                    wait = min(wait, remaining)
+                await waiter.async_wait(wait)
+
+
+# Reading streams
+
+
+class _StreamCursor:
+    """The reader's position in one stream and the queries that move it forward."""
+
+    def __init__(self, workflow_id: str, key: str, offset: int, timeout: float | None) -> None:
+        encoding.check_key(key)
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise ValueError(f"offset must be a whole number of at least 0, not {offset!r}.")
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0
+        ):
+            raise ValueError(
+                f"timeout must be None or a number of seconds of at least 0, not {timeout!r}."
+            )
+        self.workflow_id = workflow_id
+        self.key = key
+        self.offset = offset
+        self.timeout = timeout
+        self.using = alias()
+        self.batch_size = get_config().READ_BATCH_SIZE
+        self.topics = [stream_topic(workflow_id, key), workflow_topic(workflow_id)]
+        self._deadline: float | None = None
+        self.restart_clock()
+
+    def restart_clock(self) -> None:
+        if self.timeout is not None:
+            self._deadline = time.monotonic() + self.timeout
+
+    def fetch(self) -> tuple[list[Any], bool]:
+        """Return the next batch of values, and whether the stream has ended after them."""
+        row = (
+            Stream.objects.using(self.using)
+            .filter(workflow_id=self.workflow_id, key=self.key)
+            .values_list("pk", "length", "closed_at", "workflow__status")
+            .first()
+        )
+        if row is None:
+            status = (
+                WorkflowRun.objects.using(self.using)
+                .filter(pk=self.workflow_id)
+                .values_list("status", flat=True)
+                .first()
+            )
+            if status is None:
+                raise WorkflowNotFound(self.workflow_id)
+            # A workflow that ended without writing to this stream has nothing to give.
+            return [], status in TERMINAL_STATUSES
+        stream_id, length, closed_at, status = row
+        closed = closed_at is not None or status not in ACTIVE_STATUSES
+        if length <= self.offset:
+            return [], closed
+        texts = list(
+            StreamEntry.objects.using(self.using)
+            .from_offset(stream_id, self.offset, min(self.batch_size, length - self.offset))
+            .values_list("value", flat=True)
+        )
+        self.offset += len(texts)
+        return [encoding.loads(t) for t in texts], closed and self.offset >= length
+
+    def wait_time(self, interval: float) -> float:
+        if self._deadline is None:
+            return interval
+        remaining = self._deadline - time.monotonic()
+        if remaining <= 0:
+            raise StreamTimeout(self.workflow_id, self.key, self.offset, self.timeout or 0.0)
+        return min(interval, remaining)
+
+
+def read_stream(
+    workflow_id: str, key: str, *, offset: int = 0, timeout: float | None = None
+) -> Iterator[Any]:
+    """Yield the values of a stream from ``offset`` on, waiting while it is open.
+
+    Ends after the last value once the stream is closed (by ``close_stream`` or by
+    the end of the workflow). ``timeout`` bounds the wait for each next value.
+    """
+    cursor = _StreamCursor(workflow_id, key, offset, timeout)
+    return _read(cursor)
+
+
+def _read(cursor: _StreamCursor) -> Iterator[Any]:
+    with subscribe(cursor.topics) as waiter:
+        interval = poll_interval(cursor.using)
+        while True:
+            waiter.clear()
+            values, ended = cursor.fetch()
+            if values:
+                yield from values
+                cursor.restart_clock()
+                continue
+            if ended:
+                return
+            waiter.wait(cursor.wait_time(interval))
+
+
+async def aread_stream(
+    workflow_id: str, key: str, *, offset: int = 0, timeout: float | None = None
+) -> AsyncIterator[Any]:
+    """``read_stream()`` as an async iterator."""
+    import asyncio
+
+    cursor = _StreamCursor(workflow_id, key, offset, timeout)
+    fetch = sync_to_async(cursor.fetch)
+    with subscribe(cursor.topics, loop=asyncio.get_running_loop()) as waiter:
+        interval = await sync_to_async(poll_interval)(cursor.using)
+        while True:
+            waiter.clear()
+            values, ended = await fetch()
+            if values:
+                for value in values:
+                    yield value
+                cursor.restart_clock()
+                continue
+            if ended:
+                return
+            await waiter.async_wait(cursor.wait_time(interval))

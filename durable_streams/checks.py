@@ -1,0 +1,64 @@
+"""System checks. Every id is listed, with its meaning, in the README."""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+from django.conf import settings
+from django.core.checks import CheckMessage, Error, Warning, register
+
+from .conf import get_config
+from .exceptions import ConfigurationError
+
+
+@register()
+def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    try:
+        config = get_config()
+    except ConfigurationError as exc:
+        return [
+            Error(
+                str(exc),
+                hint="See the settings reference in durable_streams' README.",
+                id="durable_streams.E001",
+            )
+        ]
+    messages: list[CheckMessage] = []
+    if config.DATABASE not in settings.DATABASES:
+        messages.append(
+            Error(
+                f"settings.DURABLE_STREAMS['DATABASE'] is {config.DATABASE!r}, which is not in "
+                "settings.DATABASES.",
+                hint=f"Use one of: {', '.join(map(repr, settings.DATABASES))}.",
+                id="durable_streams.E002",
+            )
+        )
+    from .auth import _load
+
+    try:
+        _load(config.AUTHORIZE_READER)
+    except ConfigurationError as exc:
+        messages.append(
+            Error(
+                str(exc),
+                hint="Give the dotted path of a function (user, workflow, key) -> bool.",
+                id="durable_streams.E003",
+            )
+        )
+    if config.DATABASE in settings.DATABASES:
+        engine = settings.DATABASES[config.DATABASE].get("ENGINE", "")
+        if (
+            engine == "django.db.backends.postgresql"
+            and config.LISTEN_NOTIFY
+            and importlib.util.find_spec("psycopg") is None
+        ):
+            messages.append(
+                Warning(
+                    "PostgreSQL notifications need psycopg 3; without it readers and idle "
+                    f"workers poll every {config.NOTIFY_FALLBACK_POLL}s.",
+                    hint='pip install "durable-streams[postgres]"',
+                    id="durable_streams.W001",
+                )
+            )
+    return messages

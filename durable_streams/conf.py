@@ -1,0 +1,115 @@
+"""The ``DURABLE_STREAMS`` setting: defaults, validation and a cached getter."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+from django.conf import settings
+from django.core.signals import setting_changed
+from django.dispatch import receiver
+
+from .exceptions import ConfigurationError
+
+DEFAULTS: dict[str, Any] = {
+    # Seconds a worker's claim on a running workflow lasts without renewal.
+    "LEASE_SECONDS": 10.0,
+    # Seconds between lease renewals; None means a third of LEASE_SECONDS.
+    "HEARTBEAT_SECONDS": None,
+    # Seconds between database polls where no notification channel reaches the
+    # process (SQLite across processes, or a missed PostgreSQL notification).
+    "POLL_INTERVAL": 0.1,
+    # Upper bound, in seconds, of a wait on PostgreSQL before re-reading the
+    # database even though LISTEN/NOTIFY should have woken the waiter.
+    "NOTIFY_FALLBACK_POLL": 1.0,
+    # Use PostgreSQL LISTEN/NOTIFY to wake readers and idle workers.
+    "LISTEN_NOTIFY": True,
+    # Largest encoded size of one stream value, in bytes.
+    "MAX_VALUE_BYTES": 1024 * 1024,
+    # How many entries one catch-up query reads.
+    "READ_BATCH_SIZE": 500,
+    # Claims per workflow before it ends in ERROR; the default for @workflow.
+    "MAX_ATTEMPTS": 10,
+    # Seconds a stopping worker waits for running steps before it releases leases.
+    "SHUTDOWN_GRACE_SECONDS": 30.0,
+    # Callable (dotted path) deciding who may read a stream: (user, workflow, key) -> bool.
+    "AUTHORIZE_READER": "durable_streams.auth.default_authorize_reader",
+    # Database alias holding durable_streams' tables.
+    "DATABASE": "default",
+}
+
+_NUMBERS = {
+    "LEASE_SECONDS": (float, 0.5),
+    "POLL_INTERVAL": (float, 0.001),
+    "NOTIFY_FALLBACK_POLL": (float, 0.01),
+    "MAX_VALUE_BYTES": (int, 1),
+    "READ_BATCH_SIZE": (int, 1),
+    "MAX_ATTEMPTS": (int, 1),
+    "SHUTDOWN_GRACE_SECONDS": (float, 0.0),
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    LEASE_SECONDS: float
+    HEARTBEAT_SECONDS: float
+    POLL_INTERVAL: float
+    NOTIFY_FALLBACK_POLL: float
+    LISTEN_NOTIFY: bool
+    MAX_VALUE_BYTES: int
+    READ_BATCH_SIZE: int
+    MAX_ATTEMPTS: int
+    SHUTDOWN_GRACE_SECONDS: float
+    AUTHORIZE_READER: str
+    DATABASE: str
+
+
+def _invalid(name: str, problem: str) -> ConfigurationError:
+    return ConfigurationError(f"settings.DURABLE_STREAMS[{name!r}] {problem}.")
+
+
+@cache
+def get_config() -> Config:
+    """Return the validated settings, merged over the defaults; cached until they change."""
+    user = getattr(settings, "DURABLE_STREAMS", {})
+    if not isinstance(user, dict):
+        raise ConfigurationError(
+            f"settings.DURABLE_STREAMS must be a dict, not {type(user).__name__}."
+        )
+    unknown = sorted(set(user) - set(DEFAULTS))
+    if unknown:
+        raise _invalid(unknown[0], f"is not a known setting (known: {', '.join(sorted(DEFAULTS))})")
+    values = {**DEFAULTS, **user}
+    for name, (kind, minimum) in _NUMBERS.items():
+        value = values[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _invalid(name, f"must be a number, not {type(value).__name__}")
+        if kind is int and not isinstance(value, int):
+            raise _invalid(name, f"must be a whole number, not {value!r}")
+        if value < minimum:
+            raise _invalid(name, f"must be at least {minimum}, not {value!r}")
+        values[name] = kind(value)
+    heartbeat = values["HEARTBEAT_SECONDS"]
+    if heartbeat is None:
+        heartbeat = values["LEASE_SECONDS"] / 3
+    elif isinstance(heartbeat, bool) or not isinstance(heartbeat, (int, float)) or heartbeat <= 0:
+        raise _invalid("HEARTBEAT_SECONDS", f"must be a positive number or None, not {heartbeat!r}")
+    if heartbeat >= values["LEASE_SECONDS"]:
+        raise _invalid(
+            "HEARTBEAT_SECONDS",
+            f"({heartbeat}) must be shorter than LEASE_SECONDS ({values['LEASE_SECONDS']})",
+        )
+    values["HEARTBEAT_SECONDS"] = float(heartbeat)
+    for name in ("AUTHORIZE_READER", "DATABASE"):
+        if not isinstance(values[name], str) or not values[name]:
+            raise _invalid(name, f"must be a non-empty string, not {values[name]!r}")
+    if not isinstance(values["LISTEN_NOTIFY"], bool):
+        raise _invalid("LISTEN_NOTIFY", f"must be True or False, not {values['LISTEN_NOTIFY']!r}")
+    return Config(**values)
+
+
+@receiver(setting_changed)
+def _reset_config(*, setting: str, **kwargs: Any) -> None:
+    if setting in ("DURABLE_STREAMS", "DATABASES"):
+        get_config.cache_clear()

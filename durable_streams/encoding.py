@@ -1,0 +1,97 @@
+"""JSON encoding of inputs, outputs and stream values, with errors that name the culprit."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from django.core.serializers.json import DjangoJSONEncoder
+
+MAX_KEY_LENGTH = 255
+
+
+def dumps(value: Any) -> str:
+    """Encode ``value`` as compact JSON text that the database stores unchanged.
+
+    Non-ASCII text is kept as is; a string holding lone surrogates cannot be
+    stored as UTF-8, so only then is the text written with ASCII escapes.
+    """
+    text = json.dumps(
+        value,
+        cls=DjangoJSONEncoder,
+        ensure_ascii=False,
+        allow_nan=False,
+        separators=(",", ":"),
+    )
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(value, cls=DjangoJSONEncoder, allow_nan=False, separators=(",", ":"))
+    return text
+
+
+def loads(text: str) -> Any:
+    return json.loads(text)
+
+
+def encode(value: Any, what: str) -> str:
+    """``dumps`` that turns an unencodable value into a TypeError naming ``what``."""
+    try:
+        return dumps(value)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(
+            f"{what} must be JSON-serializable; a value of type "
+            f"{_culprit_type(value)} is not ({exc})."
+        ) from None
+
+
+def _culprit_type(value: Any) -> str:
+    """Name the innermost value's type that JSON cannot encode."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.values())
+            for key in item:
+                if not isinstance(key, (str, int, float, bool)) and key is not None:
+                    return type(key).__name__
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+        else:
+            try:
+                json.dumps(item, cls=DjangoJSONEncoder)
+            except (TypeError, ValueError):
+                return type(item).__name__
+    return type(value).__name__
+
+
+def encode_inputs(args: tuple[Any, ...], kwargs: dict[str, Any], workflow_name: str) -> str:
+    for index, arg in enumerate(args):
+        encode(arg, f"Argument {index} of workflow {workflow_name!r}")
+    for name, arg in kwargs.items():
+        encode(arg, f"Argument {name!r} of workflow {workflow_name!r}")
+    return dumps({"args": list(args), "kwargs": kwargs})
+
+
+def check_key(key: object) -> str:
+    if not isinstance(key, str):
+        raise TypeError(f"A stream key must be a str, not {type(key).__name__}.")
+    if not key:
+        raise ValueError("A stream key must not be empty.")
+    if len(key) > MAX_KEY_LENGTH:
+        raise ValueError(
+            f"A stream key must be at most {MAX_KEY_LENGTH} characters; "
+            f"{key[:20]!r}... has {len(key)}."
+        )
+    return key
+
+
+def encode_stream_value(key: str, value: Any, max_bytes: int) -> str:
+    text = encode(value, f"A value written to stream {key!r}")
+    size = len(text.encode("utf-8"))
+    if size > max_bytes:
+        raise ValueError(
+            f"A value written to stream {key!r} is {size} bytes once encoded; the limit is "
+            f"{max_bytes} (settings.DURABLE_STREAMS['MAX_VALUE_BYTES'])."
+        )
+    return text

@@ -1,0 +1,117 @@
+"""Every error durable_streams raises derives from :class:`DurableStreamsError`."""
+
+from __future__ import annotations
+
+from django.core.exceptions import ImproperlyConfigured
+
+
+class DurableStreamsError(Exception):
+    """Root of every durable_streams error."""
+
+
+class ConfigurationError(DurableStreamsError, ImproperlyConfigured):
+    """The ``DURABLE_STREAMS`` setting (or a database setting) is wrong."""
+
+
+class ImproperlyInstalled(DurableStreamsError, ImportError):
+    """An optional dependency is missing; the message names the extra to install."""
+
+    def __init__(self, missing_package: str, extra: str) -> None:
+        self.missing_package = missing_package
+        self.extra = extra
+        super().__init__(
+            f"{missing_package} is required for this feature of durable_streams. "
+            f'Install it with: pip install "durable-streams[{extra}]"'
+        )
+
+
+class WorkflowNotFound(DurableStreamsError, LookupError):
+    """No workflow with the given id exists."""
+
+    def __init__(self, workflow_id: str) -> None:
+        self.workflow_id = workflow_id
+        super().__init__(f"No workflow with id {workflow_id!r}.")
+
+
+class WorkflowNotRegistered(DurableStreamsError, LookupError):
+    """No function is registered under a workflow name."""
+
+
+class WorkflowConflict(DurableStreamsError):
+    """A workflow id is already used by a run of a different workflow."""
+
+
+class WorkflowFailed(DurableStreamsError):
+    """The workflow ended in ERROR; carries the original error's type name and message."""
+
+    def __init__(self, workflow_id: str, error_type: str, message: str) -> None:
+        self.workflow_id = workflow_id
+        self.error_type = error_type
+        self.message = message
+        super().__init__(f"Workflow {workflow_id!r} failed: {error_type}: {message}")
+
+
+class WorkflowCancelled(DurableStreamsError):
+    """The workflow was cancelled."""
+
+    def __init__(self, workflow_id: str) -> None:
+        self.workflow_id = workflow_id
+        super().__init__(f"Workflow {workflow_id!r} was cancelled.")
+
+
+class WorkflowTimeout(DurableStreamsError, TimeoutError):
+    """``result(timeout=...)`` ran out of time before the workflow ended."""
+
+
+class StepFailed(DurableStreamsError):
+    """A step inside a workflow raised on its last attempt.
+
+    The same exception is raised when the step runs and when a replay meets its
+    recorded failure, so workflow code that catches it behaves the same both times.
+    ``error_type`` and ``message`` describe the step's own exception; while the
+    step runs live it is also chained as ``__cause__``.
+    """
+
+    def __init__(self, step_name: str, error_type: str, message: str) -> None:
+        self.step_name = step_name
+        self.error_type = error_type
+        self.message = message
+        super().__init__(f"Step {step_name!r} failed: {error_type}: {message}")
+
+
+class NonDeterministicWorkflow(DurableStreamsError):
+    """A replay reached an operation that differs from the one recorded at that position."""
+
+
+class StreamClosed(DurableStreamsError):
+    """A value was written to a stream that is already closed."""
+
+    def __init__(self, workflow_id: str, key: str) -> None:
+        self.workflow_id = workflow_id
+        self.key = key
+        super().__init__(f"Stream {key!r} of workflow {workflow_id!r} is closed.")
+
+
+class StreamTimeout(DurableStreamsError, TimeoutError):
+    """No next stream value arrived within the reader's timeout."""
+
+    def __init__(self, workflow_id: str, key: str, offset: int, timeout: float) -> None:
+        self.workflow_id = workflow_id
+        self.key = key
+        self.offset = offset
+        self.timeout = timeout
+        super().__init__(
+            f"No value at offset {offset} of stream {key!r} of workflow "
+            f"{workflow_id!r} within {timeout} seconds."
+        )
+
+
+class NotInWorkflow(DurableStreamsError, RuntimeError):
+    """A function that needs a running workflow was called outside one."""
+
+
+class LeaseLost(DurableStreamsError):
+    """This worker no longer holds the workflow (cancelled, or reclaimed elsewhere).
+
+    Raised inside the workflow's thread to stop it without recording anything.
+    """

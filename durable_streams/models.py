@@ -1,0 +1,330 @@
+"""Workflows, their step checkpoints, and their streams."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from django.conf import settings
+from django.db import models, transaction
+from django.db.models import F, Q
+from django.utils import timezone
+from django.utils.translation import gettext_lazy as _
+
+if TYPE_CHECKING:
+    from collections.abc import Collection
+
+
+def new_workflow_id() -> str:
+    return str(uuid.uuid4())
+
+
+class Status(models.TextChoices):
+    ENQUEUED = "ENQUEUED", _("Enqueued")
+    RUNNING = "RUNNING", _("Running")
+    SUCCESS = "SUCCESS", _("Success")
+    ERROR = "ERROR", _("Error")
+    CANCELLED = "CANCELLED", _("Cancelled")
+
+
+TERMINAL_STATUSES = frozenset({Status.SUCCESS, Status.ERROR, Status.CANCELLED})
+ACTIVE_STATUSES = frozenset({Status.ENQUEUED, Status.RUNNING})
+
+
+class WorkflowQuerySet(models.QuerySet["Workflow"]):
+    def active(self) -> WorkflowQuerySet:
+        return self.filter(status__in=ACTIVE_STATUSES)
+
+    def terminal(self) -> WorkflowQuerySet:
+        return self.filter(status__in=TERMINAL_STATUSES)
+
+    def claimable(self, queues: Collection[str], names: Collection[str]) -> WorkflowQuerySet:
+        """Enqueued workflows, and running ones whose worker's lease ran out, oldest first."""
+        now = timezone.now()
+        return self.filter(
+            Q(status=Status.ENQUEUED) | Q(status=Status.RUNNING, lease_expires_at__lt=now),
+            queue__in=queues,
+            name__in=names,
+        ).order_by("created_at")
+
+    def held_by(self, worker_id: str) -> WorkflowQuerySet:
+        return self.filter(status=Status.RUNNING, lease_owner=worker_id)
+
+    def renew_leases(
+        self, worker_id: str, workflow_ids: Collection[str], until: datetime
+    ) -> set[str]:
+        """Extend this worker's leases; return the ids it still holds."""
+        held = self.held_by(worker_id).filter(pk__in=workflow_ids)
+        held.update(lease_expires_at=until)
+        return set(held.values_list("pk", flat=True))
+
+    def finish(
+        self,
+        workflow_id: str,
+        status: str,
+        *,
+        output: str | None = None,
+        error: str | None = None,
+    ) -> bool:
+        """End one workflow of this queryset: record the final status and close its open
+        streams in one transaction. False if the queryset no longer matches it.
+        """
+        from .notify import announce, workflow_topic
+
+        now = timezone.now()
+        with transaction.atomic(using=self.db):
+            # The UPDATE comes first: it is the fence, and it takes the row lock.
+            changed = self.filter(pk=workflow_id).update(
+                status=status,
+                output=output,
+                error=error,
+                finished_at=now,
+                updated_at=now,
+                lease_owner=None,
+                lease_expires_at=None,
+            )
+            if changed:
+                Stream.objects.using(self.db).filter(
+                    workflow_id=workflow_id, closed_at__isnull=True
+                ).update(closed_at=now, closed_by_end=True)
+                announce([workflow_topic(workflow_id)], self.db)
+        return bool(changed)
+
+    def release(self, worker_id: str, workflow_ids: Collection[str]) -> int:
+        """Hand running workflows back to the queue without counting the attempt."""
+        return (
+            self.held_by(worker_id)
+            .filter(pk__in=workflow_ids)
+            .update(
+                status=Status.ENQUEUED,
+                lease_owner=None,
+                lease_expires_at=None,
+                attempts=F("attempts") - 1,
+                updated_at=timezone.now(),
+            )
+        )
+
+
+class Workflow(models.Model):
+    id = models.CharField(primary_key=True, max_length=255, default=new_workflow_id, editable=False)
+    name = models.CharField(_("name"), max_length=255)
+    status = models.CharField(
+        _("status"), max_length=16, choices=Status.choices, default=Status.ENQUEUED
+    )
+    queue = models.CharField(_("queue"), max_length=100, default="default")
+    inputs = models.TextField(_("inputs"), help_text=_("JSON: {'args': [...], 'kwargs': {...}}"))
+    output = models.TextField(_("output"), null=True, blank=True, help_text=_("JSON"))
+    error = models.TextField(
+        _("error"), null=True, blank=True, help_text=_("JSON: type, message, traceback")
+    )
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        verbose_name=_("owner"),
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+    )
+    is_public = models.BooleanField(
+        _("public"),
+        default=False,
+        help_text=_("Anyone, signed in or not, may read its streams."),
+    )
+    retry_of = models.ForeignKey(
+        "self",
+        verbose_name=_("retry of"),
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="retries",
+    )
+    max_attempts = models.PositiveIntegerField(_("max attempts"))
+    attempts = models.PositiveIntegerField(_("attempts"), default=0)
+    lease_owner = models.CharField(_("worker"), max_length=255, null=True, blank=True)
+    lease_expires_at = models.DateTimeField(_("lease expires at"), null=True, blank=True)
+    created_at = models.DateTimeField(_("created at"), default=timezone.now, db_index=True)
+    updated_at = models.DateTimeField(_("updated at"), default=timezone.now)
+    started_at = models.DateTimeField(_("started at"), null=True, blank=True)
+    finished_at = models.DateTimeField(_("finished at"), null=True, blank=True)
+
+    objects = WorkflowQuerySet.as_manager()
+
+    class Meta:
+        verbose_name = _("workflow")
+        verbose_name_plural = _("workflows")
+        ordering = ["-created_at"]
+        indexes = [
+            # The claim query: enqueued work per queue, oldest first.
+            models.Index(
+                fields=["queue", "created_at"],
+                name="ds_workflow_enqueued_idx",
+                condition=Q(status="ENQUEUED"),
+            ),
+            # The reclaim query: running work whose lease ran out.
+            models.Index(
+                fields=["lease_expires_at"],
+                name="ds_workflow_running_idx",
+                condition=Q(status="RUNNING"),
+            ),
+            models.Index(fields=["status", "-created_at"], name="ds_workflow_status_idx"),
+            models.Index(fields=["name", "-created_at"], name="ds_workflow_name_idx"),
+        ]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(status__in=[s.value for s in Status]),
+                name="ds_workflow_status_valid",
+            ),
+            models.CheckConstraint(
+                condition=~Q(status="RUNNING")
+                | Q(lease_owner__isnull=False, lease_expires_at__isnull=False),
+                name="ds_workflow_running_has_lease",
+            ),
+            models.CheckConstraint(
+                condition=Q(max_attempts__gte=1), name="ds_workflow_max_attempts_min"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} {self.id}"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+    @property
+    def decoded_inputs(self) -> dict[str, Any]:
+        return json.loads(self.inputs)
+
+    @property
+    def decoded_output(self) -> Any:
+        return None if self.output is None else json.loads(self.output)
+
+    @property
+    def decoded_error(self) -> dict[str, Any] | None:
+        return None if self.error is None else json.loads(self.error)
+
+    @property
+    def duration(self) -> timedelta | None:
+        if self.started_at is None:
+            return None
+        return (self.finished_at or timezone.now()) - self.started_at
+
+
+class Step(models.Model):
+    """The checkpoint of one step call: its output, or the error of its last attempt."""
+
+    class Outcome(models.TextChoices):
+        SUCCESS = "SUCCESS", _("Success")
+        ERROR = "ERROR", _("Error")
+
+    workflow = models.ForeignKey(Workflow, on_delete=models.CASCADE, related_name="steps")
+    operation = models.PositiveIntegerField(_("operation"))
+    name = models.CharField(_("name"), max_length=255)
+    status = models.CharField(_("status"), max_length=16, choices=Outcome.choices)
+    output = models.TextField(_("output"), null=True, blank=True, help_text=_("JSON"))
+    error = models.TextField(
+        _("error"), null=True, blank=True, help_text=_("JSON: type, message, traceback")
+    )
+    attempts = models.PositiveIntegerField(_("attempts"), default=1)
+    started_at = models.DateTimeField(_("started at"))
+    finished_at = models.DateTimeField(_("finished at"))
+
+    class Meta:
+        verbose_name = _("step")
+        verbose_name_plural = _("steps")
+        ordering = ["workflow", "operation"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["workflow", "operation"], name="ds_step_unique_operation"
+            ),
+            models.CheckConstraint(
+                condition=Q(status__in=["SUCCESS", "ERROR"]),
+                name="ds_step_status_valid",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"#{self.operation} {self.name}"
+
+    @property
+    def duration(self) -> timedelta:
+        return self.finished_at - self.started_at
+
+
+class StreamQuerySet(models.QuerySet["Stream"]):
+    def open(self) -> StreamQuerySet:
+        return self.filter(closed_at__isnull=True)
+
+
+class Stream(models.Model):
+    """One append-only stream of a workflow; ``length`` is the next offset to write."""
+
+    workflow = models.ForeignKey(Workflow, on_delete=models.CASCADE, related_name="streams")
+    key = models.CharField(_("key"), max_length=255)
+    length = models.PositiveIntegerField(_("length"), default=0)
+    created_at = models.DateTimeField(_("created at"), default=timezone.now)
+    closed_at = models.DateTimeField(_("closed at"), null=True, blank=True)
+    # The workflow operation that closed it, when the workflow body did.
+    close_operation = models.PositiveIntegerField(null=True, blank=True)
+    # Closed because the workflow ended, not by close_stream(): a resumed workflow reopens it.
+    closed_by_end = models.BooleanField(default=False)
+
+    objects = StreamQuerySet.as_manager()
+
+    class Meta:
+        verbose_name = _("stream")
+        verbose_name_plural = _("streams")
+        ordering = ["workflow", "key"]
+        constraints = [
+            models.UniqueConstraint(fields=["workflow", "key"], name="ds_stream_unique_key"),
+            models.CheckConstraint(condition=~Q(key=""), name="ds_stream_key_not_empty"),
+        ]
+
+    def __str__(self) -> str:
+        return self.key
+
+    @property
+    def is_closed(self) -> bool:
+        return self.closed_at is not None
+
+
+class StreamEntryQuerySet(models.QuerySet["StreamEntry"]):
+    def from_offset(self, stream_id: int, offset: int, limit: int) -> StreamEntryQuerySet:
+        return self.filter(
+            stream_id=stream_id, offset__gte=offset, offset__lt=offset + limit
+        ).order_by("offset")
+
+
+class StreamEntry(models.Model):
+    """One value of a stream, stored as JSON text so every JSON value round-trips exactly."""
+
+    stream = models.ForeignKey(Stream, on_delete=models.CASCADE, related_name="entries")
+    offset = models.PositiveIntegerField(_("offset"))
+    value = models.TextField(_("value"), help_text=_("JSON"))
+    # The workflow operation that wrote it; None when a step wrote it.
+    operation = models.PositiveIntegerField(_("operation"), null=True, blank=True)
+    created_at = models.DateTimeField(_("written at"), default=timezone.now)
+
+    objects = StreamEntryQuerySet.as_manager()
+
+    class Meta:
+        verbose_name = _("stream entry")
+        verbose_name_plural = _("stream entries")
+        ordering = ["stream", "offset"]
+        constraints = [
+            models.UniqueConstraint(fields=["stream", "offset"], name="ds_entry_unique_offset"),
+            models.UniqueConstraint(
+                fields=["stream", "operation"],
+                name="ds_entry_unique_operation",
+                condition=Q(operation__isnull=False),
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.stream_id}@{self.offset}"
+
+    @property
+    def decoded_value(self) -> Any:
+        return json.loads(self.value)

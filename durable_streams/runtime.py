@@ -1,0 +1,400 @@
+"""What runs inside a workflow: operation numbers, replay, steps and stream writes.
+
+Every call the workflow body makes that has an effect (a step, a stream write or
+close, a child workflow start) takes the next *operation number*. Because the body
+is deterministic, a replay meets the same operations in the same order, finds
+them recorded and skips them.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from django.db import transaction
+from django.utils import timezone
+
+from . import encoding
+from .conf import get_config
+from .exceptions import (
+    LeaseLost,
+    NonDeterministicWorkflow,
+    NotInWorkflow,
+    StepFailed,
+    StreamClosed,
+)
+from .models import Step, Stream, StreamEntry, Workflow
+from .notify import announce, stream_topic
+
+WRITE = "write_stream"
+CLOSE = "close_stream"
+STEP = "step"
+
+
+class Interrupted(BaseException):
+    """Stops a workflow's thread at a step boundary without recording anything.
+
+    A BaseException so that ``except Exception`` in user code cannot swallow it.
+    """
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+@dataclass
+class _StreamState:
+    id: int
+    length: int
+    closed: bool
+
+
+@dataclass
+class Execution:
+    """The state of one workflow run in one worker thread."""
+
+    workflow_id: str
+    worker_id: str
+    using: str
+    # operation number -> (kind, name): what a previous run recorded
+    recorded: dict[int, tuple[str, str]] = field(default_factory=dict)
+    streams: dict[str, _StreamState] = field(default_factory=dict)
+    next_operation: int = 0
+    step_name: str | None = None
+    # Set by the worker (shutdown, lost lease, cancel); checked at every step boundary.
+    stop: threading.Event = field(default_factory=threading.Event)
+    stop_reason: str = ""
+    # A non-determinism error, kept even if the workflow body catches it.
+    fatal: BaseException | None = None
+
+    @classmethod
+    def load(cls, workflow_id: str, worker_id: str, using: str) -> Execution:
+        """Read what earlier runs of this workflow recorded, in three queries."""
+        execution = cls(workflow_id, worker_id, using)
+        steps = Step.objects.using(using).filter(workflow_id=workflow_id)
+        for operation, name in steps.values_list("operation", "name"):
+            execution.recorded[operation] = (STEP, name)
+        streams = Stream.objects.using(using).filter(workflow_id=workflow_id)
+        for pk, key, length, closed_at, close_op in streams.values_list(
+            "pk", "key", "length", "closed_at", "close_operation"
+        ):
+            execution.streams[key] = _StreamState(pk, length, closed_at is not None)
+            if close_op is not None:
+                execution.recorded[close_op] = (CLOSE, key)
+        writes = StreamEntry.objects.using(using).filter(
+            stream__workflow_id=workflow_id, operation__isnull=False
+        )
+        for operation, key in writes.values_list("operation", "stream__key"):
+            execution.recorded[operation] = (WRITE, key)
+        return execution
+
+    def take_operation(self, kind: str, name: str) -> tuple[int, bool]:
+        """Return the next operation number and whether a previous run recorded it."""
+        operation = self.next_operation
+        self.next_operation += 1
+        recorded = self.recorded.get(operation)
+        if recorded is None:
+            return operation, False
+        if recorded != (kind, name):
+            error = NonDeterministicWorkflow(
+                f"Workflow {self.workflow_id!r} reached {_describe(kind, name)} at operation "
+                f"{operation}, but an earlier run recorded {_describe(*recorded)} there. "
+                "Workflow code must make the same calls in the same order on every run."
+            )
+            self.fatal = error
+            raise error
+        return operation, True
+
+    def check_stop(self) -> None:
+        if self.stop.is_set():
+            raise Interrupted(self.stop_reason or "stopped")
+
+    def fence(self) -> None:
+        """Prove inside the current transaction that this worker still holds the workflow.
+
+        The UPDATE also renews the lease, and (on SQLite) takes the write lock.
+        """
+        until = timezone.now() + timedelta(seconds=get_config().LEASE_SECONDS)
+        held = (
+            Workflow.objects.using(self.using)
+            .held_by(self.worker_id)
+            .filter(pk=self.workflow_id)
+            .update(lease_expires_at=until)
+        )
+        if not held:
+            self.stop_reason = "the workflow was cancelled or reclaimed by another worker"
+            self.stop.set()
+            raise LeaseLost(
+                f"Worker {self.worker_id!r} no longer holds workflow {self.workflow_id!r}."
+            )
+
+
+def _describe(kind: str, name: str) -> str:
+    if kind == STEP:
+        return f"step {name!r}"
+    return f"{kind}({name!r})"
+
+
+_current: ContextVar[Execution | None] = ContextVar("durable_streams_execution", default=None)
+
+
+def current_execution() -> Execution | None:
+    return _current.get()
+
+
+@contextmanager
+def executing(execution: Execution) -> Iterator[Execution]:
+    token = _current.set(execution)
+    try:
+        yield execution
+    finally:
+        _current.reset(token)
+
+
+def _require(function: str) -> Execution:
+    execution = _current.get()
+    if execution is None:
+        raise NotInWorkflow(
+            f"{function}() can only be called from a workflow, or from a step running in one."
+        )
+    return execution
+
+
+def error_record(exc: BaseException) -> dict[str, str]:
+    return {
+        "type": type(exc).__qualname__,
+        "message": str(exc),
+        "traceback": "".join(traceback.format_exception(exc)),
+    }
+
+
+# Steps
+
+
+def run_step(
+    fn: Callable[..., Any],
+    name: str,
+    retries: int,
+    backoff: float,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    *,
+    atomic: bool = False,
+) -> Any:
+    execution = _current.get()
+    if execution is None or execution.step_name is not None:
+        # Outside a workflow, and inside another step, a step is a plain call.
+        return fn(*args, **kwargs)
+    execution.check_stop()
+    operation, replaying = execution.take_operation(STEP, name)
+    if replaying:
+        return _replay_step(execution, operation, name)
+    started = timezone.now()
+    attempt = 0
+    while True:
+        attempt += 1
+        execution.step_name = name
+        try:
+            if atomic:
+                # The step's own database writes and its checkpoint commit together.
+                with transaction.atomic(using=execution.using):
+                    execution.fence()
+                    result = fn(*args, **kwargs)
+                    output = encoding.encode(result, f"The result of step {name!r}")
+                    _record_step(
+                        execution,
+                        operation,
+                        name,
+                        Step.Outcome.SUCCESS,
+                        output,
+                        None,
+                        attempt,
+                        started,
+                    )
+                return encoding.loads(output)
+            result = fn(*args, **kwargs)
+        except (LeaseLost, NonDeterministicWorkflow):
+            raise
+        except Exception as exc:
+            if attempt <= retries:
+                delay = min(backoff * 2 ** (attempt - 1), 3600.0) * random.uniform(0.9, 1.1)
+                if execution.stop.wait(delay):
+                    raise Interrupted(execution.stop_reason) from exc
+                continue
+            record = error_record(exc)
+            _record_step(
+                execution,
+                operation,
+                name,
+                Step.Outcome.ERROR,
+                None,
+                record,
+                attempt,
+                started,
+            )
+            raise StepFailed(name, record["type"], record["message"]) from exc
+        finally:
+            execution.step_name = None
+        output = encoding.encode(result, f"The result of step {name!r}")
+        _record_step(
+            execution,
+            operation,
+            name,
+            Step.Outcome.SUCCESS,
+            output,
+            None,
+            attempt,
+            started,
+        )
+        # Return what a replay will return, so both runs see the same value.
+        return encoding.loads(output)
+
+
+def _replay_step(execution: Execution, operation: int, name: str) -> Any:
+    step = Step.objects.using(execution.using).get(
+        workflow_id=execution.workflow_id, operation=operation
+    )
+    if step.status == Step.Outcome.SUCCESS:
+        return None if step.output is None else encoding.loads(step.output)
+    record = encoding.loads(step.error or "{}")
+    raise StepFailed(name, record.get("type", "Exception"), record.get("message", ""))
+
+
+def _record_step(
+    execution: Execution,
+    operation: int,
+    name: str,
+    outcome: str,
+    output: str | None,
+    error: dict[str, str] | None,
+    attempts: int,
+    started: Any,
+) -> None:
+    with transaction.atomic(using=execution.using):
+        execution.fence()
+        Step.objects.using(execution.using).create(
+            workflow_id=execution.workflow_id,
+            operation=operation,
+            name=name,
+            status=outcome,
+            output=output,
+            error=None if error is None else encoding.dumps(error),
+            attempts=attempts,
+            started_at=started,
+            finished_at=timezone.now(),
+        )
+    execution.recorded[operation] = (STEP, name)
+
+
+# Streams
+
+
+def write_stream(key: str, value: Any) -> None:
+    """Append ``value`` to the stream ``key`` of the running workflow.
+
+    From the workflow body the write is exactly-once: it is recorded under the
+    body's next operation number in the same transaction as the value, and a replay
+    skips it. From inside a step the value is visible at once, and a step that is
+    retried writes again (at-least-once, like the step itself).
+    """
+    execution = _require("write_stream")
+    encoding.check_key(key)
+    text = encoding.encode_stream_value(key, value, get_config().MAX_VALUE_BYTES)
+    if execution.step_name is not None:
+        _append(execution, key, text, None)
+        return
+    execution.check_stop()
+    operation, replaying = execution.take_operation(WRITE, key)
+    if not replaying:
+        _append(execution, key, text, operation)
+
+
+def close_stream(key: str) -> None:
+    """Close the stream ``key``; readers end after its last value. Closing twice is harmless."""
+    execution = _require("close_stream")
+    encoding.check_key(key)
+    if execution.step_name is not None:
+        _close(execution, key, None)
+        return
+    execution.check_stop()
+    operation, replaying = execution.take_operation(CLOSE, key)
+    if not replaying:
+        _close(execution, key, operation)
+
+
+def _append(execution: Execution, key: str, text: str, operation: int | None) -> None:
+    using = execution.using
+    state = execution.streams.get(key)
+    if state is not None and state.closed:
+        raise StreamClosed(execution.workflow_id, key)
+    now = timezone.now()
+    with transaction.atomic(using=using):
+        # The fence locks the workflow row: no other writer can touch its streams
+        # until commit, so the cached stream state is exact.
+        execution.fence()
+        if state is None:
+            stream = Stream.objects.using(using).create(
+                workflow_id=execution.workflow_id, key=key, length=1, created_at=now
+            )
+            new_state = _StreamState(stream.pk, 1, False)
+            offset = 0
+        else:
+            offset = state.length
+            Stream.objects.using(using).filter(pk=state.id).update(length=offset + 1)
+            new_state = _StreamState(state.id, offset + 1, False)
+        StreamEntry.objects.using(using).create(
+            stream_id=new_state.id,
+            offset=offset,
+            value=text,
+            operation=operation,
+            created_at=now,
+        )
+        announce([stream_topic(execution.workflow_id, key)], using)
+    execution.streams[key] = new_state
+    if operation is not None:
+        execution.recorded[operation] = (WRITE, key)
+
+
+def _close(execution: Execution, key: str, operation: int | None) -> None:
+    using = execution.using
+    state = execution.streams.get(key)
+    if state is not None and state.closed:
+        return
+    now = timezone.now()
+    with transaction.atomic(using=using):
+        execution.fence()
+        if state is None:
+            stream = Stream.objects.using(using).create(
+                workflow_id=execution.workflow_id,
+                key=key,
+                created_at=now,
+                closed_at=now,
+                close_operation=operation,
+            )
+            new_state = _StreamState(stream.pk, 0, True)
+        else:
+            Stream.objects.using(using).filter(pk=state.id).update(
+                closed_at=now, close_operation=operation
+            )
+            new_state = _StreamState(state.id, state.length, True)
+        announce([stream_topic(execution.workflow_id, key)], using)
+    execution.streams[key] = new_state
+    if operation is not None:
+        execution.recorded[operation] = (CLOSE, key)
+
+
+def child_workflow_id() -> str | None:
+    """A deterministic id for a workflow started from a workflow body, so a replay reuses it."""
+    execution = _current.get()
+    if execution is None or execution.step_name is not None:
+        return None
+    operation = execution.next_operation
+    execution.next_operation += 1
+    return f"{execution.workflow_id}-{operation}"

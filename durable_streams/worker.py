@@ -1,0 +1,330 @@
+"""The worker: claims workflows, runs them in threads, renews their leases."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Collection
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import timedelta
+from types import FrameType
+from typing import Any
+
+from django.db import close_old_connections, connections, transaction
+from django.db.models import F
+from django.utils import timezone
+
+from . import encoding, registry, runtime
+from .conf import get_config
+from .db import alias, take_write_lock
+from .exceptions import LeaseLost, WorkflowNotRegistered
+from .models import Status, Workflow
+from .notify import Waiter, poll_interval, queue_topic, subscribe
+
+logger = logging.getLogger("durable_streams.worker")
+
+
+class WorkflowAdapter(logging.LoggerAdapter):  # type: ignore[type-arg]
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        return f"[{self.extra['workflow_id']}] {msg}", kwargs  # type: ignore[index]
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class Worker:
+    """Runs workflows from ``queues`` with up to ``concurrency`` at once.
+
+    ``run()`` returns when ``stop()`` is called (or a signal arrives, when
+    ``handle_signals`` is set), or, in ``burst`` mode, when no work is left.
+    """
+
+    def __init__(
+        self,
+        *,
+        queues: Collection[str] = ("default",),
+        concurrency: int = 4,
+        burst: bool = False,
+        worker_id: str | None = None,
+        handle_signals: bool = False,
+    ) -> None:
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+            raise ValueError(
+                f"concurrency must be a whole number of at least 1, not {concurrency!r}."
+            )
+        if not queues:
+            raise ValueError("A worker needs at least one queue.")
+        self.queues = list(dict.fromkeys(queues))
+        self.concurrency = concurrency
+        self.burst = burst
+        self.worker_id = worker_id or default_worker_id()
+        self.handle_signals = handle_signals
+        self.using = alias()
+        self._stopping = threading.Event()
+        # Rung when work is announced, a slot frees up, or the worker stops.
+        self._waiter: Waiter | None = None
+        self._lock = threading.Lock()
+        self._running: dict[str, runtime.Execution | None] = {}
+        self._signals = 0
+        self.completed = 0
+
+    # Control
+
+    def stop(self) -> None:
+        """Stop claiming work; running workflows stop at their next step boundary."""
+        self._stopping.set()
+        self._ring()
+        with self._lock:
+            for execution in self._running.values():
+                if execution is not None:
+                    execution.stop_reason = "the worker is shutting down"
+                    execution.stop.set()
+
+    def _ring(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            waiter.ring()
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            logger.warning("Second signal: exiting now; leases expire and other workers resume.")
+            os._exit(1)
+        logger.info(
+            "%s received: no new work; running workflows stop at their next step "
+            "(within %ss), then go back to the queue. Signal again to exit now.",
+            signal.Signals(signum).name,
+            get_config().SHUTDOWN_GRACE_SECONDS,
+        )
+        self.stop()
+
+    # The loop
+
+    def run(self) -> None:
+        if self.handle_signals:
+            signal.signal(signal.SIGTERM, self._on_signal)
+            signal.signal(signal.SIGINT, self._on_signal)
+        names = registry.names()
+        logger.info(
+            "Worker %s started: queues %s, concurrency %d, %d workflows registered.",
+            self.worker_id,
+            ", ".join(self.queues),
+            self.concurrency,
+            len(names),
+        )
+        heartbeat = threading.Thread(
+            target=self._heartbeat, name="durable-streams-heartbeat", daemon=True
+        )
+        heartbeat.start()
+        pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="durable-streams-workflow")
+        try:
+            with subscribe([queue_topic(q) for q in self.queues]) as waiter:
+                self._waiter = waiter
+                interval = poll_interval(self.using)
+                while not self._stopping.is_set():
+                    waiter.clear()
+                    free = self.concurrency - len(self._running)
+                    claimed = self._claim(free, registry.names()) if free > 0 else []
+                    for workflow_id in claimed:
+                        with self._lock:
+                            self._running[workflow_id] = None
+                        future = pool.submit(self._execute, workflow_id)
+                        future.add_done_callback(self._done_callback(workflow_id))
+                    if claimed and len(claimed) == free:
+                        continue
+                    if self.burst and not claimed and not self._running:
+                        break
+                    if not self._stopping.is_set():
+                        waiter.wait(interval)
+        finally:
+            self._waiter = None
+            self._shutdown(pool)
+            close_old_connections()
+            connections.close_all()
+
+    def _done_callback(self, workflow_id: str) -> Any:
+        def done(future: Future[None]) -> None:
+            with self._lock:
+                self._running.pop(workflow_id, None)
+            self._ring()
+
+        return done
+
+    def _shutdown(self, pool: ThreadPoolExecutor) -> None:
+        self.stop()
+        grace = get_config().SHUTDOWN_GRACE_SECONDS
+        deadline = time.monotonic() + grace
+        while self._running and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with self._lock:
+            left = list(self._running)
+        if left:
+            released = Workflow.objects.using(self.using).release(self.worker_id, left)
+            logger.warning(
+                "%d workflows still in a step after %ss; released %d of them to other workers.",
+                len(left),
+                grace,
+                released,
+            )
+        pool.shutdown(wait=False, cancel_futures=True)
+        logger.info("Worker %s stopped after %d workflows.", self.worker_id, self.completed)
+
+    # Claims
+
+    def _claim(self, limit: int, names: list[str]) -> list[str]:
+        if not names:
+            return []
+        now = timezone.now()
+        until = now + timedelta(seconds=get_config().LEASE_SECONDS)
+        runs = Workflow.objects.using(self.using)
+        with transaction.atomic(using=self.using):
+            take_write_lock(self.using)
+            candidates = runs.claimable(self.queues, names).select_for_update(skip_locked=True)
+            rows = list(
+                candidates.values_list("pk", "attempts", "max_attempts", "status", "lease_owner")[
+                    :limit
+                ]
+            )
+            claimed = []
+            for pk, attempts, max_attempts, status, lease_owner in rows:
+                if attempts >= max_attempts:
+                    self._give_up(pk, attempts, lease_owner)
+                    continue
+                if status == Status.RUNNING:
+                    logger.warning(
+                        "[%s] Lease of worker %s expired; resuming from checkpoints.",
+                        pk,
+                        lease_owner,
+                    )
+                claimed.append(pk)
+            if claimed:
+                runs.filter(pk__in=claimed).update(
+                    status=Status.RUNNING,
+                    lease_owner=self.worker_id,
+                    lease_expires_at=until,
+                    attempts=F("attempts") + 1,
+                    updated_at=now,
+                )
+                runs.filter(pk__in=claimed, started_at__isnull=True).update(started_at=now)
+        return claimed
+
+    def _give_up(self, workflow_id: str, attempts: int, lease_owner: str | None) -> None:
+        message = (
+            f"Workflow {workflow_id!r} was claimed {attempts} times (max_attempts) without "
+            f"finishing; the last worker to hold it was {lease_owner!r}. Its worker kept "
+            "stopping before the end: look for a crash, a kill or an out-of-memory in that run."
+        )
+        error = encoding.dumps({"type": "MaxAttemptsExceeded", "message": message, "traceback": ""})
+        Workflow.objects.using(self.using).finish(workflow_id, Status.ERROR, error=error)
+        logger.error("[%s] %s", workflow_id, message)
+
+    # Heartbeats
+
+    def _heartbeat(self) -> None:
+        config = get_config()
+        while not self._stopping.wait(config.HEARTBEAT_SECONDS) or self._running:
+            with self._lock:
+                ids = list(self._running)
+            if not ids:
+                if self._stopping.is_set():
+                    return
+                continue
+            try:
+                until = timezone.now() + timedelta(seconds=config.LEASE_SECONDS)
+                with transaction.atomic(using=self.using):
+                    take_write_lock(self.using)
+                    held = Workflow.objects.using(self.using).renew_leases(
+                        self.worker_id, ids, until
+                    )
+            except Exception:
+                logger.exception("Lease renewal failed; retrying in %ss.", config.HEARTBEAT_SECONDS)
+                continue
+            finally:
+                close_old_connections()
+            with self._lock:
+                for workflow_id in ids:
+                    execution = self._running.get(workflow_id)
+                    if workflow_id not in held and execution is not None:
+                        execution.stop_reason = (
+                            "the workflow was cancelled or reclaimed by another worker"
+                        )
+                        execution.stop.set()
+            if self._stopping.is_set():
+                time.sleep(min(0.05, config.HEARTBEAT_SECONDS))
+
+    # Running one workflow
+
+    def _execute(self, workflow_id: str) -> None:
+        log = WorkflowAdapter(logger, {"workflow_id": workflow_id})
+        try:
+            self._run_workflow(workflow_id, log)
+        except Exception:
+            log.exception("Worker error while running the workflow; its lease will expire.")
+        finally:
+            connections.close_all()
+
+    def _run_workflow(self, workflow_id: str, log: WorkflowAdapter) -> None:
+        runs = Workflow.objects.using(self.using)
+        held = runs.held_by(self.worker_id)
+        run = runs.only("name", "inputs", "attempts").get(pk=workflow_id)
+        try:
+            wf = registry.get(run.name)
+        except WorkflowNotRegistered as exc:
+            held.finish(
+                workflow_id,
+                Status.ERROR,
+                error=encoding.dumps(runtime.error_record(exc)),
+            )
+            log.error("%s", exc)
+            return
+        execution = runtime.Execution.load(workflow_id, self.worker_id, self.using)
+        with self._lock:
+            if self._stopping.is_set():
+                execution.stop_reason = "the worker is shutting down"
+                execution.stop.set()
+            self._running[workflow_id] = execution
+        replaying = bool(execution.recorded)
+        log.info(
+            "Running %s (attempt %d%s).",
+            run.name,
+            run.attempts,
+            f", replaying {len(execution.recorded)} recorded operations" if replaying else "",
+        )
+        inputs = run.decoded_inputs
+        started = time.monotonic()
+        status, output, error = Status.SUCCESS, None, None
+        with runtime.executing(execution):
+            try:
+                result = wf.fn(*inputs["args"], **inputs["kwargs"])
+                output = encoding.encode(result, f"The result of workflow {run.name!r}")
+            except runtime.Interrupted as stop:
+                if runs.release(self.worker_id, [workflow_id]):
+                    log.info(
+                        "Stopped at a step boundary (%s); back in the queue.",
+                        stop.reason,
+                    )
+                else:
+                    log.info("Stopped: %s.", stop.reason)
+                return
+            except LeaseLost:
+                log.info("Stopped: %s.", execution.stop_reason)
+                return
+            except Exception as exc:
+                status, error = Status.ERROR, encoding.dumps(runtime.error_record(exc))
+        if execution.fatal is not None:
+            status, output = Status.ERROR, None
+            error = encoding.dumps(runtime.error_record(execution.fatal))
+        if held.finish(workflow_id, status, output=output, error=error):
+            self.completed += 1
+            log.info("%s in %.3fs.", status, time.monotonic() - started)
+        else:
+            log.info(
+                "Ended with %s, but it was cancelled or reclaimed meanwhile; nothing recorded.",
+                status,
+            )
