@@ -71,6 +71,7 @@ class WorkflowQuerySet(models.QuerySet["Workflow"]):
         """End one workflow of this queryset: record the final status and close its open
         streams in one transaction. False if the queryset no longer matches it.
         """
+        from . import delivery
         from .notify import announce, workflow_topic
 
         now = timezone.now()
@@ -90,6 +91,7 @@ class WorkflowQuerySet(models.QuerySet["Workflow"]):
                     workflow_id=workflow_id, closed_at__isnull=True
                 ).update(closed_at=now, closed_by_end=True)
                 announce([workflow_topic(workflow_id)], self.db)
+                transaction.on_commit(lambda: delivery.workflow_ended(workflow_id), using=self.db)
         return bool(changed)
 
     def release(self, worker_id: str, workflow_ids: Collection[str]) -> int:

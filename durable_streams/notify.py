@@ -138,13 +138,14 @@ class _Listener(threading.Thread):
         super().__init__(name=f"durable-streams-listener-{using}", daemon=True)
         self.using = using
         self.ready = threading.Event()
+        self.stopping = threading.Event()
         self.connected = False
 
     def run(self) -> None:
         import psycopg
 
         backoff = 0.1
-        while True:
+        while not self.stopping.is_set():
             try:
                 params = connections[self.using].get_connection_params()
                 params.pop("cursor_factory", None)
@@ -154,8 +155,9 @@ class _Listener(threading.Thread):
                     self.connected = True
                     self.ready.set()
                     backoff = 0.1
-                    for notification in conn.notifies():
-                        hub.ring(notification.payload)
+                    while not self.stopping.is_set():
+                        for notification in conn.notifies(timeout=0.5):
+                            hub.ring(notification.payload)
             except Exception:
                 logger.warning(
                     "LISTEN connection to database %r failed; readers poll until it is back.",
@@ -164,7 +166,7 @@ class _Listener(threading.Thread):
                 )
             self.connected = False
             self.ready.set()
-            threading.Event().wait(backoff)
+            self.stopping.wait(backoff)
             backoff = min(backoff * 2, 5.0)
 
 
@@ -183,6 +185,17 @@ def ensure_listener(using: str) -> bool:
             listener.start()
     listener.ready.wait(5.0)
     return listener.connected
+
+
+def stop_listeners() -> None:
+    """Close this process's LISTEN connections (before dropping a test database, say)."""
+    with _listeners_lock:
+        listeners = list(_listeners.values())
+        _listeners.clear()
+    for listener in listeners:
+        listener.stopping.set()
+    for listener in listeners:
+        listener.join(timeout=5)
 
 
 def poll_interval(using: str) -> float:

@@ -21,7 +21,7 @@ from typing import Any
 from django.db import transaction
 from django.utils import timezone
 
-from . import encoding
+from . import delivery, encoding
 from .conf import get_config
 from .exceptions import (
     LeaseLost,
@@ -357,6 +357,10 @@ def _append(execution: Execution, key: str, text: str, operation: int | None) ->
             created_at=now,
         )
         announce([stream_topic(execution.workflow_id, key)], using)
+        transaction.on_commit(
+            lambda: delivery.entries_committed(execution.workflow_id, key, offset, [text]),
+            using=using,
+        )
     execution.streams[key] = new_state
     if operation is not None:
         execution.recorded[operation] = (WRITE, key)
@@ -385,6 +389,10 @@ def _close(execution: Execution, key: str, operation: int | None) -> None:
             )
             new_state = _StreamState(state.id, state.length, True)
         announce([stream_topic(execution.workflow_id, key)], using)
+        transaction.on_commit(
+            lambda: delivery.stream_closed(execution.workflow_id, key, new_state.length),
+            using=using,
+        )
     execution.streams[key] = new_state
     if operation is not None:
         execution.recorded[operation] = (CLOSE, key)

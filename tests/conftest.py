@@ -36,3 +36,12 @@ def live_worker(transactional_db: None) -> Iterator[Worker]:
 @pytest.fixture
 def db_vendor() -> str:
     return connection.vendor
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_listeners_before_teardown(django_db_setup: None) -> Iterator[None]:
+    # A LISTEN connection would keep the PostgreSQL test database from being dropped.
+    yield
+    from durable_streams.notify import stop_listeners
+
+    stop_listeners()

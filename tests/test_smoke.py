@@ -1,4 +1,3 @@
-import pytest
 
 from durable_streams import read_stream
 from tests import workflows
