@@ -52,13 +52,22 @@ class WorkflowQuerySet(models.QuerySet["Workflow"]):
     def held_by(self, worker_id: str) -> WorkflowQuerySet:
         return self.filter(status=Status.RUNNING, lease_owner=worker_id)
 
-    def renew_leases(
-        self, worker_id: str, workflow_ids: Collection[str], until: datetime
-    ) -> set[str]:
-        """Extend this worker's leases; return the ids it still holds."""
-        held = self.held_by(worker_id).filter(pk__in=workflow_ids)
-        held.update(lease_expires_at=until)
-        return set(held.values_list("pk", flat=True))
+    def lock_held(self, worker_id: str, workflow_ids: Collection[str], until: datetime) -> set[str]:
+        """Lock and extend this worker's leases; return the ids it still holds.
+
+        Call inside a transaction. Rows are locked in primary-key order, so two
+        transactions of one worker (lease renewal, stream writes) cannot deadlock.
+        """
+        held = set(
+            self.held_by(worker_id)
+            .filter(pk__in=workflow_ids)
+            .order_by("pk")
+            .select_for_update()
+            .values_list("pk", flat=True)
+        )
+        if held:
+            self.filter(pk__in=held).update(lease_expires_at=until)
+        return held
 
     def finish(
         self,

@@ -21,7 +21,7 @@ from typing import Any
 from django.db import transaction
 from django.utils import timezone
 
-from . import delivery, encoding
+from . import encoding, writer
 from .conf import get_config
 from .exceptions import (
     LeaseLost,
@@ -31,7 +31,6 @@ from .exceptions import (
     StreamClosed,
 )
 from .models import Step, Stream, StreamEntry, Workflow
-from .notify import announce, stream_topic
 
 WRITE = "write_stream"
 CLOSE = "close_stream"
@@ -51,12 +50,12 @@ class Interrupted(BaseException):
 
 @dataclass
 class _StreamState:
-    id: int
-    length: int
-    closed: bool
+    id: int | None  # None until the writer thread has stored the stream's row
+    length: int  # including writes still queued
+    closed: bool  # including a queued close
 
 
-@dataclass
+@dataclass(eq=False)
 class Execution:
     """The state of one workflow run in one worker thread."""
 
@@ -73,6 +72,23 @@ class Execution:
     stop_reason: str = ""
     # A non-determinism error, kept even if the workflow body catches it.
     fatal: BaseException | None = None
+    # Group commit bookkeeping, guarded by the writer's lock.
+    submitted: int = 0
+    stored: int = 0
+    pending_bytes: int = 0
+    write_error: BaseException | None = None
+
+    def stream_id(self, key: str) -> int | None:
+        state = self.streams.get(key)
+        return None if state is None else state.id
+
+    def set_stream_id(self, key: str, stream_id: int) -> None:
+        self.streams[key].id = stream_id
+
+    def flush(self) -> None:
+        """Wait until every queued stream write is stored."""
+        if self.submitted:
+            writer.committer(self.using).flush(self)
 
     @classmethod
     def load(cls, workflow_id: str, worker_id: str, using: str) -> Execution:
@@ -196,6 +212,8 @@ def run_step(
     operation, replaying = execution.take_operation(STEP, name)
     if replaying:
         return _replay_step(execution, operation, name)
+    # Values written before the step are stored before it starts.
+    execution.flush()
     started = timezone.now()
     attempt = 0
     while True:
@@ -277,6 +295,8 @@ def _record_step(
     attempts: int,
     started: Any,
 ) -> None:
+    # The step's own writes are stored before its checkpoint says it is done.
+    execution.flush()
     with transaction.atomic(using=execution.using):
         execution.fence()
         Step.objects.using(execution.using).create(
@@ -330,70 +350,30 @@ def close_stream(key: str) -> None:
 
 
 def _append(execution: Execution, key: str, text: str, operation: int | None) -> None:
-    using = execution.using
     state = execution.streams.get(key)
-    if state is not None and state.closed:
+    if state is None:
+        state = execution.streams[key] = _StreamState(None, 0, False)
+    elif state.closed:
         raise StreamClosed(execution.workflow_id, key)
-    now = timezone.now()
-    with transaction.atomic(using=using):
-        # The fence locks the workflow row: no other writer can touch its streams
-        # until commit, so the cached stream state is exact.
-        execution.fence()
-        if state is None:
-            stream = Stream.objects.using(using).create(
-                workflow_id=execution.workflow_id, key=key, length=1, created_at=now
-            )
-            new_state = _StreamState(stream.pk, 1, False)
-            offset = 0
-        else:
-            offset = state.length
-            Stream.objects.using(using).filter(pk=state.id).update(length=offset + 1)
-            new_state = _StreamState(state.id, offset + 1, False)
-        StreamEntry.objects.using(using).create(
-            stream_id=new_state.id,
-            offset=offset,
-            value=text,
-            operation=operation,
-            created_at=now,
-        )
-        announce([stream_topic(execution.workflow_id, key)], using)
-        transaction.on_commit(
-            lambda: delivery.entries_committed(execution.workflow_id, key, offset, [text]),
-            using=using,
-        )
-    execution.streams[key] = new_state
+    offset = state.length
+    writer.committer(execution.using).submit(
+        execution, writer.PendingWrite(key, text, operation, offset)
+    )
+    state.length += 1
     if operation is not None:
         execution.recorded[operation] = (WRITE, key)
 
 
 def _close(execution: Execution, key: str, operation: int | None) -> None:
-    using = execution.using
     state = execution.streams.get(key)
-    if state is not None and state.closed:
+    if state is None:
+        state = execution.streams[key] = _StreamState(None, 0, False)
+    elif state.closed:
         return
-    now = timezone.now()
-    with transaction.atomic(using=using):
-        execution.fence()
-        if state is None:
-            stream = Stream.objects.using(using).create(
-                workflow_id=execution.workflow_id,
-                key=key,
-                created_at=now,
-                closed_at=now,
-                close_operation=operation,
-            )
-            new_state = _StreamState(stream.pk, 0, True)
-        else:
-            Stream.objects.using(using).filter(pk=state.id).update(
-                closed_at=now, close_operation=operation
-            )
-            new_state = _StreamState(state.id, state.length, True)
-        announce([stream_topic(execution.workflow_id, key)], using)
-        transaction.on_commit(
-            lambda: delivery.stream_closed(execution.workflow_id, key, new_state.length),
-            using=using,
-        )
-    execution.streams[key] = new_state
+    writer.committer(execution.using).submit(
+        execution, writer.PendingWrite(key, None, operation, state.length)
+    )
+    state.closed = True
     if operation is not None:
         execution.recorded[operation] = (CLOSE, key)
 

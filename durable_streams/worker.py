@@ -239,9 +239,7 @@ class Worker:
                 until = timezone.now() + timedelta(seconds=config.LEASE_SECONDS)
                 with transaction.atomic(using=self.using):
                     take_write_lock(self.using)
-                    held = Workflow.objects.using(self.using).renew_leases(
-                        self.worker_id, ids, until
-                    )
+                    held = Workflow.objects.using(self.using).lock_held(self.worker_id, ids, until)
             except Exception:
                 logger.exception("Lease renewal failed; retrying in %ss.", config.HEARTBEAT_SECONDS)
                 continue
@@ -301,22 +299,24 @@ class Worker:
         status, output, error = Status.SUCCESS, None, None
         with runtime.executing(execution):
             try:
-                result = wf.fn(*inputs["args"], **inputs["kwargs"])
-                output = encoding.encode(result, f"The result of workflow {run.name!r}")
+                try:
+                    result = wf.fn(*inputs["args"], **inputs["kwargs"])
+                    output = encoding.encode(result, f"The result of workflow {run.name!r}")
+                except LeaseLost:
+                    raise
+                except Exception as exc:
+                    status, error = Status.ERROR, encoding.dumps(runtime.error_record(exc))
+                # What the body wrote is stored before its end is recorded.
+                execution.flush()
             except runtime.Interrupted as stop:
                 if runs.release(self.worker_id, [workflow_id]):
-                    log.info(
-                        "Stopped at a step boundary (%s); back in the queue.",
-                        stop.reason,
-                    )
+                    log.info("Stopped at a step boundary (%s); back in the queue.", stop.reason)
                 else:
                     log.info("Stopped: %s.", stop.reason)
                 return
             except LeaseLost:
                 log.info("Stopped: %s.", execution.stop_reason)
                 return
-            except Exception as exc:
-                status, error = Status.ERROR, encoding.dumps(runtime.error_record(exc))
         if execution.fatal is not None:
             status, output = Status.ERROR, None
             error = encoding.dumps(runtime.error_record(execution.fatal))

@@ -1,0 +1,232 @@
+"""Group commit of stream writes.
+
+Each ``write_stream`` is validated, given its offset and queued in the calling
+thread, which then goes on at once. One writer thread per process stores what is
+queued, for every running workflow together, in one transaction, so a burst of
+writes costs one commit instead of one each. The first write after a quiet spell
+is stored at once (no timer), and later writes gather while a commit is in flight.
+
+Nothing is lost by buffering: a value written from the workflow body is recorded
+only when its transaction commits, so after a crash the replay writes it again; and
+the workflow waits for the queue to drain (``flush``) before every step starts,
+before a step's checkpoint, and before it ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+from django.db import close_old_connections, connections, transaction
+from django.utils import timezone
+
+from . import delivery
+from .conf import get_config
+from .db import take_write_lock
+from .exceptions import LeaseLost
+from .models import Stream, StreamEntry, Workflow
+from .notify import announce, stream_topic
+
+if TYPE_CHECKING:
+    from .runtime import Execution
+
+logger = logging.getLogger("durable_streams.writer")
+
+# A workflow that writes faster than the database stores waits past these.
+MAX_PENDING_VALUES = 5000
+MAX_PENDING_BYTES = 16 * 1024 * 1024
+
+
+@dataclass
+class PendingWrite:
+    key: str
+    text: str | None  # None: close the stream
+    operation: int | None
+    offset: int  # the entry's offset; for a close, the stream's length
+
+
+class WriteFailed(Exception):
+    """The writer thread could not store queued writes; the run must stop and replay."""
+
+
+class GroupCommitter:
+    def __init__(self, using: str) -> None:
+        self.using = using
+        self._cond = threading.Condition()
+        self._queue: dict[Execution, list[PendingWrite]] = {}
+        self._thread = threading.Thread(
+            target=self._run, name=f"durable-streams-writer-{using}", daemon=True
+        )
+        self._thread.start()
+
+    def submit(self, execution: Execution, write: PendingWrite) -> None:
+        size = len(write.text or "")
+        with self._cond:
+            while execution.write_error is None and (
+                execution.submitted - execution.stored >= MAX_PENDING_VALUES
+                or (
+                    execution.pending_bytes + size > MAX_PENDING_BYTES
+                    and execution.submitted > execution.stored
+                )
+            ):
+                self._cond.wait(1.0)
+            _raise_write_error(execution)
+            self._queue.setdefault(execution, []).append(write)
+            execution.submitted += 1
+            execution.pending_bytes += size
+            self._cond.notify_all()
+
+    def flush(self, execution: Execution) -> None:
+        """Wait until everything ``execution`` queued is stored; raise if it could not be."""
+        with self._cond:
+            while execution.stored < execution.submitted and execution.write_error is None:
+                self._cond.wait(1.0)
+            _raise_write_error(execution)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue:
+                    self._cond.wait()
+                batch, self._queue = self._queue, {}
+            failures: dict[Execution, BaseException] = {}
+            try:
+                failures = self._store(batch)
+            except Exception as exc:
+                logger.exception("Could not store %d stream writes.", sum(map(len, batch.values())))
+                failures = dict.fromkeys(
+                    batch, WriteFailed(f"a stream write could not be stored: {exc}")
+                )
+                # A broken connection must not poison the next batch.
+                connections[self.using].close()
+            else:
+                close_old_connections()
+            with self._cond:
+                for execution, writes in batch.items():
+                    execution.stored += len(writes)
+                    execution.pending_bytes -= sum(len(w.text or "") for w in writes)
+                    if execution in failures and execution.write_error is None:
+                        execution.write_error = failures[execution]
+                        execution.stop_reason = str(failures[execution])
+                        execution.stop.set()
+                self._cond.notify_all()
+
+    def _store(self, batch: dict[Execution, list[PendingWrite]]) -> dict[Execution, BaseException]:
+        using = self.using
+        now = timezone.now()
+        until = now + timedelta(seconds=get_config().LEASE_SECONDS)
+        failures: dict[Execution, BaseException] = {}
+        created: list[tuple[Execution, str, int]] = []
+        hooks: list[tuple[str, str, int, list[str], int | None]] = []
+        with transaction.atomic(using=using):
+            take_write_lock(using)
+            held = self._fence(batch, until)
+            entries: list[StreamEntry] = []
+            updates: dict[int, dict[str, object]] = {}
+            topics: list[str] = []
+            for execution, writes in batch.items():
+                if execution.workflow_id not in held:
+                    failures[execution] = LeaseLost(
+                        f"Worker {execution.worker_id!r} no longer holds workflow "
+                        f"{execution.workflow_id!r}."
+                    )
+                    continue
+                new_ids: dict[str, int] = {}
+                runs: dict[str, tuple[int, list[str]]] = {}
+                for write in writes:
+                    stream_id = new_ids.get(write.key) or execution.stream_id(write.key)
+                    if stream_id is None:
+                        stream_id = (
+                            Stream.objects.using(using)
+                            .create(
+                                workflow_id=execution.workflow_id, key=write.key, created_at=now
+                            )
+                            .pk
+                        )
+                        new_ids[write.key] = stream_id
+                        created.append((execution, write.key, stream_id))
+                    update = updates.setdefault(stream_id, {})
+                    if write.text is None:
+                        update["closed_at"] = now
+                        update["close_operation"] = write.operation
+                        hooks.append(
+                            (execution.workflow_id, write.key, write.offset, [], write.offset)
+                        )
+                    else:
+                        entries.append(
+                            StreamEntry(
+                                stream_id=stream_id,
+                                offset=write.offset,
+                                value=write.text,
+                                operation=write.operation,
+                                created_at=now,
+                            )
+                        )
+                        update["length"] = write.offset + 1
+                        first, texts = runs.setdefault(write.key, (write.offset, []))
+                        texts.append(write.text)
+                    topics.append(stream_topic(execution.workflow_id, write.key))
+                for key, (first, texts) in runs.items():
+                    hooks.append((execution.workflow_id, key, first, texts, None))
+            StreamEntry.objects.using(using).bulk_create(entries, batch_size=1000)
+            for stream_id, fields in updates.items():
+                Stream.objects.using(using).filter(pk=stream_id).update(**fields)
+            announce(topics, using)
+        for execution, key, stream_id in created:
+            execution.set_stream_id(key, stream_id)
+        _deliver(hooks)
+        return failures
+
+    def _fence(self, batch: dict[Execution, list[PendingWrite]], until: object) -> set[str]:
+        """Renew and lock the leases of the batch's workflows; return the ids still held."""
+        by_worker: dict[str, list[str]] = defaultdict(list)
+        for execution in batch:
+            by_worker[execution.worker_id].append(execution.workflow_id)
+        held: set[str] = set()
+        runs = Workflow.objects.using(self.using)
+        for worker_id, workflow_ids in by_worker.items():
+            held.update(runs.lock_held(worker_id, workflow_ids, until))  # type: ignore[arg-type]
+        return held
+
+
+def _deliver(hooks: list[tuple[str, str, int, list[str], int | None]]) -> None:
+    # Values first, then closes, so a subscriber never sees a close before the last value.
+    for workflow_id, key, first, texts, closed_length in sorted(
+        hooks, key=lambda h: h[4] is not None
+    ):
+        try:
+            if closed_length is None:
+                delivery.entries_committed(workflow_id, key, first, texts)
+            else:
+                delivery.stream_closed(workflow_id, key, closed_length)
+        except Exception:
+            logger.exception(
+                "[%s] Live delivery of stream %r failed; readers catch up.", workflow_id, key
+            )
+
+
+def _raise_write_error(execution: Execution) -> None:
+    error = execution.write_error
+    if error is None:
+        return
+    if isinstance(error, LeaseLost):
+        raise LeaseLost(str(error))
+    from .runtime import Interrupted
+
+    raise Interrupted(str(error))
+
+
+_committers: dict[str, GroupCommitter] = {}
+_committers_lock = threading.Lock()
+
+
+def committer(using: str) -> GroupCommitter:
+    with _committers_lock:
+        instance = _committers.get(using)
+        if instance is None:
+            instance = _committers[using] = GroupCommitter(using)
+        return instance
