@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, Generic, ParamSpec, TypeVar, overload
@@ -72,6 +73,11 @@ class Workflow(Generic[P, R]):
     ) -> None:
         if not callable(fn):
             raise TypeError(f"@workflow decorates a function, not {type(fn).__name__}.")
+        if inspect.iscoroutinefunction(fn):
+            raise TypeError(
+                f"@workflow cannot decorate the coroutine function {_qualified_name(fn)}: "
+                "workflows run in worker threads; write a plain def."
+            )
         if max_attempts is not None and (
             isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1
         ):
@@ -171,6 +177,11 @@ def step(
         raise ValueError(f"backoff must be a number of seconds of at least 0, not {backoff!r}.")
 
     def decorate(fn: Callable[P, R]) -> Callable[P, R]:
+        if inspect.iscoroutinefunction(fn):
+            raise TypeError(
+                f"@step cannot decorate the coroutine function {_qualified_name(fn)}: "
+                "steps run in the workflow's thread; write a plain def."
+            )
         step_name = name if name is not None else _qualified_name(fn)
         _check_name("step name", step_name)
 
