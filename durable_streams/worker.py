@@ -67,6 +67,7 @@ class Worker:
         self.handle_signals = handle_signals
         self.using = alias()
         self._stopping = threading.Event()
+        self._heartbeat_done = threading.Event()
         # Rung when work is announced, a slot frees up, or the worker stops.
         self._waiter: Waiter | None = None
         self._lock = threading.Lock()
@@ -172,6 +173,7 @@ class Worker:
                 grace,
                 released,
             )
+        self._heartbeat_done.set()
         pool.shutdown(wait=False, cancel_futures=True)
         logger.info("Worker %s stopped after %d workflows.", self.worker_id, self.completed)
 
@@ -227,13 +229,13 @@ class Worker:
     # Heartbeats
 
     def _heartbeat(self) -> None:
+        # Runs until the shutdown is over: leases of workflows finishing their last
+        # step during the grace period must not expire.
         config = get_config()
-        while not self._stopping.wait(config.HEARTBEAT_SECONDS) or self._running:
+        while not self._heartbeat_done.wait(config.HEARTBEAT_SECONDS):
             with self._lock:
                 ids = list(self._running)
             if not ids:
-                if self._stopping.is_set():
-                    return
                 continue
             try:
                 until = timezone.now() + timedelta(seconds=config.LEASE_SECONDS)
@@ -253,8 +255,7 @@ class Worker:
                             "the workflow was cancelled or reclaimed by another worker"
                         )
                         execution.stop.set()
-            if self._stopping.is_set():
-                time.sleep(min(0.05, config.HEARTBEAT_SECONDS))
+        connections.close_all()
 
     # Running one workflow
 
