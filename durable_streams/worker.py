@@ -15,13 +15,13 @@ from datetime import timedelta
 from types import FrameType
 from typing import Any
 
-from django.db import close_old_connections, connections, transaction
+from django.db import DatabaseError, connections, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from . import encoding, registry, runtime
+from . import encoding, registry, runtime, writer
 from .conf import get_config
-from .db import alias, take_write_lock
+from .db import ConnectionKeeper, alias, take_write_lock
 from .exceptions import LeaseLost, WorkflowNotRegistered
 from .models import Status, Workflow
 from .notify import Waiter, poll_interval, queue_topic, subscribe
@@ -128,10 +128,18 @@ class Worker:
             with subscribe([queue_topic(q) for q in self.queues]) as waiter:
                 self._waiter = waiter
                 interval = poll_interval(self.using)
+                keeper = ConnectionKeeper(self.using)
                 while not self._stopping.is_set():
                     waiter.clear()
                     free = self.concurrency - len(self._running)
-                    claimed = self._claim(free, registry.names()) if free > 0 else []
+                    try:
+                        keeper.ready()
+                        claimed = self._claim(free, registry.names()) if free > 0 else []
+                    except DatabaseError:
+                        # The database restarted or the network blipped: try again later.
+                        logger.exception("Could not claim work; retrying in %ss.", interval)
+                        keeper.broken()
+                        claimed = []
                     for workflow_id in claimed:
                         with self._lock:
                             self._running[workflow_id] = None
@@ -146,7 +154,7 @@ class Worker:
         finally:
             self._waiter = None
             self._shutdown(pool)
-            close_old_connections()
+            writer.release_connections()
             connections.close_all()
 
     def _done_callback(self, workflow_id: str) -> Any:
@@ -232,21 +240,22 @@ class Worker:
         # Runs until the shutdown is over: leases of workflows finishing their last
         # step during the grace period must not expire.
         config = get_config()
+        keeper = ConnectionKeeper(self.using)
         while not self._heartbeat_done.wait(config.HEARTBEAT_SECONDS):
             with self._lock:
                 ids = list(self._running)
             if not ids:
                 continue
             try:
+                keeper.ready()
                 until = timezone.now() + timedelta(seconds=config.LEASE_SECONDS)
                 with transaction.atomic(using=self.using):
                     take_write_lock(self.using)
                     held = Workflow.objects.using(self.using).lock_held(self.worker_id, ids, until)
             except Exception:
                 logger.exception("Lease renewal failed; retrying in %ss.", config.HEARTBEAT_SECONDS)
+                keeper.broken()
                 continue
-            finally:
-                close_old_connections()
             with self._lock:
                 for workflow_id in ids:
                     execution = self._running.get(workflow_id)

@@ -21,12 +21,12 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
-from django.db import close_old_connections, connections, transaction
+from django.db import transaction
 from django.utils import timezone
 
 from . import delivery
 from .conf import get_config
-from .db import take_write_lock
+from .db import ConnectionKeeper, take_write_lock
 from .exceptions import LeaseLost
 from .models import Stream, StreamEntry, Workflow
 from .notify import announce, stream_topic
@@ -58,6 +58,8 @@ class GroupCommitter:
         self.using = using
         self._cond = threading.Condition()
         self._queue: dict[Execution, list[PendingWrite]] = {}
+        self._release_requested = False
+        self._released = threading.Event()
         self._thread = threading.Thread(
             target=self._run, name=f"durable-streams-writer-{using}", daemon=True
         )
@@ -87,14 +89,28 @@ class GroupCommitter:
                 self._cond.wait(1.0)
             _raise_write_error(execution)
 
+    def release_connection(self, timeout: float = 5.0) -> None:
+        """Close the writer thread's connection once its queue is empty."""
+        with self._cond:
+            self._released.clear()
+            self._release_requested = True
+            self._cond.notify_all()
+        self._released.wait(timeout)
+
     def _run(self) -> None:
+        keeper = ConnectionKeeper(self.using)
         while True:
             with self._cond:
                 while not self._queue:
+                    if self._release_requested:
+                        keeper.broken()
+                        self._release_requested = False
+                        self._released.set()
                     self._cond.wait()
                 batch, self._queue = self._queue, {}
             failures: dict[Execution, BaseException] = {}
             try:
+                keeper.ready()
                 failures = self._store(batch)
             except Exception as exc:
                 logger.exception("Could not store %d stream writes.", sum(map(len, batch.values())))
@@ -102,9 +118,7 @@ class GroupCommitter:
                     batch, WriteFailed(f"a stream write could not be stored: {exc}")
                 )
                 # A broken connection must not poison the next batch.
-                connections[self.using].close()
-            else:
-                close_old_connections()
+                keeper.broken()
             with self._cond:
                 for execution, writes in batch.items():
                     execution.stored += len(writes)
@@ -230,3 +244,11 @@ def committer(using: str) -> GroupCommitter:
         if instance is None:
             instance = _committers[using] = GroupCommitter(using)
         return instance
+
+
+def release_connections() -> None:
+    """Close every writer thread's connection (a stopping worker, a test database to drop)."""
+    with _committers_lock:
+        instances = list(_committers.values())
+    for instance in instances:
+        instance.release_connection()

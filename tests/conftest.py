@@ -43,5 +43,7 @@ def _stop_listeners_before_teardown(django_db_setup: None) -> Iterator[None]:
     # A LISTEN connection would keep the PostgreSQL test database from being dropped.
     yield
     from durable_streams.notify import stop_listeners
+    from durable_streams.writer import release_connections
 
     stop_listeners()
+    release_connections()
