@@ -108,13 +108,18 @@ class Workflow(Generic[P, R]):
         return f"<Workflow {self.name}>"
 
 
+# The lengths of the columns that store them.
+_MAX_LENGTHS = {"queue": 100}
+
+
 def _check_name(what: str, value: object) -> str:
-    if not isinstance(value, str) or not value or len(value) > 255:
+    limit = _MAX_LENGTHS.get(what, 255)
+    if not isinstance(value, str) or not value or len(value) > limit:
         raise ValueError(
-            f"A workflow {what} must be a non-empty string of at most 255 characters, "
+            f"A workflow {what} must be a non-empty string of at most {limit} characters, "
             f"not {value!r}."
         )
-    return value
+    return encoding.check_text(f"A workflow {what}", value)
 
 
 @overload
@@ -245,6 +250,8 @@ def start_workflow(
             "workflow_id must be a non-empty string of at most 255 characters, "
             f"not {workflow_id!r}."
         )
+    else:
+        encoding.check_text("workflow_id", workflow_id)
     queue = _check_name("queue", queue) if queue is not None else wf.queue
     owner_id = None
     if owner is not None and getattr(owner, "is_authenticated", True):

@@ -48,8 +48,14 @@ def encode(value: Any, what: str) -> str:
 def _culprit_type(value: Any) -> str:
     """Name the innermost value's type that JSON cannot encode."""
     stack = [value]
+    # A container met twice is shared or circular: look inside it once, or a cycle never ends.
+    seen: set[int] = set()
     while stack:
         item = stack.pop()
+        if isinstance(item, (dict, list, tuple)):
+            if id(item) in seen:
+                continue
+            seen.add(id(item))
         if isinstance(item, dict):
             stack.extend(item.values())
             for key in item:
@@ -73,6 +79,21 @@ def encode_inputs(args: tuple[Any, ...], kwargs: dict[str, Any], workflow_name: 
     return dumps({"args": list(args), "kwargs": kwargs})
 
 
+def check_text(what: str, value: str) -> str:
+    """Refuse text that a database column cannot hold: PostgreSQL rejects NUL, and
+    every database rejects lone surrogates, which have no UTF-8 encoding.
+    """
+    if "\x00" in value:
+        raise ValueError(f"{what} must not contain NUL characters: {value[:40]!r}.")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(
+            f"{what} must be valid Unicode text without lone surrogates: {value[:40]!r}."
+        ) from None
+    return value
+
+
 def check_key(key: object) -> str:
     if not isinstance(key, str):
         raise TypeError(f"A stream key must be a str, not {type(key).__name__}.")
@@ -83,7 +104,7 @@ def check_key(key: object) -> str:
             f"A stream key must be at most {MAX_KEY_LENGTH} characters; "
             f"{key[:20]!r}... has {len(key)}."
         )
-    return key
+    return check_text("A stream key", key)
 
 
 def encode_stream_value(key: str, value: Any, max_bytes: int) -> str:
