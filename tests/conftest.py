@@ -1,10 +1,11 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
-from django.db import connection
+from asgiref.sync import sync_to_async
+from django.db import connection, connections
 
 from durable_streams.worker import Worker
 
@@ -47,3 +48,36 @@ def _stop_listeners_before_teardown(django_db_setup: None) -> Iterator[None]:
 
     stop_listeners()
     release_connections()
+
+
+@pytest.fixture
+def worker_thread(transactional_db: None) -> Iterator[Callable[..., Worker]]:
+    """Start ``Worker(**options)`` in background threads; every one is stopped after the test."""
+    started: list[tuple[Worker, threading.Thread]] = []
+
+    def start(**options: object) -> Worker:
+        worker = Worker(**options)  # type: ignore[arg-type]
+        thread = threading.Thread(
+            target=worker.run, name=f"test-worker-{len(started)}", daemon=True
+        )
+        thread.start()
+        started.append((worker, thread))
+        return worker
+
+    yield start
+    for worker, _ in started:
+        worker.stop()
+    for worker, thread in started:
+        thread.join(timeout=30)
+        assert not thread.is_alive(), f"worker {worker.worker_id} did not stop"
+
+
+@pytest.fixture
+async def async_db(transactional_db: None) -> AsyncIterator[None]:
+    """Database access for async tests.
+
+    ``sync_to_async`` runs queries in a thread of its own, whose connection would
+    otherwise stay open and keep PostgreSQL from dropping the test database.
+    """
+    yield
+    await sync_to_async(connections.close_all)()

@@ -184,3 +184,223 @@ def swallow_everything() -> str:
 @workflow(name="tests.custom-name", queue="other", max_attempts=2)
 def custom() -> str:
     return "custom"
+
+
+# Workflows of the core contract suite (test_api, test_streams, test_replay, test_worker,
+# test_processes).
+
+
+def worker_effect(label: str) -> None:
+    """Record a side effect together with the worker that ran it."""
+    from durable_streams.runtime import current_execution
+
+    execution = current_execution()
+    Effect.objects.create(
+        workflow_id=current_workflow_id() or "",
+        label=label,
+        worker=execution.worker_id if execution is not None else "",
+    )
+
+
+def wait_for_effect(label: str, timeout: float = 20.0) -> bool:
+    """Block until the test creates an Effect with ``label`` (a release signal); bounded."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if Effect.objects.filter(label=label).exists():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+@step
+def counted_worker(label: str) -> str:
+    worker_effect(label)
+    return label
+
+
+@step
+def sleepy_effect(label: str, seconds: float) -> str:
+    """Sleep, then record the effect: a step that is still running when a signal arrives."""
+    time.sleep(seconds)
+    worker_effect(label)
+    return label
+
+
+@workflow
+def replayable(label: str) -> list[Any]:
+    first = counted_plain(label)
+    write_stream("out", first)
+    second = step_a()
+    write_stream("out", second)
+    return [first, second]
+
+
+@workflow
+def writes_then_step(label: str) -> str:
+    write_stream("out", "w0")
+    write_stream("out", "w1")
+    return counted_plain(label)
+
+
+def _unencodable(kind: str) -> Any:
+    if kind == "object":
+        return {"nested": [object()]}
+    if kind == "nan":
+        return [1.0, float("nan")]
+    if kind == "set":
+        return {1, 2}
+    if kind == "circular":
+        loop: list[Any] = []
+        loop.append(loop)
+        return loop
+    if kind == "bad_dict_key":
+        return {(1, 2): "tuple key"}
+    raise ValueError(kind)
+
+
+@workflow
+def probe_writes(cases: list[dict[str, Any]]) -> list[str]:
+    """Run each write or close and report what happened, so a test can see the errors."""
+    outcomes = []
+    for case in cases:
+        key = case["key"]
+        try:
+            if case.get("close"):
+                close_stream(key)
+            elif "unencodable" in case:
+                write_stream(key, _unencodable(case["unencodable"]))
+            else:
+                write_stream(key, case["value"])
+        except (TypeError, ValueError, StreamClosed) as exc:
+            outcomes.append(f"{type(exc).__name__}: {exc}")
+        else:
+            outcomes.append("ok")
+    return outcomes
+
+
+@step
+def write_then_wait(label: str) -> str:
+    write_stream("tokens", "first")
+    if not wait_for_effect(f"{label}-release"):
+        raise TimeoutError("the test never released the step")
+    write_stream("tokens", "second")
+    return "done"
+
+
+@workflow
+def step_streams_live(label: str) -> str:
+    result = write_then_wait(label)
+    close_stream("tokens")
+    return result
+
+
+_atomic_attempts: dict[str, int] = {}
+
+
+@step(atomic=True, retries=3, backoff=0)
+def atomic_flaky(label: str, failures: int) -> str:
+    effect(label)
+    _atomic_attempts[label] = _atomic_attempts.get(label, 0) + 1
+    if _atomic_attempts[label] <= failures:
+        raise ConnectionError(f"attempt {_atomic_attempts[label]} of {label} failed")
+    return f"{label} ok"
+
+
+@workflow
+def atomic_rollback(label: str, failures: int) -> str:
+    return atomic_flaky(label, failures)
+
+
+@step(atomic=True)
+def atomic_writer(label: str) -> str:
+    effect(label)
+    write_stream("out", f"{label} from an atomic step")
+    return label
+
+
+@workflow
+def atomic_stream(label: str) -> str:
+    result = atomic_writer(label)
+    write_stream("out", "after")
+    return result
+
+
+@step
+def returns_set() -> Any:
+    return {1, 2}
+
+
+@step(atomic=True)
+def returns_set_atomic() -> Any:
+    return {1, 2}
+
+
+@workflow
+def bad_step_result(atomic: bool) -> Any:
+    return returns_set_atomic() if atomic else returns_set()
+
+
+@step(retries=2, backoff=0.1)
+def flaky_backoff(label: str, failures: int) -> str:
+    effect(label)
+    if Effect.objects.filter(label=label).count() <= failures:
+        raise ConnectionError(f"attempt failed for {label}")
+    return f"{label} ok"
+
+
+@workflow
+def retrying_backoff(label: str, failures: int) -> str:
+    return flaky_backoff(label, failures)
+
+
+@workflow
+def cancellable(label: str, count: int, delay: float) -> int:
+    """A non-atomic counted step, a progress value, then a pause: a cancel lands in the pause."""
+    for i in range(count):
+        counted_plain(f"{label}-{i}")
+        write_stream("progress", i)
+        nap(delay)
+    return count
+
+
+@workflow
+def graceful(label: str, seconds: float) -> str:
+    write_stream("progress", "started")
+    sleepy_effect(f"{label}-1", seconds)
+    write_stream("progress", "between")
+    sleepy_effect(f"{label}-2", 0)
+    close_stream("progress")
+    return "done"
+
+
+@workflow
+def claim_race(label: str) -> str:
+    return counted_worker(label)
+
+
+@workflow
+def parent_after_write(count: int) -> list[str]:
+    write_stream("out", "before children")
+    ids = [echo.start(i).workflow_id for i in range(count)]
+    write_stream("out", "after children")
+    return ids
+
+
+@workflow(max_attempts=2)
+def two_attempts() -> str:
+    return "finished"
+
+
+@workflow(queue="other")
+def on_other_queue() -> str:
+    return "other"
+
+
+@workflow
+def returns_step_tuple() -> Any:
+    return step_tuple()
+
+
+@step
+def step_tuple() -> Any:
+    return (1, "two", [3.5])

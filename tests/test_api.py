@@ -1,0 +1,425 @@
+"""The public API: starting workflows, handles, results, decorators and child ids."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from asgiref.sync import sync_to_async
+from django.contrib.auth import get_user_model
+from django.db import transaction
+from django.test import override_settings
+
+from durable_streams import (
+    DurableStreamsError,
+    Status,
+    WorkflowCancelled,
+    WorkflowConflict,
+    WorkflowFailed,
+    WorkflowHandle,
+    WorkflowNotFound,
+    WorkflowTimeout,
+    cancel_workflow,
+    current_workflow_id,
+    get_workflow,
+    start_workflow,
+    step,
+    workflow,
+)
+from durable_streams.exceptions import WorkflowNotRegistered
+from durable_streams.models import Workflow
+from durable_streams.worker import Worker
+from tests import workflows
+from tests.models import Effect
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+ECHO = "tests.workflows.echo"
+
+
+# Starting
+
+
+def test_start_enqueues_and_returns_a_handle(run_burst: Callable[..., Worker]) -> None:
+    handle = workflows.echo.start(1, "two", k={"x": None})
+
+    assert isinstance(handle, WorkflowHandle)
+    row = Workflow.objects.get(pk=handle.workflow_id)
+    assert (row.name, row.status, row.queue, row.attempts) == (ECHO, Status.ENQUEUED, "default", 0)
+    assert row.decoded_inputs == {"args": [1, "two"], "kwargs": {"k": {"x": None}}}
+    assert row.max_attempts == 10
+    assert handle.status == Status.ENQUEUED
+
+    run_burst()
+    assert handle.result(timeout=5) == {"args": [1, "two"], "kwargs": {"k": {"x": None}}}
+
+
+def test_start_workflow_takes_the_workflow_or_its_name_and_options(
+    run_burst: Callable[..., Worker],
+) -> None:
+    user = get_user_model().objects.create_user("owner")
+    handle = start_workflow(
+        workflows.echo, 7, workflow_id="mine", queue="other", owner=user, public=True, x=1
+    )
+    assert handle.workflow_id == "mine"
+    row = Workflow.objects.get(pk="mine")
+    assert (row.queue, row.owner_id, row.is_public) == ("other", user.pk, True)
+    assert row.decoded_inputs == {"args": [7], "kwargs": {"x": 1}}
+
+    by_name = start_workflow("tests.custom-name")
+    assert by_name.get().queue == "other"
+
+    run_burst(queues=["other"])
+    assert handle.result(timeout=5) == {"args": [7], "kwargs": {"x": 1}}
+    assert by_name.result(timeout=5) == "custom"
+
+
+def test_start_workflow_refuses_what_is_not_a_workflow() -> None:
+    with pytest.raises(TypeError, match="takes a @workflow function or its name, not function"):
+        start_workflow(lambda: 1)  # type: ignore[arg-type]
+    with pytest.raises(WorkflowNotRegistered, match="'no.such.workflow'"):
+        start_workflow("no.such.workflow")
+    assert not Workflow.objects.exists()
+
+
+@pytest.mark.parametrize(
+    ("workflow_id", "problem"),
+    [
+        ("", "non-empty string"),
+        ("x" * 256, "at most 255"),
+        (42, "non-empty string"),
+        ("a\x00b", "NUL"),
+        ("\ud800", "lone surrogates"),
+    ],
+)
+def test_bad_workflow_ids_are_refused(workflow_id: Any, problem: str) -> None:
+    with pytest.raises(ValueError, match=problem):
+        start_workflow(workflows.echo, workflow_id=workflow_id)
+    assert not Workflow.objects.exists()
+
+
+def test_a_queue_longer_than_its_column_is_refused() -> None:
+    # The queue column holds 100 characters.
+    with pytest.raises(ValueError, match="at most 100 characters"):
+        start_workflow(workflows.echo, queue="q" * 101)
+    handle = start_workflow(workflows.echo, queue="q" * 100)
+    assert handle.get().queue == "q" * 100
+
+
+def test_an_existing_id_returns_that_run_and_never_runs_it_twice(
+    run_burst: Callable[..., Worker],
+) -> None:
+    first = workflows.counted_once.start("dup", workflow_id="same")
+    second = workflows.counted_once.start("dup", workflow_id="same")
+    assert first == second
+    assert Workflow.objects.count() == 1
+
+    run_burst()
+    assert first.result(timeout=5) == "dup"
+
+    # Once ended, starting it again still gives the same run, which does not run again.
+    third = workflows.counted_once.start("different args", workflow_id="same")
+    assert third == first
+    run_burst()
+    assert third.result(timeout=5) == "dup"
+    assert Effect.objects.filter(workflow_id="same").count() == 1
+    assert Workflow.objects.count() == 1
+
+
+def test_an_existing_id_inside_the_callers_transaction() -> None:
+    # The failed insert must not break the caller's transaction (PostgreSQL aborts it).
+    with transaction.atomic():
+        workflows.echo.start(workflow_id="in-atomic")
+        again = workflows.echo.start(workflow_id="in-atomic")
+        assert again.status == Status.ENQUEUED
+    assert Workflow.objects.filter(pk="in-atomic").count() == 1
+
+
+def test_a_different_workflow_under_an_existing_id_conflicts() -> None:
+    workflows.echo.start(workflow_id="taken")
+    with pytest.raises(WorkflowConflict) as info:
+        workflows.custom.start(workflow_id="taken")
+    assert "'taken'" in str(info.value)
+    assert ECHO in str(info.value) and "tests.custom-name" in str(info.value)
+    assert isinstance(info.value, DurableStreamsError)
+    assert Workflow.objects.get(pk="taken").name == ECHO
+
+
+def _circular() -> list[Any]:
+    loop: list[Any] = []
+    loop.append(loop)
+    return loop
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "fragments"),
+    [
+        ((object(),), {}, ["Argument 0 ", "type object"]),
+        ((1, {1, 2}), {}, ["Argument 1 ", "type set"]),
+        ((), {"when": float("nan")}, ["Argument 'when'", "type float"]),
+        ((), {"d": {"ok": [1, {(1, 2): "tuple key"}]}}, ["Argument 'd'", "type tuple"]),
+        ((_circular(),), {}, ["Argument 0 ", "Circular reference"]),
+    ],
+)
+def test_arguments_that_are_not_json_raise_type_error_and_store_nothing(
+    args: tuple[Any, ...], kwargs: dict[str, Any], fragments: list[str]
+) -> None:
+    with pytest.raises(TypeError) as info:
+        workflows.echo.start(*args, **kwargs)
+    message = str(info.value)
+    for fragment in [*fragments, ECHO, "JSON-serializable"]:
+        assert fragment in message
+    assert not Workflow.objects.exists()
+
+
+# Inspecting
+
+
+def test_unknown_ids_raise_workflow_not_found() -> None:
+    with pytest.raises(WorkflowNotFound, match="'nope'") as info:
+        get_workflow("nope")
+    assert info.value.workflow_id == "nope"
+    assert isinstance(info.value, LookupError)
+    with pytest.raises(WorkflowNotFound):
+        WorkflowHandle("nope").result(timeout=1)
+    with pytest.raises(WorkflowNotFound):
+        cancel_workflow("nope")
+
+
+def test_the_handle_reads_the_status_fresh(run_burst: Callable[..., Worker]) -> None:
+    handle = workflows.echo.start()
+    same = get_workflow(handle.workflow_id)
+    assert same == handle and hash(same) == hash(handle)
+    assert handle.status == Status.ENQUEUED
+
+    run_burst()
+    assert handle.status == Status.SUCCESS
+    assert same.get().status == Status.SUCCESS
+
+    Workflow.objects.filter(pk=handle.workflow_id).update(status=Status.ERROR)
+    assert handle.status == Status.ERROR
+
+
+def test_result_returns_the_output(run_burst: Callable[..., Worker]) -> None:
+    handle = workflows.write_values.start("out", [1, 2, 3])
+    run_burst()
+    assert handle.result(timeout=5) == 3
+    assert handle.result() == 3  # no timeout needed once ended
+
+
+def test_result_raises_workflow_failed_with_the_original_error(
+    run_burst: Callable[..., Worker],
+) -> None:
+    handle = workflows.fails.start("the reason")
+    run_burst()
+    with pytest.raises(WorkflowFailed) as info:
+        handle.result(timeout=5)
+    assert info.value.error_type == "ValueError"
+    assert info.value.message == "the reason"
+    assert info.value.workflow_id == handle.workflow_id
+    assert "ValueError: the reason" in str(info.value)
+    assert "Traceback" in handle.get().decoded_error["traceback"]
+
+
+def test_a_workflow_result_that_is_not_json_fails_it(run_burst: Callable[..., Worker]) -> None:
+    handle = workflows.returns_object.start()
+    run_burst()
+    with pytest.raises(WorkflowFailed) as info:
+        handle.result(timeout=5)
+    assert info.value.error_type == "TypeError"
+    assert "tests.workflows.returns_object" in info.value.message
+    assert "type object" in info.value.message
+
+
+def test_result_raises_workflow_cancelled(run_burst: Callable[..., Worker]) -> None:
+    handle = workflows.counted_once.start("never")
+    assert handle.cancel() is True
+    assert handle.cancel() is False  # already ended
+    run_burst()
+    with pytest.raises(WorkflowCancelled, match=handle.workflow_id):
+        handle.result(timeout=5)
+    assert handle.status == Status.CANCELLED
+    assert not Effect.objects.exists()
+
+
+def test_result_times_out_while_the_workflow_waits() -> None:
+    handle = workflows.echo.start()  # no worker runs it
+    started = time.monotonic()
+    with pytest.raises(WorkflowTimeout, match="did not end within 0.3 seconds") as info:
+        handle.result(timeout=0.3)
+    assert 0.3 <= time.monotonic() - started < 3
+    assert isinstance(info.value, TimeoutError)
+
+
+def test_result_waits_for_a_running_workflow(worker_thread: Callable[..., Worker]) -> None:
+    handle = workflows.slow_then_write.start(0.3)
+    worker_thread()
+    started = time.monotonic()
+    assert handle.result(timeout=10) is None
+    assert time.monotonic() - started >= 0.2
+    assert handle.status == Status.SUCCESS
+
+
+async def test_aresult_works_the_same_from_async_code(
+    async_db: None, worker_thread: Callable[..., Worker]
+) -> None:
+    ok = await sync_to_async(workflows.slow_then_write.start)(0.2)
+    failed = await sync_to_async(workflows.fails.start)("async reason")
+    pending = await sync_to_async(workflows.on_other_queue.start)()
+    await sync_to_async(worker_thread)()
+
+    assert await ok.aresult(timeout=10) is None
+    with pytest.raises(WorkflowFailed) as info:
+        await failed.aresult(timeout=10)
+    assert (info.value.error_type, info.value.message) == ("ValueError", "async reason")
+
+    with pytest.raises(WorkflowTimeout):
+        await pending.aresult(timeout=0.2)
+    # The event loop stays free while aresult waits.
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        for _ in range(5):
+            await asyncio.sleep(0.02)
+            ticks += 1
+
+    await asyncio.gather(tick(), _expect_timeout(pending, 0.3))
+    assert ticks == 5
+
+    await sync_to_async(pending.cancel)()
+    with pytest.raises(WorkflowCancelled):
+        await pending.aresult(timeout=5)
+
+
+async def _expect_timeout(handle: WorkflowHandle, timeout: float) -> None:
+    with pytest.raises(WorkflowTimeout):
+        await handle.aresult(timeout=timeout)
+
+
+# Decorators
+
+
+def test_workflow_decorator_options(run_burst: Callable[..., Worker]) -> None:
+    assert workflows.custom.name == "tests.custom-name"
+    assert workflows.custom.queue == "other"
+    assert workflows.custom.max_attempts == 2
+    assert workflows.echo.name == ECHO
+    assert workflows.echo(1, k=2) == {"args": [1], "kwargs": {"k": 2}}  # a plain call
+    assert workflows.custom.__name__ == "custom"
+
+    row = workflows.custom.start().get()
+    assert (row.name, row.queue, row.max_attempts) == ("tests.custom-name", "other", 2)
+    run_burst()
+    row.refresh_from_db()
+    assert row.status == Status.ENQUEUED  # the default queue's worker leaves it alone
+    run_burst(queues=["other"])
+    row.refresh_from_db()
+    assert row.status == Status.SUCCESS
+
+
+def test_max_attempts_defaults_to_the_setting() -> None:
+    assert workflows.echo.max_attempts == 10
+    with override_settings(DURABLE_STREAMS={"MAX_ATTEMPTS": 3}):
+        assert workflows.echo.max_attempts == 3
+        assert workflows.echo.start().get().max_attempts == 3
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        ({"name": ""}, ValueError, "workflow name must be a non-empty string"),
+        ({"name": "n" * 256}, ValueError, "at most 255"),
+        ({"name": 5}, ValueError, "workflow name"),
+        ({"name": "a\x00b"}, ValueError, "NUL"),
+        ({"queue": ""}, ValueError, "workflow queue must be a non-empty string"),
+        ({"queue": "q" * 101}, ValueError, "at most 100"),
+        ({"max_attempts": 0}, ValueError, "max_attempts must be a whole number of at least 1"),
+        ({"max_attempts": True}, ValueError, "max_attempts"),
+        ({"max_attempts": 1.5}, ValueError, "max_attempts"),
+    ],
+)
+def test_bad_workflow_decorator_arguments(
+    options: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+
+        @workflow(**options)
+        def never_registered() -> None:
+            pass
+
+
+def test_workflow_decorator_refuses_what_it_cannot_run() -> None:
+    with pytest.raises(TypeError, match="decorates a function, not str"):
+        workflow("tests.a-name")  # type: ignore[call-overload]
+
+    with pytest.raises(TypeError, match="coroutine function"):
+
+        @workflow
+        async def coroutine_workflow() -> None:
+            pass
+
+    with pytest.raises(ValueError, match="already registered"):
+
+        @workflow(name=ECHO)
+        def impostor() -> None:
+            pass
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"retries": -1}, "retries must be a whole number of at least 0"),
+        ({"retries": True}, "retries"),
+        ({"retries": 1.0}, "retries"),
+        ({"backoff": -0.5}, "backoff must be a number of seconds of at least 0"),
+        ({"backoff": "1"}, "backoff"),
+        ({"name": ""}, "step name must be a non-empty string"),
+    ],
+)
+def test_bad_step_decorator_arguments(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+
+        @step(**options)
+        def never_used() -> None:
+            pass
+
+
+def test_steps_outside_a_workflow_are_plain_calls() -> None:
+    assert workflows.step_a() == "a"
+    assert workflows.step_a.step_name == "tests.workflows.step_a"  # type: ignore[attr-defined]
+    assert current_workflow_id() is None
+
+
+# Child workflows
+
+
+def test_a_child_started_from_a_workflow_body_gets_a_deterministic_id(
+    run_burst: Callable[..., Worker],
+) -> None:
+    parent = workflows.parent.start(2)
+    mixed = workflows.parent_after_write.start(2)
+    run_burst()
+    pid, mid = parent.workflow_id, mixed.workflow_id
+    assert parent.result(timeout=5) == [f"{pid}-0", f"{pid}-1"]
+    # Stream writes take operation numbers too.
+    assert mixed.result(timeout=5) == [f"{mid}-1", f"{mid}-2"]
+    for child_id in [f"{pid}-0", f"{pid}-1", f"{mid}-1", f"{mid}-2"]:
+        assert get_workflow(child_id).status == Status.SUCCESS
+    assert get_workflow(f"{pid}-1").result() == {"args": [1], "kwargs": {}}
+
+
+def test_a_replayed_parent_finds_its_children_instead_of_starting_new_ones(
+    run_burst: Callable[..., Worker],
+) -> None:
+    parent = workflows.parent.start(2)
+    pid = parent.workflow_id
+    # A previous run started the first child, then its worker died.
+    start_workflow(workflows.echo, "from the first run", workflow_id=f"{pid}-0")
+    run_burst()
+    assert parent.result(timeout=5) == [f"{pid}-0", f"{pid}-1"]
+    assert Workflow.objects.filter(name=ECHO).count() == 2
+    assert get_workflow(f"{pid}-0").result() == {"args": ["from the first run"], "kwargs": {}}
