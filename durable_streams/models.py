@@ -14,7 +14,7 @@ from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
 if TYPE_CHECKING:
-    from collections.abc import Collection
+    from collections.abc import Collection, Iterator
 
 
 def new_workflow_id() -> str:
@@ -31,6 +31,8 @@ class Status(models.TextChoices):
 
 TERMINAL_STATUSES = frozenset({Status.SUCCESS, Status.ERROR, Status.CANCELLED})
 ACTIVE_STATUSES = frozenset({Status.ENQUEUED, Status.RUNNING})
+# Ended without success: an operator may resume or retry these.
+RESUMABLE_STATUSES = frozenset({Status.ERROR, Status.CANCELLED})
 
 
 class WorkflowQuerySet(models.QuerySet["Workflow"]):
@@ -117,6 +119,91 @@ class WorkflowQuerySet(models.QuerySet["Workflow"]):
             )
         )
 
+    # Operator actions (the admin uses them): resume and retry failed or cancelled runs.
+
+    def resumable(self) -> WorkflowQuerySet:
+        return self.filter(status__in=RESUMABLE_STATUSES)
+
+    def resume(self) -> list[str]:
+        """Send this queryset's failed and cancelled workflows back to the queue; return their ids.
+
+        A worker replays each one from its checkpoints: completed steps return their
+        recorded output and recorded stream writes are skipped, so nothing is written
+        twice. Attempts count from zero again, the streams that the end of the run
+        closed reopen, and a failed step that was the last thing the run recorded is
+        forgotten so that it runs again (kept, it would fail the replay the same way).
+        """
+        from .db import take_write_lock
+        from .notify import announce, queue_topic
+
+        now = timezone.now()
+        resumed: list[str] = []
+        with transaction.atomic(using=self.db):
+            take_write_lock(self.db)
+            rows = list(
+                self.resumable().order_by("pk").select_for_update().values_list("pk", "queue")
+            )
+            for chunk in _chunks([pk for pk, _ in rows]):
+                Workflow.objects.using(self.db).filter(pk__in=chunk).update(
+                    status=Status.ENQUEUED,
+                    attempts=0,
+                    output=None,
+                    error=None,
+                    started_at=None,
+                    finished_at=None,
+                    updated_at=now,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                )
+                Stream.objects.using(self.db).filter(
+                    workflow_id__in=chunk, closed_by_end=True
+                ).update(closed_at=None, closed_by_end=False)
+                _forget_final_step_failures(chunk, self.db)
+                resumed.extend(chunk)
+            if rows:
+                announce([queue_topic(queue) for _, queue in rows], self.db)
+        return resumed
+
+    def retry(self) -> list[tuple[str, str]]:
+        """Start a new run of each failed or cancelled workflow of this queryset.
+
+        The new run has a new id, the original's name, inputs, queue, owner and
+        visibility, and ``retry_of`` pointing at the original; it starts from scratch.
+        Return (original id, new id) pairs.
+        """
+        from .db import take_write_lock
+        from .notify import announce, queue_topic
+
+        now = timezone.now()
+        with transaction.atomic(using=self.db):
+            take_write_lock(self.db)
+            originals = list(
+                self.resumable()
+                .order_by("created_at", "pk")
+                .select_for_update()
+                .values_list(
+                    "pk", "name", "queue", "inputs", "owner_id", "is_public", "max_attempts"
+                )
+            )
+            runs = [
+                Workflow(
+                    name=name,
+                    queue=queue,
+                    inputs=inputs,
+                    owner_id=owner_id,
+                    is_public=is_public,
+                    max_attempts=max_attempts,
+                    retry_of_id=pk,
+                    created_at=now,
+                    updated_at=now,
+                )
+                for pk, name, queue, inputs, owner_id, is_public, max_attempts in originals
+            ]
+            Workflow.objects.using(self.db).bulk_create(runs, batch_size=500)
+            if runs:
+                announce([queue_topic(run.queue) for run in runs], self.db)
+        return [(original[0], run.pk) for original, run in zip(originals, runs)]
+
 
 class Workflow(models.Model):
     id = models.CharField(primary_key=True, max_length=255, default=new_workflow_id, editable=False)
@@ -181,6 +268,13 @@ class Workflow(models.Model):
             ),
             models.Index(fields=["status", "-created_at"], name="ds_workflow_status_idx"),
             models.Index(fields=["name", "-created_at"], name="ds_workflow_name_idx"),
+            # The admin's queue filter, newest first.
+            models.Index(fields=["queue", "-created_at"], name="ds_workflow_queue_idx"),
+        ]
+        permissions = [
+            ("cancel_workflow", _("Can cancel workflows")),
+            ("resume_workflow", _("Can resume workflows")),
+            ("retry_workflow", _("Can retry workflows")),
         ]
         constraints = [
             models.CheckConstraint(
@@ -339,3 +433,39 @@ class StreamEntry(models.Model):
     @property
     def decoded_value(self) -> Any:
         return json.loads(self.value)
+
+
+def _chunks(items: list[str], size: int = 500) -> Iterator[list[str]]:
+    # Keeps IN lists under SQLite's limit on query parameters.
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _forget_final_step_failures(workflow_ids: list[str], using: str) -> None:
+    """Delete the failed step checkpoint that ended each run, when nothing was recorded after it.
+
+    A failure that the workflow body caught and moved past stays: the operations
+    recorded after it depend on it.
+    """
+    last = (
+        Step.objects.using(using)
+        .filter(workflow_id__in=workflow_ids)
+        .values("workflow_id")
+        .annotate(last=models.Max("operation"))
+        .values_list("workflow_id", "last")
+    )
+    condition = Q()
+    for workflow_id, operation in last:
+        condition |= Q(workflow_id=workflow_id, operation=operation)
+    if not condition:
+        return
+    failed = Step.objects.using(using).filter(condition, status=Step.Outcome.ERROR)
+    for pk, workflow_id, operation in failed.values_list("pk", "workflow_id", "operation"):
+        later_write = StreamEntry.objects.using(using).filter(
+            stream__workflow_id=workflow_id, operation__gt=operation
+        )
+        later_close = Stream.objects.using(using).filter(
+            workflow_id=workflow_id, close_operation__gt=operation
+        )
+        if not later_write.exists() and not later_close.exists():
+            Step.objects.using(using).filter(pk=pk).delete()
