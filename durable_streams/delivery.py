@@ -1,24 +1,532 @@
 """Push of committed stream changes to live subscribers (WebSocket and SSE clients).
 
-The runtime calls these after the transaction that stored the change commits, in
-the writing process. They must never raise into the workflow, and never block it
-for long.
+The runtime calls the three hooks below after the transaction that stored the
+change commits, in the writing process. They hand a small message to the channel
+layer and return at once; they never raise into the workflow.
+
+The channel layer drops messages when a channel is full (at-most-once), so it is
+only a doorbell that happens to carry small values. A subscriber (``StreamFeed``)
+numbers every value by offset: it sends what follows on directly, fills a gap from
+the database, and re-reads the database after a silence. One value pushed to a
+thousand sockets costs no query at all.
+
+Without a channel layer that reaches other processes (none configured, or the
+in-memory one while workers run in their own processes), subscribers find new
+values by polling the database every ``POLL_INTERVAL`` seconds.
 """
 
 from __future__ import annotations
 
+import asyncio
+import atexit
+import contextlib
+import hashlib
+import json
 import logging
+import os
+import re
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from asgiref.sync import sync_to_async
+from django.db import close_old_connections
+
+from . import encoding
+from .conf import get_config
+from .db import alias
 
 logger = logging.getLogger("durable_streams.delivery")
+
+T = TypeVar("T")
+
+# Messages whose values add up to more characters than this go out without them:
+# the subscribers read those values from the database.
+INLINE_LIMIT = 16 * 1024
+# A pushed subscriber that hears nothing re-reads the database after
+# NOTIFY_FALLBACK_POLL seconds, then after twice that, and so on up to this.
+SILENCE_CEILING = 15.0
+# Messages waiting for the sender thread; beyond this the oldest are dropped
+# (subscribers catch up from the database).
+MAX_PENDING = 10_000
+# Streams whose final lengths travel in the message announcing a workflow's end.
+MAX_ENDED_LENGTHS = 100
+
+ENTRIES = "durable_streams.entries"
+CLOSED = "durable_streams.closed"
+ENDED = "durable_streams.ended"
+
+
+def _digest(*parts: str) -> str:
+    data = "\x00".join(parts).encode("utf-8", "surrogatepass")
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def stream_group(workflow_id: str, key: str) -> str:
+    """The channel layer group of one stream's subscribers (names must be short ASCII)."""
+    return f"durable-streams.s.{_digest(workflow_id, key)}"
+
+
+def workflow_group(workflow_id: str) -> str:
+    """The group told when the workflow ends, which closes all of its streams."""
+    return f"durable-streams.w.{_digest(workflow_id)}"
+
+
+# The channel layer
+
+
+def channel_layer() -> Any:
+    """The default channel layer, or None without channels or CHANNEL_LAYERS."""
+    try:
+        from channels.layers import get_channel_layer
+    except ImportError:
+        return None
+    return get_channel_layer()
+
+
+def crosses_processes(layer: Any) -> bool:
+    """Whether a message sent on ``layer`` reaches other processes."""
+    if layer is None:
+        return False
+    from channels.layers import InMemoryChannelLayer
+
+    return not isinstance(layer, InMemoryChannelLayer)
+
+
+class _Loops:
+    """Event loops of this process that have subscribers (for the in-memory layer).
+
+    The in-memory layer's queues belong to the loop of their consumers and are not
+    thread-safe: a worker thread must send on that loop, not on its own.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[asyncio.AbstractEventLoop, int] = {}
+
+    @contextlib.contextmanager
+    def attached(self, loop: asyncio.AbstractEventLoop) -> Iterator[None]:
+        with self._lock:
+            self._counts[loop] = self._counts.get(loop, 0) + 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                left = self._counts.get(loop, 1) - 1
+                if left:
+                    self._counts[loop] = left
+                else:
+                    self._counts.pop(loop, None)
+
+    def current(self) -> list[asyncio.AbstractEventLoop]:
+        with self._lock:
+            return list(self._counts)
+
+
+loops = _Loops()
+
+
+def _spawn_send(layer: Any, group: str, message: dict[str, Any]) -> None:
+    # Runs on the subscribers' loop: the coroutine is created where it is awaited.
+    task = asyncio.ensure_future(layer.group_send(group, message))
+    task.add_done_callback(_log_failure)
+
+
+def _log_failure(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.warning("Could not notify stream subscribers: %r", task.exception())
+
+
+class _Sender:
+    """Sends messages on a cross-process layer from one thread with its own loop.
+
+    Writers never wait for the layer's network round trip, messages keep their
+    order, and the layer's connections are reused from one message to the next.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: asyncio.Queue[tuple[Any, str, dict[str, Any]]] | None = None
+        self._pid = 0
+        self._pending = 0
+        self._dropped = 0
+
+    def _ensure(self) -> tuple[asyncio.AbstractEventLoop, asyncio.Queue[Any]]:
+        with self._lock:
+            if self._loop is None or self._pid != os.getpid():
+                ready = threading.Event()
+                thread = threading.Thread(
+                    target=self._run, args=(ready,), name="durable-streams-delivery", daemon=True
+                )
+                thread.start()
+                if not ready.wait(5.0):
+                    raise RuntimeError("the delivery thread did not start")
+                self._pid = os.getpid()
+            assert self._loop is not None and self._queue is not None
+            return self._loop, self._queue
+
+    def _run(self, ready: threading.Event) -> None:
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        self._queue = asyncio.Queue()
+        self._loop = loop
+        ready.set()
+        loop.run_until_complete(self._serve())
+
+    def put(self, layer: Any, group: str, message: dict[str, Any]) -> None:
+        loop, queue = self._ensure()
+        with self._lock:
+            if self._pending >= MAX_PENDING:
+                self._dropped += 1
+                if self._dropped % 1000 == 1:
+                    logger.warning(
+                        "The channel layer is too slow: %d notifications dropped; "
+                        "subscribers catch up from the database.",
+                        self._dropped,
+                    )
+                return
+            self._pending += 1
+        loop.call_soon_threadsafe(queue.put_nowait, (layer, group, message))
+
+    async def _serve(self) -> None:
+        assert self._queue is not None
+        while True:
+            batch = [await self._queue.get()]
+            while not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            with self._lock:
+                self._pending -= len(batch)
+            for layer, group, message in _coalesce(batch):
+                try:
+                    await layer.group_send(group, message)
+                except Exception as exc:
+                    logger.warning("Could not notify stream subscribers: %r", exc)
+
+    def flush(self, timeout: float) -> None:
+        """Wait (bounded) until queued messages are sent; called at exit."""
+        deadline = time.monotonic() + timeout
+        while self._loop is not None and self._pid == os.getpid() and time.monotonic() < deadline:
+            with self._lock:
+                if self._pending <= 0 and self._queue is not None and self._queue.empty():
+                    break
+            time.sleep(0.01)
+
+
+def _coalesce(
+    batch: list[tuple[Any, str, dict[str, Any]]],
+) -> list[tuple[Any, str, dict[str, Any]]]:
+    """Merge back-to-back entries of one stream into one message, keeping each group's order."""
+    out: list[tuple[Any, str, dict[str, Any]]] = []
+    last: dict[str, int] = {}
+    for layer, group, message in batch:
+        index = last.get(group)
+        if index is not None and message["type"] == ENTRIES:
+            previous = out[index][2]
+            if (
+                previous["type"] == ENTRIES
+                and previous["values"] is not None
+                and message["values"] is not None
+                and previous["offset"] + previous["count"] == message["offset"]
+                and _size(previous["values"]) + _size(message["values"]) <= INLINE_LIMIT
+            ):
+                merged = {
+                    **previous,
+                    "count": previous["count"] + message["count"],
+                    "values": previous["values"] + message["values"],
+                }
+                out[index] = (layer, group, merged)
+                continue
+        last[group] = len(out)
+        out.append((layer, group, message))
+    return out
+
+
+def _size(values: list[str]) -> int:
+    return sum(len(v) for v in values)
+
+
+_sender = _Sender()
+atexit.register(_sender.flush, 2.0)
+
+
+def publish(group: str, message: dict[str, Any]) -> None:
+    """Hand ``message`` to the channel layer's ``group`` without waiting; never raises."""
+    try:
+        layer = channel_layer()
+        if layer is None:
+            return
+        if crosses_processes(layer):
+            _sender.put(layer, group, message)
+            return
+        for loop in loops.current():
+            with contextlib.suppress(RuntimeError):  # a loop that closed meanwhile
+                loop.call_soon_threadsafe(_spawn_send, layer, group, message)
+    except Exception:
+        logger.warning("Could not notify stream subscribers.", exc_info=True)
+
+
+# The hooks the runtime calls after commit
 
 
 def entries_committed(workflow_id: str, key: str, first_offset: int, values: list[str]) -> None:
     """``values`` (JSON texts) were stored at ``first_offset`` and on in stream ``key``."""
+    inline = list(values) if _size(values) <= INLINE_LIMIT else None
+    publish(
+        stream_group(workflow_id, key),
+        {
+            "type": ENTRIES,
+            "workflow": workflow_id,
+            "key": key,
+            "offset": first_offset,
+            "count": len(values),
+            "values": inline,
+        },
+    )
 
 
 def stream_closed(workflow_id: str, key: str, length: int) -> None:
     """Stream ``key`` was closed with ``length`` values."""
+    publish(
+        stream_group(workflow_id, key),
+        {"type": CLOSED, "workflow": workflow_id, "key": key, "length": length},
+    )
 
 
 def workflow_ended(workflow_id: str) -> None:
     """The workflow reached a final status; every stream it had is closed now."""
+    lengths: dict[str, int] | None = None
+    try:
+        from .models import Stream
+
+        rows = list(
+            Stream.objects.using(alias())
+            .filter(workflow_id=workflow_id)
+            .values_list("key", "length")[: MAX_ENDED_LENGTHS + 1]
+        )
+        if len(rows) <= MAX_ENDED_LENGTHS:
+            lengths = dict(rows)
+    except Exception:
+        # Subscribers without the lengths read them from the database.
+        logger.warning("Could not read the final stream lengths.", exc_info=True)
+    publish(
+        workflow_group(workflow_id), {"type": ENDED, "workflow": workflow_id, "lengths": lengths}
+    )
+
+
+# The subscriber side
+
+
+@dataclass(frozen=True)
+class Entry:
+    offset: int
+    text: str  # the value as stored: JSON text
+
+
+@dataclass(frozen=True)
+class Closed:
+    length: int
+
+
+@dataclass(frozen=True)
+class Batch:
+    offset: int
+    texts: list[str]
+    length: int
+    closed: bool
+
+
+def read_batch(workflow_id: str, key: str, offset: int) -> Batch:
+    """Stored values from ``offset`` (at most READ_BATCH_SIZE), the length, and whether it ended.
+
+    A stream that does not exist yet is empty; it has ended once its workflow has.
+    """
+    from .models import ACTIVE_STATUSES, Stream, StreamEntry, Workflow
+
+    using = alias()
+    row = (
+        Stream.objects.using(using)
+        .filter(workflow_id=workflow_id, key=key)
+        .values_list("pk", "length", "closed_at", "workflow__status")
+        .first()
+    )
+    if row is None:
+        status = (
+            Workflow.objects.using(using)
+            .filter(pk=workflow_id)
+            .values_list("status", flat=True)
+            .first()
+        )
+        return Batch(offset, [], 0, status not in ACTIVE_STATUSES)
+    stream_id, length, closed_at, status = row
+    closed = closed_at is not None or status not in ACTIVE_STATUSES
+    texts: list[str] = []
+    if length > offset:
+        limit = min(get_config().READ_BATCH_SIZE, length - offset)
+        texts = list(
+            StreamEntry.objects.using(using)
+            .from_offset(stream_id, offset, limit)
+            .values_list("value", flat=True)
+        )
+    return Batch(offset, texts, length, closed)
+
+
+async def run_db(fn: Callable[..., T], *args: Any) -> T:
+    """Run a short read in a thread, on a connection that respects CONN_MAX_AGE."""
+
+    def call() -> T:
+        close_old_connections()
+        try:
+            return fn(*args)
+        finally:
+            close_old_connections()
+
+    return await sync_to_async(call, thread_sensitive=False)()
+
+
+class StreamFeed:
+    """The values of one stream from ``offset`` on, then its close, each exactly once.
+
+    Its owner joins ``groups`` on the channel layer and passes every message it
+    receives there to ``notify()``; ``events()`` does the rest.
+    """
+
+    def __init__(self, workflow_id: str, key: str, offset: int) -> None:
+        self.workflow_id = workflow_id
+        self.key = key
+        self.next_offset = offset
+        self.groups = [stream_group(workflow_id, key), workflow_group(workflow_id)]
+        self.pushed = crosses_processes(channel_layer())
+        self._notes: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._length: int | None = None  # known once the stream is closed
+        self.fetches = 0
+
+    def notify(self, message: dict[str, Any]) -> None:
+        self._notes.put_nowait(message)
+
+    def _take(self, offset: int, texts: list[str]) -> list[Entry]:
+        """The entries of a contiguous run from ``offset`` that the reader still needs."""
+        skip = self.next_offset - offset
+        if skip < 0 or skip >= len(texts):
+            return []
+        fresh = [Entry(offset + skip + i, text) for i, text in enumerate(texts[skip:])]
+        self.next_offset = offset + len(texts)
+        return fresh
+
+    def _apply(self, note: dict[str, Any]) -> tuple[list[Entry], bool]:
+        """Act on one message: the entries it delivers, and whether to read the database."""
+        kind = note.get("type")
+        if kind == ENTRIES:
+            offset, count, values = note["offset"], note["count"], note.get("values")
+            if offset + count <= self.next_offset:
+                return [], False
+            if values is None or offset > self.next_offset:
+                return [], True  # a value too big to travel, or a lost message
+            return self._take(offset, values), False
+        if kind == CLOSED:
+            self._length = note["length"]
+        elif kind == ENDED:
+            lengths = note.get("lengths")
+            if lengths is None:
+                return [], True
+            self._length = lengths.get(self.key, 0)
+        return [], self._length is not None and self.next_offset < self._length
+
+    def _done(self) -> bool:
+        return self._length is not None and self.next_offset >= self._length
+
+    async def events(self) -> AsyncIterator[Entry | Closed]:
+        config = get_config()
+        if self.pushed:
+            base, ceiling = (
+                config.NOTIFY_FALLBACK_POLL,
+                max(config.NOTIFY_FALLBACK_POLL, SILENCE_CEILING),
+            )
+        else:
+            base = ceiling = config.POLL_INTERVAL
+        silence = base
+        behind = True
+        with loops.attached(asyncio.get_running_loop()):
+            while True:
+                if behind:
+                    self.fetches += 1
+                    batch = await run_db(read_batch, self.workflow_id, self.key, self.next_offset)
+                    for entry in self._take(batch.offset, batch.texts):
+                        yield entry
+                    if batch.closed:
+                        self._length = batch.length
+                    # More stored than one batch holds: read on (an empty read ends the loop).
+                    behind = bool(batch.texts) and batch.length > self.next_offset
+                if self._done():
+                    yield Closed(self._length or 0)
+                    return
+                if behind:
+                    continue
+                try:
+                    note = await asyncio.wait_for(self._notes.get(), silence)
+                except TimeoutError:
+                    behind = True
+                    silence = min(silence * 2, ceiling)
+                    continue
+                silence = base
+                entries, behind = self._apply(note)
+                for entry in entries:
+                    yield entry
+
+
+# Shared by the WebSocket and Server-Sent Events endpoints
+
+BAD_REQUEST = 4400
+FORBIDDEN = 4403
+NOT_FOUND = 4404
+SERVER_ERROR = 1011
+
+# Offsets live in a PositiveIntegerField: at most 2**31 - 1 on every database.
+MAX_OFFSET = 2**31 - 1
+_DIGITS = re.compile(r"[0-9]{1,10}")
+
+
+class BadParameters(ValueError):
+    """A stream address or offset that the endpoints refuse; the message says why."""
+
+
+def parse_offset(raw: str | None, what: str = "offset") -> int:
+    if raw is None:
+        return 0
+    if not _DIGITS.fullmatch(raw) or int(raw) > MAX_OFFSET:
+        raise BadParameters(f"{what} must be a whole number from 0 to {MAX_OFFSET}, not {raw!r}.")
+    return int(raw)
+
+
+def parse_address(workflow_id: Any, key: Any) -> tuple[str, str]:
+    if not isinstance(workflow_id, str) or not workflow_id or len(workflow_id) > 255:
+        raise BadParameters("The workflow id must be 1 to 255 characters.")
+    try:
+        encoding.check_key(key)
+    except (TypeError, ValueError) as exc:
+        raise BadParameters(str(exc)) from None
+    return workflow_id, key
+
+
+def may_read(user: Any, workflow_id: str, key: str) -> int | None:
+    """None when ``user`` may read the stream, else the refusal code (4404 or 4403)."""
+    from .auth import can_read
+    from .models import Workflow
+
+    workflow = Workflow.objects.using(alias()).filter(pk=workflow_id).first()
+    if workflow is None:
+        return NOT_FOUND
+    if not can_read(user, workflow, key):
+        return FORBIDDEN
+    return None
+
+
+def entry_frame(key: str, offset: int, text: str) -> str:
+    # ``text`` is stored JSON: it goes into the frame as is, never decoded.
+    return f'{{"type":"entry","key":{json.dumps(key)},"offset":{offset},"value":{text}}}'
+
+
+def closed_frame(key: str, length: int) -> str:
+    return json.dumps({"type": "closed", "key": key, "length": length}, separators=(",", ":"))

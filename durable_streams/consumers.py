@@ -1,0 +1,138 @@
+"""The WebSocket endpoint of one stream.
+
+Protocol (JSON text frames, server to client)::
+
+    {"type": "entry", "key": K, "offset": N, "value": V}   each value, in offset order
+    {"type": "closed", "key": K, "length": L}             once the stream has ended
+
+then the server closes the socket with code 1000. The client asks for the first
+offset it still needs with ``?offset=N`` (default 0). Refusals close the socket
+right after accepting it, with a code and a short reason:
+
+    4400  bad parameters (offset not a whole number, bad key)
+    4403  the user may not read this stream (``AUTHORIZE_READER``)
+    4404  no such workflow
+    1011  an error on the server (logged there, never sent to the client)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+from urllib.parse import parse_qs
+
+from channels.generic.websocket import AsyncWebsocketConsumer
+
+from . import delivery
+from .delivery import (
+    BAD_REQUEST,
+    FORBIDDEN,
+    NOT_FOUND,
+    SERVER_ERROR,
+    BadParameters,
+    closed_frame,
+    entry_frame,
+    may_read,
+    parse_address,
+    parse_offset,
+)
+
+logger = logging.getLogger("durable_streams.consumers")
+
+
+def _reason(text: str) -> str:
+    # A close reason is at most 123 bytes of UTF-8.
+    return text.encode("utf-8")[:123].decode("utf-8", "ignore")
+
+
+class StreamConsumer(AsyncWebsocketConsumer):
+    """Sends one stream from the requested offset, live, until it is closed."""
+
+    feed: delivery.StreamFeed | None = None
+    _pump: Any = None
+
+    async def connect(self) -> None:
+        try:
+            kwargs = self.scope.get("url_route", {}).get("kwargs", {})
+            query = parse_qs(
+                self.scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True
+            )
+            offsets = query.get("offset", [])
+            if len(offsets) > 1:
+                raise BadParameters("Give offset once.")
+            workflow_id, key = parse_address(kwargs.get("workflow_id"), kwargs.get("key"))
+            offset = parse_offset(offsets[0] if offsets else None)
+        except BadParameters as exc:
+            await self._refuse(BAD_REQUEST, str(exc))
+            return
+        try:
+            refusal = await delivery.run_db(may_read, self.scope.get("user"), workflow_id, key)
+        except Exception:
+            logger.exception("Could not authorize a reader of stream %r of %r.", key, workflow_id)
+            await self._refuse(SERVER_ERROR, "Server error.")
+            return
+        if refusal == NOT_FOUND:
+            await self._refuse(NOT_FOUND, "No such workflow.")
+            return
+        if refusal == FORBIDDEN:
+            await self._refuse(FORBIDDEN, "You may not read this stream.")
+            return
+        await self.accept()
+        self.feed = delivery.StreamFeed(workflow_id, key, offset)
+        if self.channel_layer is not None:
+            for group in self.feed.groups:
+                await self.channel_layer.group_add(group, self.channel_name)
+        self._pump = asyncio.create_task(self._send_feed(self.feed))
+
+    async def _refuse(self, code: int, reason: str) -> None:
+        # Accept first: a close before the handshake reaches the browser as a bare 403.
+        await self.accept()
+        await self.close(code=code, reason=_reason(reason))
+
+    async def _send_feed(self, feed: delivery.StreamFeed) -> None:
+        try:
+            async with contextlib.aclosing(feed.events()) as events:
+                async for event in events:
+                    if isinstance(event, delivery.Entry):
+                        await self.send(text_data=entry_frame(feed.key, event.offset, event.text))
+                    else:
+                        await self.send(text_data=closed_frame(feed.key, event.length))
+                        await self.close(code=1000)
+                        return
+        except Exception:
+            logger.exception("Stream %r of workflow %r failed.", feed.key, feed.workflow_id)
+            with contextlib.suppress(Exception):
+                await self.close(code=SERVER_ERROR, reason="Server error.")
+
+    async def disconnect(self, code: int) -> None:
+        if self._pump is not None:
+            self._pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._pump
+        if self.feed is not None and self.channel_layer is not None:
+            for group in self.feed.groups:
+                with contextlib.suppress(Exception):
+                    await self.channel_layer.group_discard(group, self.channel_name)
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        """Clients have nothing to say; what they send is ignored."""
+
+    # Channel layer messages (see delivery.py); the feed decides what they mean.
+
+    async def durable_streams_entries(self, message: dict[str, Any]) -> None:
+        self._notify(message)
+
+    async def durable_streams_closed(self, message: dict[str, Any]) -> None:
+        self._notify(message)
+
+    async def durable_streams_ended(self, message: dict[str, Any]) -> None:
+        self._notify(message)
+
+    def _notify(self, message: dict[str, Any]) -> None:
+        feed = self.feed
+        if feed is None or message.get("workflow") != feed.workflow_id:
+            return
+        if message.get("key", feed.key) == feed.key:
+            feed.notify(message)

@@ -1,0 +1,457 @@
+"""The stream WebSocket, through the test suite's real ASGI application."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+from asgiref.sync import sync_to_async
+from channels.testing import WebsocketCommunicator
+from django.contrib.auth import get_user_model
+from django.test import Client
+
+from durable_streams import delivery, start_workflow, step, workflow, write_stream
+from durable_streams.api import close_stream
+from durable_streams.models import Stream
+from tests.asgi import application
+from tests.models import Effect
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+ORIGIN = (b"origin", b"http://testserver")
+
+
+# Workflows these tests drive; a gate is an Effect row the test creates.
+
+
+@step
+def wait_for_gate(label: str, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if Effect.objects.filter(label=label).exists():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+@workflow(name="tests.consumers.gated")
+def gated(key: str, before: list[Any], after: list[Any], gate: str) -> int:
+    for value in before:
+        write_stream(key, value)
+    wait_for_gate(gate, 20.0)
+    for value in after:
+        write_stream(key, value)
+    close_stream(key)
+    return len(before) + len(after)
+
+
+@step
+def pause(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+@workflow(name="tests.consumers.paced")
+def paced(key: str, values: list[Any], gate: str, delay: float) -> None:
+    """One commit per value: a step between writes makes the writer store each at once."""
+    wait_for_gate(gate, 20.0)
+    for value in values:
+        write_stream(key, value)
+        pause(delay)
+    close_stream(key)
+
+
+@workflow(name="tests.consumers.many")
+def many(key: str, count: int) -> int:
+    for i in range(count):
+        write_stream(key, {"i": i, "text": f"value {i}"})
+    close_stream(key)
+    return count
+
+
+@workflow(name="tests.consumers.keys")
+def keys(names: list[str], count: int, gate: str) -> None:
+    wait_for_gate(gate, 20.0)
+    for i in range(count):
+        for name in names:
+            write_stream(name, f"{name}:{i}")
+    # No close_stream: the end of the workflow closes them.
+
+
+# Helpers
+
+
+def path(workflow_id: str, key: str, query: str = "") -> str:
+    return f"/ws/durable-streams/{workflow_id}/{key}/" + (f"?{query}" if query else "")
+
+
+async def session_cookie(user: Any) -> tuple[bytes, bytes]:
+    def login() -> str:
+        client = Client()
+        client.force_login(user)
+        return client.cookies["sessionid"].value
+
+    value = await sync_to_async(login)()
+    return (b"cookie", f"sessionid={value}".encode())
+
+
+async def make_user(username: str, **fields: Any) -> Any:
+    return await sync_to_async(get_user_model().objects.create_user)(
+        username, password="pw-" + username, **fields
+    )
+
+
+async def open_socket(
+    url: str, *, user: Any = None, headers: list[tuple[bytes, bytes]] | None = None
+) -> WebsocketCommunicator:
+    sent = [ORIGIN] if headers is None else headers
+    if user is not None:
+        sent = [*sent, await session_cookie(user)]
+    communicator = WebsocketCommunicator(application, url, headers=sent)
+    connected, _ = await communicator.connect(timeout=10)
+    assert connected, f"{url} refused the handshake"
+    return communicator
+
+
+async def read_until_closed(
+    communicator: WebsocketCommunicator, timeout: float = 20.0
+) -> tuple[list[dict[str, Any]], int]:
+    """Every frame up to the server's close, and the close code."""
+    frames: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"no close within {timeout}s; got {frames[-3:]}"
+        message = await communicator.receive_output(timeout=remaining)
+        if message["type"] == "websocket.close":
+            return frames, message.get("code", 1000)
+        frames.append(json.loads(message["text"]))
+
+
+async def read_entries(communicator: WebsocketCommunicator, count: int) -> list[dict[str, Any]]:
+    frames = []
+    for _ in range(count):
+        frames.append(await communicator.receive_json_from(timeout=10))
+    return frames
+
+
+async def wait_for(predicate: Callable[[], Any], timeout: float = 10.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await sync_to_async(predicate)()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"waited {timeout}s in vain"
+        await asyncio.sleep(0.02)
+
+
+def stream_length(workflow_id: str, key: str) -> int:
+    return (
+        Stream.objects.filter(workflow_id=workflow_id, key=key)
+        .values_list("length", flat=True)
+        .first()
+        or 0
+    )
+
+
+async def open_gate(label: str) -> None:
+    await sync_to_async(Effect.objects.create)(workflow_id="", label=label)
+
+
+async def start(wf: Any, *args: Any, **kwargs: Any) -> str:
+    handle = await sync_to_async(start_workflow)(wf, *args, public=True, **kwargs)
+    return handle.workflow_id
+
+
+async def run_all(run_burst: Callable[..., Any], **options: Any) -> None:
+    await sync_to_async(run_burst, thread_sensitive=False)(**options)
+
+
+def entries(frames: list[dict[str, Any]]) -> list[tuple[int, Any]]:
+    return [(f["offset"], f["value"]) for f in frames if f["type"] == "entry"]
+
+
+@pytest.fixture
+async def background() -> AsyncIterator[Callable[..., asyncio.Task[Any]]]:
+    """Run sync callables in threads for the test; each is awaited at the end."""
+    tasks: list[asyncio.Task[Any]] = []
+
+    def spawn(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(sync_to_async(fn, thread_sensitive=False)(*args, **kwargs))
+        tasks.append(task)
+        return task
+
+    yield spawn
+    for task in tasks:
+        await asyncio.wait_for(task, 60)
+
+
+# Backlog, live values, the close
+
+
+async def test_backlog_then_live_then_closed(live_worker: Any) -> None:
+    wid = await start(gated, "out", ["a", "b", "c"], ["d", "e"], "gate-live")
+    await wait_for(lambda: stream_length(wid, "out") == 3)
+    communicator = await open_socket(path(wid, "out"))
+    backlog = await read_entries(communicator, 3)
+    assert backlog == [
+        {"type": "entry", "key": "out", "offset": 0, "value": "a"},
+        {"type": "entry", "key": "out", "offset": 1, "value": "b"},
+        {"type": "entry", "key": "out", "offset": 2, "value": "c"},
+    ]
+    assert await communicator.receive_nothing(timeout=0.3)
+    await open_gate("gate-live")
+    frames, code = await read_until_closed(communicator)
+    assert frames == [
+        {"type": "entry", "key": "out", "offset": 3, "value": "d"},
+        {"type": "entry", "key": "out", "offset": 4, "value": "e"},
+        {"type": "closed", "key": "out", "length": 5},
+    ]
+    assert code == 1000
+
+
+async def test_resume_from_offset(run_burst: Any) -> None:
+    wid = await start(many, "out", 5)
+    await run_all(run_burst)
+    frames, code = await read_until_closed(await open_socket(path(wid, "out", "offset=2")))
+    assert entries(frames) == [(i, {"i": i, "text": f"value {i}"}) for i in (2, 3, 4)]
+    assert frames[-1] == {"type": "closed", "key": "out", "length": 5}
+    assert code == 1000
+    # At the end, and past it: only the close.
+    for offset in (5, 9):
+        frames, code = await read_until_closed(
+            await open_socket(path(wid, "out", f"offset={offset}"))
+        )
+        assert frames == [{"type": "closed", "key": "out", "length": 5}]
+        assert code == 1000
+
+
+async def test_values_round_trip_on_both_paths(live_worker: Any) -> None:
+    values = [
+        "héllo ✓ 漢字 🙂",
+        "",
+        0,
+        -1.5,
+        1e300,
+        2**62,
+        True,
+        None,
+        [1, [2, [3]]],
+        {"quote": 'he said "hi"\n', "nested": {"a": []}},
+    ]
+    wid = await start(gated, "out", values, values, "gate-values")
+    await wait_for(lambda: stream_length(wid, "out") == len(values))
+    communicator = await open_socket(path(wid, "out"))
+    await read_entries(communicator, len(values))  # the stored backlog
+    await open_gate("gate-values")
+    frames, _ = await read_until_closed(communicator)
+    assert [value for _, value in entries(frames)] == values  # pushed live
+
+
+async def test_stream_that_does_not_exist_yet_closes_with_the_workflow(run_burst: Any) -> None:
+    wid = await start(many, "other", 2)
+    communicator = await open_socket(path(wid, "never-written"))
+    assert await communicator.receive_nothing(timeout=0.2)
+    await run_all(run_burst)
+    frames, code = await read_until_closed(communicator)
+    assert frames == [{"type": "closed", "key": "never-written", "length": 0}]
+    assert code == 1000
+
+
+async def test_key_with_a_slash_and_unicode(run_burst: Any) -> None:
+    wid = await start(many, "logs/é", 2)
+    await run_all(run_burst)
+    frames, _ = await read_until_closed(await open_socket(path(wid, "logs%2F%C3%A9")))
+    assert [f["key"] for f in frames] == ["logs/é"] * 3
+    assert entries(frames) == [(0, {"i": 0, "text": "value 0"}), (1, {"i": 1, "text": "value 1"})]
+
+
+# Refusals
+
+
+async def close_code(url: str, **kwargs: Any) -> tuple[int, str]:
+    communicator = await open_socket(url, **kwargs)
+    message = await communicator.receive_output(timeout=10)
+    assert message["type"] == "websocket.close", message
+    await communicator.wait(timeout=1)
+    return message["code"], message.get("reason", "")
+
+
+async def test_unknown_workflow_is_4404(db: None) -> None:
+    code, reason = await close_code(path("no-such-workflow", "out"))
+    assert (code, reason) == (4404, "No such workflow.")
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["offset=-1", "offset=abc", "offset=1.5", "offset=", "offset=%2B1", "offset=1&offset=2"],
+)
+async def test_bad_offset_is_4400(run_burst: Any, query: str) -> None:
+    wid = await start(many, "out", 1)
+    code, reason = await close_code(path(wid, "out", query))
+    assert code == 4400
+    assert "offset" in reason.lower()
+
+
+async def test_offset_too_large_and_key_too_long_are_4400(run_burst: Any) -> None:
+    wid = await start(many, "out", 1)
+    code, reason = await close_code(path(wid, "out", f"offset={2**31}"))
+    assert code == 4400 and "2147483647" in reason
+    code, reason = await close_code(path(wid, "k" * 256))
+    assert code == 4400 and "at most 255" in reason
+
+
+async def test_private_workflow_refuses_anonymous_and_strangers(run_burst: Any) -> None:
+    owner = await make_user("owner")
+    stranger = await make_user("stranger")
+    staff = await make_user("staff", is_staff=True)
+    handle = await sync_to_async(many.start)("out", 2, owner=owner)
+    await run_all(run_burst)
+    url = path(handle.workflow_id, "out")
+    assert (await close_code(url))[0] == 4403
+    assert (await close_code(url, user=stranger))[0] == 4403
+    for reader in (owner, staff):
+        frames, code = await read_until_closed(await open_socket(url, user=reader))
+        assert len(entries(frames)) == 2 and code == 1000
+
+
+async def test_public_workflow_is_readable_by_anyone(run_burst: Any) -> None:
+    wid = await start(many, "out", 1)
+    await run_all(run_burst)
+    frames, code = await read_until_closed(await open_socket(path(wid, "out")))
+    assert entries(frames) == [(0, {"i": 0, "text": "value 0"})] and code == 1000
+
+
+def only_key_public(user: Any, workflow: Any, key: str) -> bool:
+    return key == "public"
+
+
+async def test_the_authorization_setting_decides_per_key(run_burst: Any, settings: Any) -> None:
+    settings.DURABLE_STREAMS = {
+        **settings.DURABLE_STREAMS,
+        "AUTHORIZE_READER": "tests.test_consumers.only_key_public",
+    }
+    handle = await sync_to_async(many.start)("public", 1)
+    await run_all(run_burst)
+    frames, code = await read_until_closed(await open_socket(path(handle.workflow_id, "public")))
+    assert code == 1000 and len(entries(frames)) == 1
+    assert (await close_code(path(handle.workflow_id, "secret")))[0] == 4403
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [[(b"origin", b"http://evil.example")], [], [(b"origin", b"http://testserver.evil")]],
+    ids=["foreign", "missing", "suffix"],
+)
+async def test_origin_is_validated(run_burst: Any, headers: list[tuple[bytes, bytes]]) -> None:
+    wid = await start(many, "out", 1)
+    communicator = WebsocketCommunicator(application, path(wid, "out"), headers=headers)
+    connected, _ = await communicator.connect(timeout=5)
+    assert not connected
+    await communicator.wait(timeout=1)
+
+
+async def test_server_error_closes_1011_without_details(
+    run_burst: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    wid = await start(many, "out", 1)
+
+    def broken(*args: Any) -> Any:
+        raise RuntimeError("database password is hunter2")
+
+    monkeypatch.setattr(delivery, "read_batch", broken)
+    communicator = await open_socket(path(wid, "out"))
+    message = await communicator.receive_output(timeout=10)
+    assert message["type"] == "websocket.close"
+    assert message["code"] == 1011
+    assert "hunter2" not in json.dumps(message)
+    assert "hunter2" in caplog.text  # logged on the server, for its operators
+
+
+# Many readers, many keys, growth, lost notifications
+
+
+async def test_many_keys_each_socket_gets_its_own(live_worker: Any) -> None:
+    names = [f"k{i}" for i in range(8)]
+    wid = await start(keys, names, 5, "gate-keys")
+    sockets = {name: await open_socket(path(wid, name)) for name in names}
+    await open_gate("gate-keys")
+    for name, communicator in sockets.items():
+        frames, code = await read_until_closed(communicator)
+        assert entries(frames) == [(i, f"{name}:{i}") for i in range(5)]
+        assert frames[-1] == {"type": "closed", "key": name, "length": 5}
+        assert code == 1000
+
+
+async def test_stream_grows_while_the_reader_catches_up(
+    settings: Any, background: Any, run_burst: Any
+) -> None:
+    # Small batches: the catch-up takes many reads while the writer keeps going.
+    settings.DURABLE_STREAMS = {**settings.DURABLE_STREAMS, "READ_BATCH_SIZE": 7}
+    count = 400
+    wid = await start(many, "out", count)
+    background(run_burst)
+    await wait_for(lambda: stream_length(wid, "out") >= 30)
+    readers = [await open_socket(path(wid, "out", f"offset={n}")) for n in (0, 3)]
+    for first, communicator in zip((0, 3), readers):
+        frames, code = await read_until_closed(communicator, timeout=60)
+        assert entries(frames) == [(i, {"i": i, "text": f"value {i}"}) for i in range(first, count)]
+        assert frames[-1] == {"type": "closed", "key": "out", "length": count}
+        assert code == 1000
+
+
+async def test_lost_notifications_are_filled_from_the_database(
+    settings: Any, monkeypatch: pytest.MonkeyPatch, live_worker: Any
+) -> None:
+    # No silence poll within the test: only gap detection can recover the lost values.
+    settings.DURABLE_STREAMS = {**settings.DURABLE_STREAMS, "POLL_INTERVAL": 30.0}
+    publish = delivery.publish
+    seen = {"entries": 0}
+
+    def lossy(group: str, message: dict[str, Any]) -> None:
+        if message["type"] == delivery.ENTRIES:
+            seen["entries"] += 1
+            if seen["entries"] % 2 == 0:
+                return  # dropped, as a full channel would
+        publish(group, message)
+
+    monkeypatch.setattr(delivery, "publish", lossy)
+    values = list(range(12))
+    wid = await start(paced, "out", values, "gate-lossy", 0.01)
+    communicator = await open_socket(path(wid, "out"))
+    await asyncio.sleep(0.2)
+    await open_gate("gate-lossy")
+    frames, code = await read_until_closed(communicator, timeout=10)
+    assert entries(frames) == list(enumerate(values))
+    assert frames[-1] == {"type": "closed", "key": "out", "length": 12}
+    assert code == 1000
+    assert seen["entries"] == len(values)  # one notification per value, half of them lost
+
+
+async def test_one_value_to_many_sockets_costs_no_query_per_socket(
+    settings: Any, monkeypatch: pytest.MonkeyPatch, live_worker: Any
+) -> None:
+    settings.DURABLE_STREAMS = {**settings.DURABLE_STREAMS, "POLL_INTERVAL": 30.0}
+    reads: list[int] = []
+    read_batch = delivery.read_batch
+
+    def counted(workflow_id: str, key: str, offset: int) -> delivery.Batch:
+        reads.append(offset)
+        return read_batch(workflow_id, key, offset)
+
+    monkeypatch.setattr(delivery, "read_batch", counted)
+    readers = 100
+    values = [f"token {i}" for i in range(10)]
+    wid = await start(paced, "out", values, "gate-fanout", 0.005)
+    sockets = [await open_socket(path(wid, "out")) for _ in range(readers)]
+    await wait_for(lambda: len(reads) >= readers)  # each socket's first look at the stream
+    await open_gate("gate-fanout")
+    for communicator in sockets:
+        frames, code = await read_until_closed(communicator)
+        assert [value for _, value in entries(frames)] == values
+        assert code == 1000
+    # The values and the close travelled in the notifications: no read beyond the first ones.
+    assert len(reads) == readers
