@@ -65,7 +65,7 @@ def _culprit_type(value: Any) -> str:
             stack.extend(item)
         else:
             try:
-                json.dumps(item, cls=DjangoJSONEncoder)
+                json.dumps(item, cls=DjangoJSONEncoder, allow_nan=False)
             except (TypeError, ValueError):
                 return type(item).__name__
     return type(value).__name__
