@@ -1,0 +1,134 @@
+"""A stream as Server-Sent Events over plain HTTP, for clients without WebSockets.
+
+``GET <prefix>/<workflow_id>/<key>/events[?offset=N]`` answers ``text/event-stream``::
+
+    id: N
+    event: entry
+    data: {"type": "entry", "key": K, "offset": N, "value": V}
+
+for each value, then ``event: closed`` with ``{"type": "closed", "key": K, "length": L}``
+and the end of the response. The ``id`` is the offset: a client that reconnects
+with ``Last-Event-ID: N`` resumes at ``N + 1``. Refusals are plain HTTP answers:
+400 (bad offset or key), 403 (not allowed), 404 (no such workflow).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from django.http import (
+    HttpRequest,
+    HttpResponse,
+    HttpResponseBadRequest,
+    HttpResponseForbidden,
+    HttpResponseNotFound,
+    StreamingHttpResponse,
+)
+from django.views.decorators.http import require_GET
+
+from . import delivery
+from .delivery import BadParameters, parse_address, parse_offset
+
+logger = logging.getLogger("durable_streams.views")
+
+# Seconds of silence after which a comment line keeps proxies from closing the response.
+KEEPALIVE_SECONDS = 15.0
+RETRY_MILLISECONDS = 1000
+
+
+def _start_offset(request: HttpRequest) -> int:
+    last_event_id = request.headers.get("Last-Event-ID")
+    if last_event_id is not None:
+        return parse_offset(last_event_id.strip(), "Last-Event-ID") + 1
+    return parse_offset(request.GET.get("offset"))
+
+
+def _plain(response_class: type[HttpResponse], message: str) -> HttpResponse:
+    return response_class(message + "\n", content_type="text/plain; charset=utf-8")
+
+
+@require_GET
+async def stream_events(request: HttpRequest, workflow_id: str, key: str) -> HttpResponse:
+    try:
+        workflow_id, key = parse_address(workflow_id, key)
+        offset = _start_offset(request)
+    except BadParameters as exc:
+        return _plain(HttpResponseBadRequest, str(exc))
+    user = await request.auser()
+    refusal = await delivery.run_db(delivery.may_read, user, workflow_id, key)
+    if refusal == delivery.NOT_FOUND:
+        return _plain(HttpResponseNotFound, "No such workflow.")
+    if refusal == delivery.FORBIDDEN:
+        return _plain(HttpResponseForbidden, "You may not read this stream.")
+    feed = delivery.StreamFeed(workflow_id, key, offset)
+    response = StreamingHttpResponse(_event_stream(feed), content_type="text/event-stream")
+    response["Cache-Control"] = "no-cache"
+    # Tell nginx and its kind not to buffer the events.
+    response["X-Accel-Buffering"] = "no"
+    return response
+
+
+async def _event_stream(feed: delivery.StreamFeed) -> AsyncIterator[bytes]:
+    layer = delivery.channel_layer()
+    channel: str | None = None
+    tasks: list[asyncio.Task[None]] = []
+    out: asyncio.Queue[delivery.Entry | delivery.Closed | BaseException] = asyncio.Queue()
+    try:
+        yield f"retry: {RETRY_MILLISECONDS}\n\n".encode()
+        if layer is not None:
+            channel = await layer.new_channel()
+            for group in feed.groups:
+                await layer.group_add(group, channel)
+            tasks.append(asyncio.create_task(_receive(layer, channel, feed)))
+        tasks.append(asyncio.create_task(_pump(feed, out)))
+        while True:
+            try:
+                item = await asyncio.wait_for(out.get(), KEEPALIVE_SECONDS)
+            except TimeoutError:
+                yield b": keep-alive\n\n"
+                continue
+            if isinstance(item, delivery.Entry):
+                frame = delivery.entry_frame(feed.key, item.offset, item.text)
+                yield f"id: {item.offset}\nevent: entry\ndata: {frame}\n\n".encode()
+            elif isinstance(item, delivery.Closed):
+                frame = delivery.closed_frame(feed.key, item.length)
+                yield f"event: closed\ndata: {frame}\n\n".encode()
+                return
+            else:
+                logger.error(
+                    "Stream %r of workflow %r failed.", feed.key, feed.workflow_id, exc_info=item
+                )
+                return
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if channel is not None:
+            for group in feed.groups:
+                with contextlib.suppress(Exception):
+                    await layer.group_discard(group, channel)
+
+
+async def _pump(
+    feed: delivery.StreamFeed,
+    out: asyncio.Queue[delivery.Entry | delivery.Closed | BaseException],
+) -> None:
+    try:
+        async with contextlib.aclosing(feed.events()) as events:
+            async for event in events:
+                out.put_nowait(event)
+    except Exception as exc:
+        out.put_nowait(exc)
+
+
+async def _receive(layer: Any, channel: str, feed: delivery.StreamFeed) -> None:
+    while True:
+        message = await layer.receive(channel)
+        if message.get("workflow") == feed.workflow_id and message.get("key", feed.key) == feed.key:
+            feed.notify(message)
