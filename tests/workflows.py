@@ -398,7 +398,8 @@ def on_other_queue() -> str:
 
 @workflow
 def returns_step_tuple() -> Any:
-    return step_tuple()
+    value = step_tuple()
+    return [type(value).__name__, value]
 
 
 @step
