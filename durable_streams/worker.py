@@ -195,7 +195,14 @@ class Worker:
         runs = Workflow.objects.using(self.using)
         with transaction.atomic(using=self.using):
             take_write_lock(self.using)
-            candidates = runs.claimable(self.queues, names).select_for_update(skip_locked=True)
+            with self._lock:
+                # A run still stopping here (cancelled, then resumed) must not start twice.
+                busy = list(self._running)
+            candidates = (
+                runs.claimable(self.queues, names)
+                .exclude(pk__in=busy)
+                .select_for_update(skip_locked=True)
+            )
             rows = list(
                 candidates.values_list("pk", "attempts", "max_attempts", "status", "lease_owner")[
                     :limit
