@@ -1,0 +1,827 @@
+"""The admin: every workflow, its steps and its streams, live; cancel, resume and retry.
+
+History is read-only here. Workflows change only through the three actions, each
+guarded by its own permission (``durable_streams.cancel_workflow``,
+``resume_workflow`` and ``retry_workflow``), on the changelist and on the page of
+one workflow. Nothing that can grow without bound (steps, stream entries, the
+table itself) is ever loaded or counted whole.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.contrib import admin, messages
+from django.contrib.admin.models import CHANGE, LogEntry
+from django.contrib.admin.utils import quote, unquote
+from django.contrib.admin.views.main import ChangeList
+from django.core.exceptions import PermissionDenied
+from django.core.paginator import Paginator
+from django.db.models import Q, QuerySet
+from django.db.models.functions import Length, Substr
+from django.http import (
+    Http404,
+    HttpRequest,
+    HttpResponse,
+    HttpResponseBadRequest,
+    HttpResponseNotAllowed,
+    HttpResponseRedirect,
+)
+from django.template.response import TemplateResponse
+from django.urls import path, reverse
+from django.utils import timezone
+from django.utils.formats import number_format
+from django.utils.functional import cached_property
+from django.utils.html import format_html
+from django.utils.safestring import SafeString
+from django.utils.translation import gettext, ngettext
+from django.utils.translation import gettext_lazy as _
+
+from .api import cancel_workflow
+from .db import alias
+from .exceptions import WorkflowNotFound
+from .models import (
+    ACTIVE_STATUSES,
+    RESUMABLE_STATUSES,
+    Status,
+    Step,
+    Stream,
+    StreamEntry,
+    Workflow,
+)
+
+# Beyond this many matching rows the changelist says "10,000+" instead of counting.
+COUNT_LIMIT = 10_000
+# On the workflow page: the first steps, the first streams, and the last entries of each.
+PAGE_STEPS = 50
+PAGE_STREAMS = 20
+PAGE_TAIL = 10
+# Entries an open stream's live tail keeps on the page; older ones scroll away.
+LIVE_ROWS = 200
+# On the paginated history pages.
+STEPS_PER_PAGE = 100
+ENTRIES_PER_PAGE = 100
+# Characters of a value shown in a preview, and on the entries page.
+PREVIEW_CHARS = 160
+VALUE_CHARS = 4_000
+# Refused workflows named in a message, at most.
+NAMED_IN_MESSAGE = 5
+
+
+# Formatting
+
+
+def format_duration(value: timedelta | None) -> str:
+    if value is None:
+        return ""
+    seconds = max(value.total_seconds(), 0.0)
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, seconds = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours} h {minutes:02d} min"
+    days, hours = divmod(hours, 24)
+    return f"{days} d {hours:02d} h"
+
+
+def format_time(value: datetime | None) -> str:
+    if value is None:
+        return ""
+    return timezone.localtime(value).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def pretty_json(text: str | None) -> str | None:
+    """Indented JSON for reading; the stored text itself when it is not JSON."""
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return json.dumps(value, indent=2, ensure_ascii=False)
+
+
+def decode_error(text: str | None) -> dict[str, str] | None:
+    if text is None:
+        return None
+    try:
+        record = json.loads(text)
+    except ValueError:
+        return {"type": "Error", "message": text, "traceback": ""}
+    if not isinstance(record, dict):
+        return {"type": "Error", "message": str(record), "traceback": ""}
+    return {
+        "type": str(record.get("type") or "Error"),
+        "message": str(record.get("message") or ""),
+        "traceback": str(record.get("traceback") or ""),
+    }
+
+
+def clip(head: str | None, limit: int) -> tuple[str, bool]:
+    """The first ``limit`` characters of a text fetched as ``limit + 1``, and whether it was cut."""
+    if head is None:
+        return "", False
+    if len(head) > limit:
+        return head[:limit], True
+    return head, False
+
+
+def short_id(workflow_id: str) -> str:
+    return workflow_id if len(workflow_id) <= 13 else f"{workflow_id[:8]}…"
+
+
+def status_badge(status: str) -> SafeString:
+    label = Status(status).label if status in Status.values else status
+    return format_html('<span class="ds-badge ds-badge-{}">{}</span>', str(status).lower(), label)
+
+
+# The changelist's count
+
+
+class CappedCountPaginator(Paginator):
+    """Counts at most ``COUNT_LIMIT + 1`` rows: a full COUNT(*) of a large table is slow."""
+
+    @cached_property
+    def count(self) -> int:
+        object_list: Any = self.object_list
+        if isinstance(object_list, QuerySet):
+            return object_list.order_by()[: COUNT_LIMIT + 1].count()
+        return len(object_list)
+
+    @property
+    def limit(self) -> int:
+        return COUNT_LIMIT
+
+    @property
+    def capped(self) -> bool:
+        return self.count > COUNT_LIMIT
+
+
+# Rows shown on the pages
+
+
+@dataclass(frozen=True)
+class StepRow:
+    operation: int
+    name: str
+    status: str
+    attempts: int
+    started_at: str
+    duration: str
+    output: str
+    output_cut: bool
+    error: dict[str, str] | None
+
+    @classmethod
+    def of(cls, step: Step) -> StepRow:
+        output, cut = clip(step.output_head, PREVIEW_CHARS)  # type: ignore[attr-defined]
+        return cls(
+            operation=step.operation,
+            name=step.name,
+            status=step.status,
+            attempts=step.attempts,
+            started_at=format_time(step.started_at),
+            duration=format_duration(step.duration),
+            output=output,
+            output_cut=cut,
+            error=decode_error(step.error),
+        )
+
+
+@dataclass(frozen=True)
+class EntryRow:
+    offset: int
+    operation: int | None
+    written_at: str
+    value: str
+    cut: bool
+    more: int
+
+    @property
+    def more_text(self) -> str:
+        return number_format(self.more, force_grouping=True)
+
+    @classmethod
+    def preview(cls, entry: StreamEntry) -> EntryRow:
+        value, cut = clip(entry.value_head, PREVIEW_CHARS)  # type: ignore[attr-defined]
+        return cls(entry.offset, entry.operation, format_time(entry.created_at), value, cut, 0)
+
+    @classmethod
+    def full(cls, entry: StreamEntry) -> EntryRow:
+        value, cut = clip(entry.value_head, VALUE_CHARS)  # type: ignore[attr-defined]
+        size: int = entry.value_size  # type: ignore[attr-defined]
+        if not cut:
+            value = pretty_json(value) or ""
+        return cls(
+            entry.offset,
+            entry.operation,
+            format_time(entry.created_at),
+            value,
+            cut,
+            size - VALUE_CHARS if cut else 0,
+        )
+
+
+@dataclass(frozen=True)
+class StreamPanel:
+    stream: Stream
+    entries: list[EntryRow]
+
+    @property
+    def first_offset(self) -> int:
+        return self.entries[0].offset if self.entries else self.stream.length
+
+
+@dataclass(frozen=True)
+class Pager:
+    """Offset pagination over a sequence of known length."""
+
+    offset: int
+    per_page: int
+    total: int
+    # "Steps %(first)s–%(last)s of %(total)s"; ``one_based`` numbers them from 1.
+    label: str
+    one_based: bool = False
+    jump: bool = False
+
+    @property
+    def end(self) -> int:
+        return min(self.offset + self.per_page, self.total)
+
+    @property
+    def previous(self) -> int | None:
+        return max(self.offset - self.per_page, 0) if self.offset > 0 else None
+
+    @property
+    def next(self) -> int | None:
+        return self.end if self.end < self.total else None
+
+    @property
+    def last(self) -> int:
+        return max(self.total - 1, 0) // self.per_page * self.per_page
+
+    @property
+    def last_index(self) -> int:
+        return max(self.total - 1, 0)
+
+    @property
+    def text(self) -> str:
+        base = 1 if self.one_based else 0
+        return self.label % {
+            "first": number_format(self.offset + base, force_grouping=True),
+            "last": number_format(self.end - 1 + base, force_grouping=True),
+            "total": number_format(self.total, force_grouping=True),
+        }
+
+
+def offset_param(request: HttpRequest, total: int) -> int | HttpResponse:
+    raw = request.GET.get("offset", "0").strip() or "0"
+    if not raw.isdigit() or int(raw) > max(total - 1, 0):
+        return HttpResponseBadRequest(
+            f"offset must be a whole number from 0 to {max(total - 1, 0)}, not {raw!r}.",
+            content_type="text/plain; charset=utf-8",
+        )
+    return int(raw)
+
+
+# Actions
+
+
+@dataclass(frozen=True)
+class Outcome:
+    changed: list[str]
+    refused: list[str]
+
+
+def _batches(items: Iterable[str], size: int = 500) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def cancel_all(queryset: QuerySet[Workflow]) -> Outcome:
+    """Cancel each active workflow through the API, one transaction each."""
+    changed: list[str] = []
+    refused = list(queryset.exclude(status__in=ACTIVE_STATUSES).values_list("pk", flat=True))
+    for workflow_id in queryset.filter(status__in=ACTIVE_STATUSES).values_list("pk", flat=True):
+        try:
+            done = cancel_workflow(workflow_id)
+        except WorkflowNotFound:
+            continue
+        (changed if done else refused).append(workflow_id)
+    return Outcome(changed, refused)
+
+
+def resume_all(queryset: QuerySet[Workflow]) -> Outcome:
+    resumed = queryset.resume()  # type: ignore[attr-defined]
+    done = set(resumed)
+    refused = [pk for pk in queryset.values_list("pk", flat=True) if pk not in done]
+    return Outcome(resumed, refused)
+
+
+def retry_all(queryset: QuerySet[Workflow]) -> tuple[Outcome, list[str]]:
+    pairs = queryset.retry()  # type: ignore[attr-defined]
+    originals = {original for original, _ in pairs}
+    refused = [pk for pk in queryset.values_list("pk", flat=True) if pk not in originals]
+    return Outcome([original for original, _ in pairs], refused), [new for _, new in pairs]
+
+
+@dataclass(frozen=True)
+class ActionSpec:
+    name: str
+    permission: str
+    applies_to: frozenset[str]
+    button: str
+    confirm: str
+
+
+OBJECT_ACTIONS = {
+    "cancel": ActionSpec(
+        "cancel",
+        "cancel",
+        ACTIVE_STATUSES,
+        _("Cancel"),
+        _("Cancel this workflow? It stops at its next step and its streams close."),
+    ),
+    "resume": ActionSpec(
+        "resume",
+        "resume",
+        RESUMABLE_STATUSES,
+        _("Resume"),
+        _("Resume this workflow from its checkpoints?"),
+    ),
+    "retry": ActionSpec(
+        "retry",
+        "retry",
+        RESUMABLE_STATUSES,
+        _("Retry from scratch"),
+        _("Start a new run of this workflow with the same inputs?"),
+    ),
+}
+
+
+# The workflow admin
+
+
+class WorkflowChangeList(ChangeList):
+    def get_queryset(self, request: HttpRequest, exclude_parameters: Any = None) -> QuerySet:
+        # The JSON columns can be large and the list never shows them.
+        queryset = super().get_queryset(request, exclude_parameters)
+        return queryset.defer("inputs", "output", "error")
+
+
+@admin.register(Workflow)
+class WorkflowAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    list_display = (
+        "id_column",
+        "name",
+        "status_column",
+        "queue",
+        "owner",
+        "created_column",
+        "duration_column",
+        "attempts_column",
+        "worker_column",
+    )
+    list_display_links = ("id_column", "name")
+    list_filter = (
+        "status",
+        ("name", admin.AllValuesFieldListFilter),
+        ("queue", admin.AllValuesFieldListFilter),
+        ("created_at", admin.DateFieldListFilter),
+    )
+    search_fields = ("id", "name")
+    search_help_text = _("A workflow id (or its beginning), or part of a workflow name.")
+    ordering = ("-created_at",)
+    list_select_related = ("owner",)
+    list_per_page = 50
+    show_full_result_count = False
+    paginator = CappedCountPaginator
+    empty_value_display = "—"
+    actions = ("cancel_selected", "resume_selected", "retry_selected")
+    # The page is rendered by its template; this only names the form's one field.
+    fields = ("name",)
+
+    class Media:
+        css = {"all": ("durable_streams/admin.css",)}
+
+    # Permissions: history is never edited here.
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def _has(self, request: HttpRequest, codename: str) -> bool:
+        return bool(request.user.has_perm(f"{self.opts.app_label}.{codename}"))
+
+    def has_cancel_permission(self, request: HttpRequest) -> bool:
+        return self._has(request, "cancel_workflow")
+
+    def has_resume_permission(self, request: HttpRequest) -> bool:
+        return self._has(request, "resume_workflow")
+
+    def has_retry_permission(self, request: HttpRequest) -> bool:
+        return self._has(request, "retry_workflow")
+
+    # Queries
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Workflow]:
+        return super().get_queryset(request).using(alias())
+
+    def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[ChangeList]:
+        return WorkflowChangeList
+
+    def get_search_results(
+        self, request: HttpRequest, queryset: QuerySet[Workflow], search_term: str
+    ) -> tuple[QuerySet[Workflow], bool]:
+        term = search_term.strip()
+        if not term:
+            return queryset, False
+        return queryset.filter(Q(pk__startswith=term) | Q(name__icontains=term)), False
+
+    # Columns
+
+    @admin.display(description=_("ID"), ordering="pk")
+    def id_column(self, obj: Workflow) -> SafeString:
+        return format_html('<code class="ds-id" title="{}">{}</code>', obj.pk, short_id(obj.pk))
+
+    @admin.display(description=_("status"), ordering="status")
+    def status_column(self, obj: Workflow) -> SafeString:
+        return status_badge(obj.status)
+
+    @admin.display(description=_("created"), ordering="created_at")
+    def created_column(self, obj: Workflow) -> SafeString:
+        return format_html(
+            '<time datetime="{}">{}</time>', obj.created_at.isoformat(), format_time(obj.created_at)
+        )
+
+    @admin.display(description=_("duration"))
+    def duration_column(self, obj: Workflow) -> str:
+        return format_duration(obj.duration)
+
+    @admin.display(description=_("attempts"), ordering="attempts")
+    def attempts_column(self, obj: Workflow) -> str:
+        return f"{obj.attempts} / {obj.max_attempts}"
+
+    @admin.display(description=_("worker"), ordering="lease_owner")
+    def worker_column(self, obj: Workflow) -> str:
+        return obj.lease_owner or ""
+
+    # Actions
+
+    def _report(
+        self, request: HttpRequest, outcome: Outcome, done: str, refused: tuple[str, str]
+    ) -> None:
+        if outcome.changed:
+            count = len(outcome.changed)
+            self.message_user(request, done % {"count": count}, messages.SUCCESS)
+            self._log(request, outcome.changed, done % {"count": count})
+        if outcome.refused:
+            count = len(outcome.refused)
+            names = ", ".join(short_id(pk) for pk in outcome.refused[:NAMED_IN_MESSAGE])
+            if count > NAMED_IN_MESSAGE:
+                names += ", …"
+            singular, plural = refused
+            text = ngettext(singular, plural, count) % {"count": count, "ids": names}
+            self.message_user(request, text, messages.WARNING)
+
+    def _log(self, request: HttpRequest, workflow_ids: list[str], message: str) -> None:
+        # The admin's history of each workflow records who acted on it.
+        for batch in _batches(workflow_ids):
+            objects = list(self.get_queryset(request).filter(pk__in=batch).only("pk", "name"))
+            LogEntry.objects.log_actions(
+                user_id=request.user.pk,
+                queryset=objects,
+                action_flag=CHANGE,
+                change_message=message,
+            )
+
+    def _cancel(self, request: HttpRequest, queryset: QuerySet[Workflow]) -> Outcome:
+        outcome = cancel_all(queryset)
+        self._report(
+            request,
+            outcome,
+            ngettext(
+                "Cancelled %(count)d workflow.",
+                "Cancelled %(count)d workflows.",
+                len(outcome.changed),
+            ),
+            (
+                "%(count)d workflow was not cancelled: it had already ended (%(ids)s).",
+                "%(count)d workflows were not cancelled: they had already ended (%(ids)s).",
+            ),
+        )
+        return outcome
+
+    def _resume(self, request: HttpRequest, queryset: QuerySet[Workflow]) -> Outcome:
+        outcome = resume_all(queryset)
+        self._report(
+            request,
+            outcome,
+            ngettext(
+                "Resumed %(count)d workflow: it is back in the queue.",
+                "Resumed %(count)d workflows: they are back in the queue.",
+                len(outcome.changed),
+            ),
+            (
+                "%(count)d workflow was not resumed: only failed or cancelled workflows "
+                "can be (%(ids)s).",
+                "%(count)d workflows were not resumed: only failed or cancelled workflows "
+                "can be (%(ids)s).",
+            ),
+        )
+        return outcome
+
+    def _retry(self, request: HttpRequest, queryset: QuerySet[Workflow]) -> list[str]:
+        outcome, new_ids = retry_all(queryset)
+        self._report(
+            request,
+            outcome,
+            ngettext(
+                "Retried %(count)d workflow from scratch as a new run.",
+                "Retried %(count)d workflows from scratch as new runs.",
+                len(outcome.changed),
+            ),
+            (
+                "%(count)d workflow was not retried: only failed or cancelled workflows "
+                "can be (%(ids)s).",
+                "%(count)d workflows were not retried: only failed or cancelled workflows "
+                "can be (%(ids)s).",
+            ),
+        )
+        return new_ids
+
+    @admin.action(description=_("Cancel selected workflows"), permissions=["cancel"])
+    def cancel_selected(self, request: HttpRequest, queryset: QuerySet[Workflow]) -> None:
+        self._cancel(request, queryset)
+
+    @admin.action(
+        description=_("Resume selected workflows from their checkpoints"),
+        permissions=["resume"],
+    )
+    def resume_selected(self, request: HttpRequest, queryset: QuerySet[Workflow]) -> None:
+        self._resume(request, queryset)
+
+    @admin.action(
+        description=_("Retry selected workflows from scratch (new runs)"),
+        permissions=["retry"],
+    )
+    def retry_selected(self, request: HttpRequest, queryset: QuerySet[Workflow]) -> None:
+        self._retry(request, queryset)
+
+    # URLs
+
+    def get_urls(self) -> list[Any]:
+        info = self.opts.app_label, self.opts.model_name
+        wrap = self.admin_site.admin_view
+        return [
+            path(
+                "<path:object_id>/act/<str:action>/",
+                wrap(self.object_action_view),
+                name=f"{info[0]}_{info[1]}_act",
+            ),
+            path(
+                "<path:object_id>/steps/",
+                wrap(self.steps_view),
+                name=f"{info[0]}_{info[1]}_steps",
+            ),
+            path(
+                "<path:object_id>/streams/<int:stream_id>/",
+                wrap(self.stream_view),
+                name=f"{info[0]}_{info[1]}_stream",
+            ),
+            *super().get_urls(),
+        ]
+
+    def _url(self, name: str, *args: Any) -> str:
+        return reverse(
+            f"admin:{self.opts.app_label}_{self.opts.model_name}_{name}",
+            args=args,
+            current_app=self.admin_site.name,
+        )
+
+    def _viewable(self, request: HttpRequest, object_id: str) -> Workflow:
+        obj = self.get_object(request, unquote(object_id))
+        if obj is None:
+            raise Http404(gettext("No workflow with id %(id)r.") % {"id": unquote(object_id)})
+        if not self.has_view_permission(request, obj):
+            raise PermissionDenied
+        return obj
+
+    # The workflow page
+
+    def object_action_view(self, request: HttpRequest, object_id: str, action: str) -> HttpResponse:
+        if request.method != "POST":
+            return HttpResponseNotAllowed(["POST"])
+        spec = OBJECT_ACTIONS.get(action)
+        if spec is None:
+            raise Http404(gettext("No action %(action)r.") % {"action": action})
+        obj = self._viewable(request, object_id)
+        allowed: Callable[[HttpRequest], bool] = getattr(self, f"has_{spec.permission}_permission")
+        if not allowed(request):
+            raise PermissionDenied
+        one = self.get_queryset(request).filter(pk=obj.pk)
+        if action == "cancel":
+            self._cancel(request, one)
+        elif action == "resume":
+            self._resume(request, one)
+        else:
+            new_ids = self._retry(request, one)
+            if new_ids:
+                return HttpResponseRedirect(self._url("change", quote(new_ids[0])))
+        return HttpResponseRedirect(self._url("change", quote(obj.pk)))
+
+    def render_change_form(
+        self,
+        request: HttpRequest,
+        context: dict[str, Any],
+        add: bool = False,
+        change: bool = False,
+        form_url: str = "",
+        obj: Workflow | None = None,
+    ) -> HttpResponse:
+        if obj is not None:
+            context.update(self.workflow_context(request, obj))
+        return super().render_change_form(request, context, add, change, form_url, obj)
+
+    def workflow_context(self, request: HttpRequest, obj: Workflow) -> dict[str, Any]:
+        using = alias()
+        steps = list(
+            Step.objects.using(using)
+            .filter(workflow_id=obj.pk)
+            .order_by("operation")
+            .defer("output")
+            .annotate(output_head=Substr("output", 1, PREVIEW_CHARS + 1))[: PAGE_STEPS + 1]
+        )
+        more_steps = len(steps) > PAGE_STEPS
+        streams = list(
+            Stream.objects.using(using)
+            .filter(workflow_id=obj.pk)
+            .order_by("key")[: PAGE_STREAMS + 1]
+        )
+        more_streams = len(streams) > PAGE_STREAMS
+        streams = streams[:PAGE_STREAMS]
+        retries = list(
+            Workflow.objects.using(using)
+            .filter(retry_of_id=obj.pk)
+            .order_by("-created_at")
+            .only("pk", "status", "created_at")[:10]
+        )
+        actions = [
+            {"spec": spec, "url": self._url("act", quote(obj.pk), spec.name)}
+            for spec in OBJECT_ACTIONS.values()
+            if obj.status in spec.applies_to
+            and getattr(self, f"has_{spec.permission}_permission")(request)
+        ]
+        return {
+            "title": obj.name,
+            "subtitle": None,
+            "workflow": obj,
+            "status_badge": status_badge(obj.status),
+            "created": format_time(obj.created_at),
+            "started": format_time(obj.started_at),
+            "finished": format_time(obj.finished_at),
+            "lease_expires": format_time(obj.lease_expires_at),
+            "duration": format_duration(obj.duration),
+            "inputs_json": pretty_json(obj.inputs),
+            "output_json": pretty_json(obj.output),
+            "error": decode_error(obj.error),
+            "steps": [StepRow.of(step) for step in steps[:PAGE_STEPS]],
+            "steps_url": self._url("steps", quote(obj.pk)) if more_steps else None,
+            "streams": self._stream_panels(streams),
+            "more_streams": more_streams,
+            "retry_of_url": (
+                self._url("change", quote(obj.retry_of_id)) if obj.retry_of_id else None
+            ),
+            "retries": [
+                {
+                    "id": retry.pk,
+                    "short_id": short_id(retry.pk),
+                    "badge": status_badge(retry.status),
+                    "url": self._url("change", quote(retry.pk)),
+                }
+                for retry in retries
+            ],
+            "object_actions": actions,
+            "live_rows": LIVE_ROWS,
+        }
+
+    def _stream_panels(self, streams: list[Stream]) -> list[StreamPanel]:
+        condition = Q()
+        for stream in streams:
+            condition |= Q(
+                stream_id=stream.pk,
+                offset__gte=max(stream.length - PAGE_TAIL, 0),
+                offset__lt=stream.length,
+            )
+        tails: dict[int, list[EntryRow]] = {stream.pk: [] for stream in streams}
+        if streams:
+            entries = (
+                StreamEntry.objects.using(alias())
+                .filter(condition)
+                .order_by("stream_id", "offset")
+                .defer("value")
+                .annotate(value_head=Substr("value", 1, PREVIEW_CHARS + 1))
+            )
+            for entry in entries:
+                tails[entry.stream_id].append(EntryRow.preview(entry))
+        return [StreamPanel(stream, tails[stream.pk]) for stream in streams]
+
+    # Paginated history
+
+    def _history_context(self, request: HttpRequest, obj: Workflow, title: str) -> dict[str, Any]:
+        return {
+            **self.admin_site.each_context(request),
+            "opts": self.opts,
+            "app_label": self.opts.app_label,
+            "title": title,
+            "workflow": obj,
+            "workflow_url": self._url("change", quote(obj.pk)),
+            "status_badge": status_badge(obj.status),
+            "media": self.media,
+        }
+
+    def steps_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        obj = self._viewable(request, object_id)
+        steps = Step.objects.using(alias()).filter(workflow_id=obj.pk)
+        total = steps.count()
+        offset = offset_param(request, total)
+        if isinstance(offset, HttpResponse):
+            return offset
+        page = list(
+            steps.order_by("operation")
+            .defer("output")
+            .annotate(output_head=Substr("output", 1, PREVIEW_CHARS + 1))[
+                offset : offset + STEPS_PER_PAGE
+            ]
+        )
+        context = {
+            **self._history_context(
+                request, obj, gettext("Steps of %(name)s") % {"name": obj.name}
+            ),
+            "steps": [StepRow.of(step) for step in page],
+            "pager": Pager(
+                offset,
+                STEPS_PER_PAGE,
+                total,
+                gettext("Steps %(first)s–%(last)s of %(total)s"),
+                one_based=True,
+            ),
+        }
+        return TemplateResponse(request, "admin/durable_streams/workflow/steps.html", context)
+
+    def stream_view(self, request: HttpRequest, object_id: str, stream_id: int) -> HttpResponse:
+        obj = self._viewable(request, object_id)
+        stream = Stream.objects.using(alias()).filter(pk=stream_id, workflow_id=obj.pk).first()
+        if stream is None:
+            raise Http404(gettext("This workflow has no stream %(id)s.") % {"id": stream_id})
+        offset = offset_param(request, stream.length)
+        if isinstance(offset, HttpResponse):
+            return offset
+        entries = (
+            StreamEntry.objects.using(alias())
+            .from_offset(stream.pk, offset, ENTRIES_PER_PAGE)
+            .defer("value")
+            .annotate(
+                value_head=Substr("value", 1, VALUE_CHARS + 1),
+                value_size=Length("value"),
+            )
+        )
+        context = {
+            **self._history_context(
+                request,
+                obj,
+                gettext("Stream %(key)s of %(name)s") % {"key": stream.key, "name": obj.name},
+            ),
+            "stream": stream,
+            "entries": [EntryRow.full(entry) for entry in entries],
+            "pager": Pager(
+                offset,
+                ENTRIES_PER_PAGE,
+                stream.length,
+                gettext("Offsets %(first)s–%(last)s of %(total)s"),
+                jump=True,
+            ),
+        }
+        return TemplateResponse(
+            request, "admin/durable_streams/workflow/stream_entries.html", context
+        )
