@@ -1,0 +1,306 @@
+"""The worker, in threads: burst, concurrency, queues, cancel, leases, fencing, max_attempts."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from django.conf import settings
+from django.test import override_settings
+from django.utils import timezone
+
+from durable_streams import Status, WorkflowCancelled, start_workflow
+from durable_streams.models import Step, Stream, StreamEntry, Workflow
+from durable_streams.registry import names
+from durable_streams.worker import Worker
+from tests import workflows
+from tests.models import Effect
+from tests.processes import wait_until
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def stream_length(workflow_id: str, key: str) -> int:
+    return (
+        Stream.objects.filter(workflow_id=workflow_id, key=key)
+        .values_list("length", flat=True)
+        .first()
+        or 0
+    )
+
+
+def stream_values(workflow_id: str, key: str) -> list[Any]:
+    rows = StreamEntry.objects.filter(stream__workflow_id=workflow_id, stream__key=key)
+    return [e.decoded_value for e in rows.order_by("offset")]
+
+
+def effect_labels(workflow_id: str) -> list[str]:
+    return sorted(Effect.objects.filter(workflow_id=workflow_id).values_list("label", flat=True))
+
+
+def idle(worker: Worker) -> bool:
+    return not worker._running
+
+
+def expire_lease(workflow_id: str) -> None:
+    Workflow.objects.filter(pk=workflow_id).update(
+        lease_expires_at=timezone.now() - timedelta(seconds=1)
+    )
+
+
+# Burst and concurrency
+
+
+def test_burst_mode_runs_what_is_there_then_exits(transactional_db: None) -> None:
+    handles = [workflows.echo.start(i) for i in range(3)]
+    worker = Worker(burst=True, concurrency=2)
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    thread.join(timeout=20)
+    assert not thread.is_alive()
+    assert worker.completed == 3
+    assert [h.result() for h in handles] == [{"args": [i], "kwargs": {}} for i in range(3)]
+
+
+def test_burst_mode_exits_at_once_when_there_is_nothing(run_burst: Callable[..., Worker]) -> None:
+    started = time.monotonic()
+    assert run_burst().completed == 0
+    assert time.monotonic() - started < 3
+
+
+@pytest.mark.parametrize("concurrency", [1, 3])
+def test_concurrency_bounds_the_workflows_run_at_once(
+    run_burst: Callable[..., Worker], concurrency: int
+) -> None:
+    handles = [workflows.slow_then_write.start(0.3) for _ in range(4)]
+    run_burst(concurrency=concurrency)
+    runs = Workflow.objects.filter(pk__in=[h.workflow_id for h in handles])
+    assert {run.status for run in runs} == {Status.SUCCESS}
+    events = sorted(
+        [(run.started_at, 1) for run in runs] + [(run.finished_at, -1) for run in runs],
+        key=lambda event: (event[0], event[1]),
+    )
+    running = most = 0
+    for _, change in events:
+        running += change
+        most = max(most, running)
+    assert most == concurrency
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"concurrency": 0}, "concurrency must be a whole number of at least 1"),
+        ({"concurrency": True}, "concurrency"),
+        ({"concurrency": "2"}, "concurrency"),
+        ({"queues": []}, "at least one queue"),
+    ],
+)
+def test_bad_worker_arguments(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Worker(**options)
+
+
+# Queues
+
+
+def test_a_worker_only_takes_its_queues(run_burst: Callable[..., Worker]) -> None:
+    other = workflows.on_other_queue.start()
+    special = start_workflow(workflows.echo, "special", queue="special")
+    default = workflows.echo.start("default")
+    run_burst()
+    assert (default.status, other.status, special.status) == (
+        Status.SUCCESS,
+        Status.ENQUEUED,
+        Status.ENQUEUED,
+    )
+    run_burst(queues=["special"])
+    assert (other.status, special.status) == (Status.ENQUEUED, Status.SUCCESS)
+    run_burst(queues=["nothing-here", "other"])
+    assert other.result(timeout=5) == "other"
+
+
+def test_a_worker_only_takes_workflows_registered_in_its_process(
+    run_burst: Callable[..., Worker],
+) -> None:
+    unknown = Workflow.objects.create(name="elsewhere.only", inputs="{}", max_attempts=1)
+    assert "elsewhere.only" not in names()
+    run_burst()
+    unknown.refresh_from_db()
+    assert (unknown.status, unknown.attempts) == (Status.ENQUEUED, 0)
+
+
+# Cancel
+
+
+def test_cancel_stops_a_running_workflow_at_its_next_step_boundary(
+    worker_thread: Callable[..., Worker],
+) -> None:
+    handle = workflows.cancellable.start("cancel", 50, 0.5)
+    wid = handle.workflow_id
+    worker = worker_thread()
+    # Value 1 is written after step cancel-1 and before the pause: the cancel lands in it.
+    wait_until(lambda: stream_length(wid, "progress") >= 2, timeout=10, what="two values")
+    assert handle.cancel() is True
+    wait_until(lambda: idle(worker), timeout=10, what="the worker to let the workflow go")
+
+    assert effect_labels(wid) == ["cancel-0", "cancel-1"]
+    # The pause in flight finished but could not be checkpointed; nothing ran after it.
+    assert list(Step.objects.filter(workflow_id=wid).values_list("name", flat=True)) == [
+        "tests.workflows.counted_plain",
+        "tests.workflows.nap",
+        "tests.workflows.counted_plain",
+    ]
+    assert stream_values(wid, "progress") == [0, 1]
+    run = handle.get()
+    assert (run.status, run.lease_owner, run.output, run.error) == (
+        Status.CANCELLED,
+        None,
+        None,
+        None,
+    )
+    assert Stream.objects.get(workflow_id=wid, key="progress").closed_by_end
+    with pytest.raises(WorkflowCancelled):
+        handle.result(timeout=1)
+
+
+# Leases
+
+
+def test_a_workflow_whose_lease_expired_is_reclaimed_and_replayed(
+    run_burst: Callable[..., Worker],
+) -> None:
+    handle = workflows.replayable.start("reclaimed")
+    wid = handle.workflow_id
+    now = timezone.now()
+    Workflow.objects.filter(pk=wid).update(
+        status=Status.RUNNING,
+        attempts=1,
+        lease_owner="dead-worker",
+        lease_expires_at=now - timedelta(seconds=1),
+        started_at=now - timedelta(seconds=5),
+    )
+    Step.objects.create(
+        workflow_id=wid,
+        operation=0,
+        name="tests.workflows.counted_plain",
+        status=Step.Outcome.SUCCESS,
+        output='"done by the dead worker"',
+        started_at=now,
+        finished_at=now,
+    )
+    held = workflows.echo.start()  # held by a live worker elsewhere: left alone
+    Workflow.objects.filter(pk=held.workflow_id).update(
+        status=Status.RUNNING,
+        attempts=1,
+        lease_owner="live-worker-elsewhere",
+        lease_expires_at=now + timedelta(minutes=5),
+    )
+
+    run_burst(worker_id="rescuer")
+    assert handle.result(timeout=5) == ["done by the dead worker", "a"]
+    run = handle.get()
+    assert (run.attempts, run.started_at) == (2, now - timedelta(seconds=5))
+    assert not Effect.objects.filter(label="reclaimed").exists()
+    other = held.get()
+    assert (other.status, other.lease_owner, other.attempts) == (
+        Status.RUNNING,
+        "live-worker-elsewhere",
+        1,
+    )
+
+
+def test_another_worker_takes_over_once_a_short_lease_expires(
+    worker_thread: Callable[..., Worker],
+) -> None:
+    with override_settings(DURABLE_STREAMS={**settings.DURABLE_STREAMS, "LEASE_SECONDS": 1.0}):
+        handle = workflows.echo.start("taken over")
+        # A worker claims it and dies at once: it never runs it, nor renews the lease.
+        claimed_at = time.monotonic()
+        assert Worker(worker_id="dies-after-claiming")._claim(1, names()) == [handle.workflow_id]
+        assert handle.get().lease_owner == "dies-after-claiming"
+        worker_thread(worker_id="survivor")
+        assert handle.result(timeout=10) == {"args": ["taken over"], "kwargs": {}}
+        waited = time.monotonic() - claimed_at
+    assert 0.9 <= waited < 8
+    assert handle.get().attempts == 2
+
+
+def test_a_worker_that_lost_its_lease_records_nothing_more(
+    worker_thread: Callable[..., Worker],
+) -> None:
+    handle = workflows.cancellable.start("fenced", 4, 0.5)
+    wid = handle.workflow_id
+    first = worker_thread(worker_id="first")
+    wait_until(lambda: stream_length(wid, "progress") >= 2, timeout=10, what="two values")
+    # Another worker takes the workflow over while the first one pauses.
+    Workflow.objects.filter(pk=wid).update(
+        lease_owner="usurper", lease_expires_at=timezone.now() + timedelta(minutes=5)
+    )
+    wait_until(lambda: idle(first), timeout=10, what="the first worker to stop")
+    assert effect_labels(wid) == ["fenced-0", "fenced-1"]
+    assert Step.objects.filter(workflow_id=wid).count() == 3
+    assert stream_values(wid, "progress") == [0, 1]
+    assert handle.get().lease_owner == "usurper"  # the first worker did not touch it
+
+    # The usurper dies; a third worker resumes from the checkpoints.
+    expire_lease(wid)
+    worker_thread(worker_id="third")
+    assert handle.result(timeout=20) == 4
+    assert effect_labels(wid) == [f"fenced-{i}" for i in range(4)]
+    assert stream_values(wid, "progress") == [0, 1, 2, 3]
+
+
+def test_a_stopping_worker_finishes_the_step_and_hands_the_workflow_back(
+    worker_thread: Callable[..., Worker], run_burst: Callable[..., Worker]
+) -> None:
+    handle = workflows.graceful.start("handback", 0.5)
+    wid = handle.workflow_id
+    first = worker_thread(worker_id="stopping")
+    wait_until(lambda: stream_length(wid, "progress") >= 1, timeout=10, what="the step to start")
+    first.stop()
+    wait_until(lambda: idle(first), timeout=10, what="the worker to stop")
+    run = handle.get()
+    # Handed back without counting the attempt.
+    assert (run.status, run.lease_owner, run.attempts) == (Status.ENQUEUED, None, 0)
+    assert list(Effect.objects.filter(workflow_id=wid).values_list("label", "worker")) == [
+        ("handback-1", "stopping")
+    ]
+
+    run_burst(worker_id="next")
+    assert handle.result(timeout=10) == "done"
+    assert list(
+        Effect.objects.filter(workflow_id=wid).order_by("pk").values_list("label", "worker")
+    ) == [("handback-1", "stopping"), ("handback-2", "next")]
+    assert stream_values(wid, "progress") == ["started", "between"]
+
+
+# max_attempts
+
+
+def test_a_workflow_abandoned_max_attempts_times_ends_in_error(
+    run_burst: Callable[..., Worker],
+) -> None:
+    handle = workflows.two_attempts.start()
+    other = workflows.two_attempts.start()
+    wid = handle.workflow_id
+    for attempt in range(2):
+        # A worker claims it and dies; its lease expires.
+        assert Worker(worker_id=f"crashed-{attempt}")._claim(1, names()) == [wid]
+        expire_lease(wid)
+    assert handle.get().attempts == 2
+
+    run_burst(worker_id="last")
+    run = handle.get()
+    assert run.status == Status.ERROR
+    error = run.decoded_error
+    assert error["type"] == "MaxAttemptsExceeded"
+    assert (
+        f"Workflow {wid!r} was claimed 2 times (max_attempts) without finishing" in error["message"]
+    )
+    assert "the last worker to hold it was 'crashed-1'" in error["message"]
+    assert other.result(timeout=5) == "finished"  # one attempt short of the limit: it runs
