@@ -62,3 +62,34 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
                 )
             )
     return messages
+
+
+@register()
+def check_live_delivery(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """Stream sockets need a channel layer that reaches the worker processes to be pushed to."""
+    from django.apps import apps
+
+    if not apps.is_installed("channels"):
+        return []
+    layers = getattr(settings, "CHANNEL_LAYERS", None) or {}
+    backend = layers.get("default", {}).get("BACKEND")
+    if backend not in (None, "channels.layers.InMemoryChannelLayer"):
+        return []
+    try:
+        interval = get_config().POLL_INTERVAL
+    except ConfigurationError:
+        return []  # E001 says why
+    layer = "no channel layer" if backend is None else "the in-memory channel layer"
+    return [
+        Warning(
+            f"With {layer}, values that worker processes write reach WebSocket and SSE "
+            f"readers by polling: each open stream re-reads the database every "
+            f"{interval}s (POLL_INTERVAL).",
+            hint=(
+                "Fine for development, or with workers inside the web process. For push "
+                "delivery across processes, and fewer queries, set CHANNEL_LAYERS to "
+                "channels_redis.core.RedisChannelLayer."
+            ),
+            id="durable_streams.W002",
+        )
+    ]

@@ -455,3 +455,27 @@ async def test_one_value_to_many_sockets_costs_no_query_per_socket(
         assert code == 1000
     # The values and the close travelled in the notifications: no read beyond the first ones.
     assert len(reads) == readers
+
+
+# The system check that explains the in-memory trade-off
+
+
+def test_check_w002_explains_polling_without_a_shared_layer(settings: Any) -> None:
+    from durable_streams.checks import check_live_delivery
+
+    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    settings.DURABLE_STREAMS = {**settings.DURABLE_STREAMS, "POLL_INTERVAL": 0.25}
+    (message,) = check_live_delivery()
+    assert message.id == "durable_streams.W002"
+    assert "in-memory channel layer" in message.msg and "0.25s" in message.msg
+    assert "RedisChannelLayer" in message.hint
+    del settings.CHANNEL_LAYERS
+    (message,) = check_live_delivery()
+    assert "no channel layer" in message.msg
+    settings.CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": ["redis://127.0.0.1:6379/0"]},
+        }
+    }
+    assert check_live_delivery() == []

@@ -1,0 +1,241 @@
+/**
+ * durable-streams.js: follow a durable_streams stream over a WebSocket.
+ *
+ * A dependency-free ES module. Each value is reported once, in order, even across
+ * dropped connections: the client counts offsets and, after a drop, reconnects
+ * with a growing delay and asks the server for the next offset it needs.
+ *
+ *   import { subscribe } from "/static/durable_streams/durable-streams.js";
+ *
+ *   const sub = subscribe(workflowId, "answer", {
+ *     onEntry(value, offset) { output.append(value); },
+ *     onClose(length) { console.log(`done after ${length} values`); },
+ *     onError(error) { console.warn(error.message); },   // refused: 4400, 4403, 4404
+ *   });
+ *   // later, to stop listening: sub.close();
+ */
+
+/** Close codes after which reconnecting cannot help. */
+export const REFUSALS = Object.freeze({
+  4400: "bad parameters",
+  4403: "not allowed to read this stream",
+  4404: "no such workflow",
+});
+
+/** The error reported when the server refuses a subscription. */
+export class StreamRefused extends Error {
+  constructor(code, reason) {
+    super(`Stream refused (${code}): ${reason || REFUSALS[code] || "unknown reason"}`);
+    this.name = "StreamRefused";
+    this.code = code;
+    this.reason = reason;
+  }
+}
+
+/**
+ * The WebSocket URL of one stream.
+ * `path` is where the project mounted `durable_streams.routing` (default "/ws/durable-streams/").
+ */
+export function streamUrl(workflowId, key, { offset = 0, path = "/ws/durable-streams/", origin } = {}) {
+  const base = new URL(origin || globalThis.location.href);
+  const scheme = base.protocol === "https:" ? "wss:" : "ws:";
+  const prefix = path.endsWith("/") ? path : `${path}/`;
+  const address = `${encodeURIComponent(workflowId)}/${encodeURIComponent(key)}/`;
+  return `${scheme}//${base.host}${prefix}${address}?offset=${offset}`;
+}
+
+function report(error) {
+  // A failing callback must not stop the stream; surface it like an uncaught error.
+  if (typeof globalThis.reportError === "function") globalThis.reportError(error);
+  else setTimeout(() => { throw error; });
+}
+
+/**
+ * Subscribe to stream `key` of workflow `workflowId`.
+ *
+ * Options:
+ *   offset    first offset wanted (default 0)
+ *   onEntry   (value, offset) => void, once per value, in offset order
+ *   onClose   (length) => void, once, after the last value
+ *   onError   (error) => void, when the server refuses (error.code: 4400, 4403, 4404)
+ *   onStatus  (state) => void: "connecting", "open", "waiting" (to reconnect), "closed", "failed"
+ *   path, origin   where the sockets are served (see streamUrl)
+ *   minDelay, maxDelay   reconnection backoff bounds in milliseconds (250, 10000)
+ *
+ * Returns a Subscription: `.offset` (next offset wanted), `.state`, `.done` (a promise of
+ * the final length, rejected on refusal) and `.close()`.
+ */
+export function subscribe(workflowId, key, options = {}) {
+  return new Subscription(workflowId, key, options);
+}
+
+export class Subscription {
+  constructor(workflowId, key, options = {}) {
+    const offset = options.offset ?? 0;
+    if (!Number.isInteger(offset) || offset < 0) {
+      throw new RangeError(`offset must be a whole number of at least 0, not ${offset}`);
+    }
+    if (typeof workflowId !== "string" || !workflowId) throw new TypeError("workflowId must be a non-empty string");
+    if (typeof key !== "string" || !key) throw new TypeError("key must be a non-empty string");
+    this.workflowId = workflowId;
+    this.key = key;
+    this.options = options;
+    this.minDelay = options.minDelay ?? 250;
+    this.maxDelay = options.maxDelay ?? 10000;
+    this._offset = offset;
+    this._state = "connecting";
+    this._socket = null;
+    this._timer = null;
+    this._failures = 0;
+    this._openedAt = 0;
+    this._ended = false;
+    this.done = new Promise((resolve, reject) => {
+      this._resolve = resolve;
+      this._reject = reject;
+    });
+    // Nobody may be waiting on `done`: do not report its rejection as unhandled.
+    this.done.catch(() => {});
+    this._wake = () => {
+      if (this._state === "waiting") this._connect();
+    };
+    globalThis.addEventListener?.("online", this._wake);
+    globalThis.document?.addEventListener?.("visibilitychange", this._wake);
+    this._connect();
+  }
+
+  /** The next offset this subscription needs: the count of values reported so far, plus the start. */
+  get offset() {
+    return this._offset;
+  }
+
+  get state() {
+    return this._state;
+  }
+
+  /** Stop for good: no more callbacks. */
+  close() {
+    this._finish("closed");
+  }
+
+  _setState(state) {
+    if (this._state === state) return;
+    this._state = state;
+    this._call("onStatus", state);
+  }
+
+  _call(name, ...args) {
+    const callback = this.options[name];
+    if (typeof callback !== "function") return;
+    try {
+      callback(...args);
+    } catch (error) {
+      report(error);
+    }
+  }
+
+  _connect() {
+    clearTimeout(this._timer);
+    this._timer = null;
+    if (this._ended) return;
+    this._setState("connecting");
+    const WebSocketClass = this.options.WebSocket || globalThis.WebSocket;
+    const url = streamUrl(this.workflowId, this.key, { ...this.options, offset: this._offset });
+    let socket;
+    try {
+      socket = new WebSocketClass(url);
+    } catch (error) {
+      report(error);
+      this._retry();
+      return;
+    }
+    this._socket = socket;
+    socket.onopen = () => {
+      if (socket !== this._socket) return;
+      this._openedAt = Date.now();
+      this._setState("open");
+    };
+    socket.onmessage = (event) => {
+      if (socket === this._socket) this._receive(socket, event.data);
+    };
+    socket.onclose = (event) => {
+      if (socket !== this._socket) return;
+      this._socket = null;
+      this._closed(event.code, event.reason);
+    };
+    socket.onerror = () => {}; // a close event follows
+  }
+
+  _receive(socket, data) {
+    let message;
+    try {
+      message = JSON.parse(data);
+    } catch {
+      this._drop(socket);
+      return;
+    }
+    if (message.type === "entry") {
+      if (message.offset < this._offset) return; // reported already
+      if (message.offset > this._offset) {
+        this._drop(socket); // a gap: ask again from the offset we need
+        return;
+      }
+      this._offset = message.offset + 1;
+      this._failures = 0;
+      this._call("onEntry", message.value, message.offset);
+    } else if (message.type === "closed") {
+      if (message.length > this._offset) {
+        this._drop(socket);
+        return;
+      }
+      this._finish("closed", message.length);
+    }
+  }
+
+  _drop(socket) {
+    // Something is off in what the server sent: start again from the offset we need.
+    this._socket = null;
+    socket.close();
+    this._retry();
+  }
+
+  _closed(code, reason) {
+    if (this._ended) return;
+    if (code in REFUSALS) {
+      this._finish("failed", undefined, new StreamRefused(code, reason));
+      return;
+    }
+    // A connection that stayed up a while was healthy: start the backoff over.
+    if (this._openedAt && Date.now() - this._openedAt > 10000) this._failures = 0;
+    this._retry();
+  }
+
+  _retry() {
+    this._openedAt = 0;
+    const delay = Math.min(this.maxDelay, this.minDelay * 2 ** this._failures);
+    this._failures += 1;
+    this._setState("waiting");
+    // Jitter: a server restart must not bring every client back in the same millisecond.
+    this._timer = setTimeout(() => this._connect(), delay * (0.5 + Math.random() / 2));
+  }
+
+  _finish(state, length, error) {
+    if (this._ended) return;
+    this._ended = true;
+    clearTimeout(this._timer);
+    globalThis.removeEventListener?.("online", this._wake);
+    globalThis.document?.removeEventListener?.("visibilitychange", this._wake);
+    const socket = this._socket;
+    this._socket = null;
+    if (socket) socket.close(1000);
+    this._setState(state);
+    if (error) {
+      this._call("onError", error);
+      this._reject(error);
+    } else if (length !== undefined) {
+      this._call("onClose", length);
+      this._resolve(length);
+    } else {
+      this._resolve(this._offset);
+    }
+  }
+}

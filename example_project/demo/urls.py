@@ -1,0 +1,10 @@
+from django.urls import path
+
+from . import views
+
+app_name = "demo"
+
+urlpatterns = [
+    path("", views.index, name="index"),
+    path("runs/<str:workflow_id>/", views.run, name="run"),
+]
