@@ -106,18 +106,27 @@ class WorkflowQuerySet(models.QuerySet["Workflow"]):
         return bool(changed)
 
     def release(self, worker_id: str, workflow_ids: Collection[str]) -> int:
-        """Hand running workflows back to the queue without counting the attempt."""
-        return (
-            self.held_by(worker_id)
-            .filter(pk__in=workflow_ids)
-            .update(
+        """Hand running workflows back to the queue without counting the attempt.
+
+        Their queues are announced, so that idle workers take them over at once.
+        """
+        from .db import take_write_lock
+        from .notify import announce, queue_topic
+
+        with transaction.atomic(using=self.db):
+            take_write_lock(self.db)
+            held = self.held_by(worker_id).filter(pk__in=workflow_ids)
+            queues = set(held.values_list("queue", flat=True))
+            released = held.update(
                 status=Status.ENQUEUED,
                 lease_owner=None,
                 lease_expires_at=None,
                 attempts=F("attempts") - 1,
                 updated_at=timezone.now(),
             )
-        )
+            if released:
+                announce([queue_topic(queue) for queue in sorted(queues)], self.db)
+        return released
 
     # Operator actions (the admin uses them): resume and retry failed or cancelled runs.
 

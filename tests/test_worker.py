@@ -279,6 +279,26 @@ def test_a_stopping_worker_finishes_the_step_and_hands_the_workflow_back(
     assert stream_values(wid, "progress") == ["started", "between"]
 
 
+def test_a_handed_back_workflow_wakes_an_idle_worker_at_once(
+    worker_thread: Callable[..., Worker],
+) -> None:
+    # Idle workers would otherwise look at the queue only every 30s.
+    slow_polls = {**settings.DURABLE_STREAMS, "POLL_INTERVAL": 30.0, "NOTIFY_FALLBACK_POLL": 30.0}
+    with override_settings(DURABLE_STREAMS=slow_polls):
+        handle = workflows.graceful.start("wake", 0.3)
+        wid = handle.workflow_id
+        first = worker_thread(worker_id="leaving")
+        wait_until(lambda: stream_length(wid, "progress") >= 1, timeout=10, what="the step")
+        worker_thread(worker_id="idle")
+        time.sleep(0.2)  # the idle worker has looked at the queue and waits
+        first.stop()
+        assert handle.result(timeout=5) == "done"
+    assert list(
+        Effect.objects.filter(workflow_id=wid).order_by("pk").values_list("label", "worker")
+    ) == [("wake-1", "leaving"), ("wake-2", "idle")]
+    assert handle.get().attempts == 1
+
+
 # max_attempts
 
 
