@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -85,6 +86,8 @@ def get_config() -> Config:
         value = values[name]
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise _invalid(name, f"must be a number, not {type(value).__name__}")
+        if not math.isfinite(value):
+            raise _invalid(name, f"must be a finite number, not {value!r}")
         if kind is int and not isinstance(value, int):
             raise _invalid(name, f"must be a whole number, not {value!r}")
         if value < minimum:
@@ -93,7 +96,12 @@ def get_config() -> Config:
     heartbeat = values["HEARTBEAT_SECONDS"]
     if heartbeat is None:
         heartbeat = values["LEASE_SECONDS"] / 3
-    elif isinstance(heartbeat, bool) or not isinstance(heartbeat, (int, float)) or heartbeat <= 0:
+    elif (
+        isinstance(heartbeat, bool)
+        or not isinstance(heartbeat, (int, float))
+        or not math.isfinite(heartbeat)
+        or heartbeat <= 0
+    ):
         raise _invalid("HEARTBEAT_SECONDS", f"must be a positive number or None, not {heartbeat!r}")
     if heartbeat >= values["LEASE_SECONDS"]:
         raise _invalid(
