@@ -68,6 +68,8 @@ ENTRIES_PER_PAGE = 100
 # Characters of a value shown in a preview, and on the entries page.
 PREVIEW_CHARS = 160
 VALUE_CHARS = 4_000
+# Shorter values stay on one line, as stored; longer ones are indented.
+INLINE_CHARS = 100
 # Refused workflows named in a message, at most.
 NAMED_IN_MESSAGE = 5
 
@@ -85,18 +87,28 @@ def format_duration(value: timedelta | None) -> str:
         return f"{seconds:.1f} s"
     minutes, seconds = divmod(int(seconds), 60)
     if minutes < 60:
-        return f"{minutes} min {seconds:02d} s"
+        return f"{minutes}m {seconds:02d}s"
     hours, minutes = divmod(minutes, 60)
     if hours < 48:
-        return f"{hours} h {minutes:02d} min"
+        return f"{hours}h {minutes:02d}m"
     days, hours = divmod(hours, 24)
-    return f"{days} d {hours:02d} h"
+    return f"{days}d {hours:02d}h"
 
 
 def format_time(value: datetime | None) -> str:
     if value is None:
         return ""
     return timezone.localtime(value).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def format_when(value: datetime) -> str:
+    """Short, for a list: the time today, the day this year, the date before that."""
+    local, today = timezone.localtime(value), timezone.localdate()
+    if local.date() == today:
+        return local.strftime("%H:%M:%S")
+    if local.year == today.year:
+        return local.strftime("%b %d, %H:%M")
+    return local.strftime("%Y-%m-%d")
 
 
 def pretty_json(text: str | None) -> str | None:
@@ -219,7 +231,7 @@ class EntryRow:
     def full(cls, entry: StreamEntry) -> EntryRow:
         value, cut = clip(entry.value_head, VALUE_CHARS)  # type: ignore[attr-defined]
         size: int = entry.value_size  # type: ignore[attr-defined]
-        if not cut:
+        if not cut and len(value) > INLINE_CHARS:
             value = pretty_json(value) or ""
         return cls(
             entry.offset,
@@ -377,6 +389,12 @@ OBJECT_ACTIONS = {
 # The workflow admin
 
 
+class CreatedFilter(admin.DateFieldListFilter):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.title = _("created")
+
+
 class WorkflowChangeList(ChangeList):
     def get_queryset(self, request: HttpRequest, exclude_parameters: Any = None) -> QuerySet:
         # The JSON columns can be large and the list never shows them.
@@ -388,7 +406,7 @@ class WorkflowChangeList(ChangeList):
 class WorkflowAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     list_display = (
         "id_column",
-        "name",
+        "name_column",
         "status_column",
         "queue",
         "owner",
@@ -397,12 +415,12 @@ class WorkflowAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         "attempts_column",
         "worker_column",
     )
-    list_display_links = ("id_column", "name")
+    list_display_links = ("id_column", "name_column")
     list_filter = (
         "status",
         ("name", admin.AllValuesFieldListFilter),
         ("queue", admin.AllValuesFieldListFilter),
-        ("created_at", admin.DateFieldListFilter),
+        ("created_at", CreatedFilter),
     )
     search_fields = ("id", "name")
     search_help_text = _("A workflow id (or its beginning), or part of a workflow name.")
@@ -410,6 +428,8 @@ class WorkflowAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     list_select_related = ("owner",)
     list_per_page = 50
     show_full_result_count = False
+    # Facet counts run one COUNT per filter choice: too slow on a large table.
+    show_facets = admin.ShowFacets.NEVER
     paginator = CappedCountPaginator
     empty_value_display = "—"
     actions = ("cancel_selected", "resume_selected", "retry_selected")
@@ -464,6 +484,19 @@ class WorkflowAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     def id_column(self, obj: Workflow) -> SafeString:
         return format_html('<code class="ds-id" title="{}">{}</code>', obj.pk, short_id(obj.pk))
 
+    @admin.display(description=_("name"), ordering="name")
+    def name_column(self, obj: Workflow) -> SafeString:
+        # The function's name first; its module, smaller, below.
+        module, _dot, function = obj.name.rpartition(".")
+        if not module or not function:
+            return format_html('<span class="ds-name">{}</span>', obj.name)
+        return format_html(
+            '<span class="ds-name" title="{}">{}</span><span class="ds-module">{}</span>',
+            obj.name,
+            function,
+            module,
+        )
+
     @admin.display(description=_("status"), ordering="status")
     def status_column(self, obj: Workflow) -> SafeString:
         return status_badge(obj.status)
@@ -471,7 +504,10 @@ class WorkflowAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     @admin.display(description=_("created"), ordering="created_at")
     def created_column(self, obj: Workflow) -> SafeString:
         return format_html(
-            '<time datetime="{}">{}</time>', obj.created_at.isoformat(), format_time(obj.created_at)
+            '<time datetime="{}" title="{}">{}</time>',
+            obj.created_at.isoformat(),
+            format_time(obj.created_at),
+            format_when(obj.created_at),
         )
 
     @admin.display(description=_("duration"))
@@ -480,11 +516,15 @@ class WorkflowAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
 
     @admin.display(description=_("attempts"), ordering="attempts")
     def attempts_column(self, obj: Workflow) -> str:
-        return f"{obj.attempts} / {obj.max_attempts}"
+        return f"{obj.attempts}/{obj.max_attempts}"
 
     @admin.display(description=_("worker"), ordering="lease_owner")
-    def worker_column(self, obj: Workflow) -> str:
-        return obj.lease_owner or ""
+    def worker_column(self, obj: Workflow) -> SafeString | str:
+        if not obj.lease_owner:
+            return ""
+        worker = obj.lease_owner
+        shown = worker if len(worker) <= 16 else f"{worker[:15]}…"
+        return format_html('<span title="{}">{}</span>', worker, shown)
 
     # Actions
 
@@ -626,6 +666,13 @@ class WorkflowAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         if not self.has_view_permission(request, obj):
             raise PermissionDenied
         return obj
+
+    def changelist_view(
+        self, request: HttpRequest, extra_context: dict[str, Any] | None = None
+    ) -> HttpResponse:
+        return super().changelist_view(
+            request, {"title": self.opts.verbose_name_plural.capitalize(), **(extra_context or {})}
+        )
 
     # The workflow page
 

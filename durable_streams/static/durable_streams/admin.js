@@ -1,8 +1,8 @@
 // The admin's workflow page: open streams tail live, and operator actions ask first.
 //
 // Each open stream on the page follows its WebSocket through the project's client
-// (durable-streams.js), from the offset after the last entry the page rendered, so
-// no entry is shown twice or skipped. Only the newest rows stay on the page.
+// (durable-streams.js) from the offset after the last entry the page rendered, so no
+// entry is shown twice or skipped. Only the newest rows stay on the page.
 
 const PREVIEW_CHARS = 160;
 
@@ -36,7 +36,7 @@ class Tail {
   constructor(panel, section) {
     this.panel = panel;
     this.body = panel.querySelector("[data-ds-entries]");
-    this.scroller = panel.querySelector(".ds-entries");
+    this.scroller = panel.querySelector("[data-ds-scroll]");
     this.length = panel.querySelector("[data-ds-length]");
     this.state = panel.querySelector("[data-ds-state]");
     this.live = panel.querySelector("[data-ds-live]");
@@ -48,10 +48,18 @@ class Tail {
     };
   }
 
-  connected() {
+  status(state) {
+    // "Live" only while the socket is up; the client reconnects by itself after a drop.
     if (this.live) {
-      this.live.hidden = false;
+      this.live.hidden = state !== "open";
     }
+  }
+
+  refused(error) {
+    const note = document.createElement("p");
+    note.className = "ds-quiet";
+    note.textContent = error.message;
+    this.panel.append(note);
   }
 
   entry(offset, value) {
@@ -100,15 +108,6 @@ class Tail {
   }
 }
 
-function streamUrl(section, workflowId, key) {
-  const scheme = window.location.protocol === "https:" ? "wss:" : "ws:";
-  const path = section.dataset.wsPath || "/ws/durable-streams/";
-  return (
-    `${scheme}//${window.location.host}${path}` +
-    `${encodeURIComponent(workflowId)}/${encodeURIComponent(key)}/`
-  );
-}
-
 async function tailOpenStreams() {
   const section = document.getElementById("ds-streams");
   if (!section) {
@@ -127,24 +126,15 @@ async function tailOpenStreams() {
   }
   for (const panel of panels) {
     const tail = new Tail(panel, section);
-    follow(client, {
-      url: streamUrl(section, panel.dataset.workflow, panel.dataset.key),
-      workflowId: panel.dataset.workflow,
-      key: panel.dataset.key,
+    client.subscribe(panel.dataset.workflow, panel.dataset.key, {
       offset: tail.next,
-      tail,
+      path: section.dataset.wsPath,
+      onEntry: (value, offset) => tail.entry(offset, value),
+      onClose: (length) => tail.closed(length),
+      onStatus: (state) => tail.status(state),
+      onError: (error) => tail.refused(error),
     });
   }
-}
-
-function follow(client, { url, workflowId, key, offset, tail }) {
-  const subscribe = client.subscribe ?? client.default?.subscribe;
-  subscribe(url, {
-    offset,
-    onOpen: () => tail.connected(),
-    onEntry: (entry) => tail.entry(entry.offset, entry.value),
-    onClose: (info) => tail.closed(info?.length),
-  });
 }
 
 confirmActions();
