@@ -71,6 +71,27 @@ class WorkflowQuerySet(models.QuerySet["Workflow"]):
             self.filter(pk__in=held).update(lease_expires_at=until)
         return held
 
+    def renew_leases(
+        self, worker_id: str, workflow_ids: Collection[str], until: datetime
+    ) -> set[str]:
+        """Extend this worker's leases without waiting on row locks; return the ids it holds.
+
+        Call inside a transaction. A row that another transaction has locked is not
+        waited for: an atomic step keeps its workflow's row locked while it runs, and
+        the worker's other leases must not lapse meanwhile (that step's checkpoint
+        renews its own lease). Such a row counts as held if it still is.
+        """
+        held = self.held_by(worker_id).filter(pk__in=workflow_ids)
+        renewed = set(
+            held.order_by("pk").select_for_update(skip_locked=True).values_list("pk", flat=True)
+        )
+        if renewed:
+            self.filter(pk__in=renewed).update(lease_expires_at=until)
+        busy = set(workflow_ids) - renewed
+        if busy:
+            renewed.update(held.filter(pk__in=busy).values_list("pk", flat=True))
+        return renewed
+
     def finish(
         self,
         workflow_id: str,

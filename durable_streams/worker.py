@@ -258,7 +258,9 @@ class Worker:
                 until = timezone.now() + timedelta(seconds=config.LEASE_SECONDS)
                 with transaction.atomic(using=self.using):
                     take_write_lock(self.using)
-                    held = Workflow.objects.using(self.using).lock_held(self.worker_id, ids, until)
+                    held = Workflow.objects.using(self.using).renew_leases(
+                        self.worker_id, ids, until
+                    )
             except Exception:
                 logger.exception("Lease renewal failed; retrying in %ss.", config.HEARTBEAT_SECONDS)
                 keeper.broken()

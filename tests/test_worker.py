@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from django.conf import settings
+from django.db import connection
 from django.test import override_settings
 from django.utils import timezone
 
@@ -297,6 +298,30 @@ def test_a_handed_back_workflow_wakes_an_idle_worker_at_once(
         Effect.objects.filter(workflow_id=wid).order_by("pk").values_list("label", "worker")
     ) == [("wake-1", "leaving"), ("wake-2", "idle")]
     assert handle.get().attempts == 1
+
+
+@pytest.mark.postgres
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="row locks: PostgreSQL only")
+def test_a_long_atomic_step_does_not_cost_other_workflows_their_lease(
+    worker_thread: Callable[..., Worker],
+) -> None:
+    # The atomic step's transaction holds its workflow's row for the whole step, longer than
+    # a lease; the other workflow's lease must still be renewed meanwhile.
+    with override_settings(DURABLE_STREAMS={**settings.DURABLE_STREAMS, "LEASE_SECONDS": 1.0}):
+        atomic = start_workflow(workflows.long_atomic, "atomic", 3.0, workflow_id="a-atomic")
+        other = start_workflow(workflows.graceful, "other", 3.0, workflow_id="b-other")
+        holder = worker_thread(worker_id="holder", concurrency=2)
+        wait_until(
+            lambda: stream_length("b-other", "progress") >= 1, timeout=10, what="both to run"
+        )
+        worker_thread(worker_id="rival")
+        assert atomic.result(timeout=20) == "atomic"
+        assert other.result(timeout=20) == "done"
+        wait_until(lambda: idle(holder), timeout=10, what="the holder to finish")
+    assert list(
+        Effect.objects.filter(workflow_id="b-other").order_by("pk").values_list("label", "worker")
+    ) == [("other-1", "holder"), ("other-2", "holder")]
+    assert (atomic.get().attempts, other.get().attempts) == (1, 1)
 
 
 # max_attempts

@@ -405,3 +405,15 @@ def returns_step_tuple() -> Any:
 @step
 def step_tuple() -> Any:
     return (1, "two", [3.5])
+
+
+@step(atomic=True)
+def slow_atomic(label: str, seconds: float) -> str:
+    time.sleep(seconds)
+    worker_effect(label)
+    return label
+
+
+@workflow
+def long_atomic(label: str, seconds: float) -> str:
+    return slow_atomic(label, seconds)
