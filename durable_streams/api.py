@@ -495,6 +495,8 @@ def read_stream(
 
 
 def _read(cursor: _StreamCursor) -> Iterator[Any]:
+    # The wait for the first value starts now, not when read_stream() was called.
+    cursor.restart_clock()
     with subscribe(cursor.topics) as waiter:
         interval = poll_interval(cursor.using)
         while True:

@@ -363,6 +363,16 @@ def test_read_times_out_when_the_next_value_does_not_come(
     assert handle.result(timeout=10) == "done"
 
 
+def test_the_timeout_counts_from_when_the_reader_waits(transactional_db: None) -> None:
+    enqueued = workflows.echo.start()
+    reader = read_stream(enqueued.workflow_id, "out", timeout=0.3)
+    time.sleep(0.4)  # a reader created, then iterated a little later
+    started = time.monotonic()
+    with pytest.raises(StreamTimeout):
+        next(reader)
+    assert time.monotonic() - started >= 0.25
+
+
 def test_the_timeout_restarts_with_every_value(worker_thread: Callable[..., Worker]) -> None:
     # Six values 0.25s apart take longer than the timeout, each gap much less.
     handle = workflows.steady.start(6, 0.25)
