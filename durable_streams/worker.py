@@ -103,7 +103,9 @@ class Worker:
             signal.Signals(signum).name,
             get_config().SHUTDOWN_GRACE_SECONDS,
         )
-        self.stop()
+        # The handler runs in the main thread between any two bytecodes, maybe while the
+        # loop holds self._lock: stop from another thread, which can wait for the lock.
+        threading.Thread(target=self.stop, name="durable-streams-stop", daemon=True).start()
 
     # The loop
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -322,6 +323,30 @@ def test_a_long_atomic_step_does_not_cost_other_workflows_their_lease(
         Effect.objects.filter(workflow_id="b-other").order_by("pk").values_list("label", "worker")
     ) == [("other-1", "holder"), ("other-2", "holder")]
     assert (atomic.get().attempts, other.get().attempts) == (1, 1)
+
+
+def test_a_signal_arriving_while_the_loop_holds_its_lock_does_not_hang(
+    transactional_db: None,
+) -> None:
+    # A signal handler runs in the main thread between two bytecodes: maybe while the
+    # worker's loop holds its lock. Handling it must not wait for that lock.
+    worker = Worker(worker_id="signalled")
+    handled = threading.Event()
+
+    def loop_holding_the_lock() -> None:
+        with worker._lock:
+            worker._on_signal(signal.SIGTERM, None)
+            handled.set()
+
+    thread = threading.Thread(target=loop_holding_the_lock, daemon=True)
+    thread.start()
+    try:
+        assert handled.wait(5), "the signal handler waited for the lock its own thread holds"
+    finally:
+        if not handled.is_set():
+            worker._lock.release()  # let the stuck thread go
+        thread.join(timeout=5)
+    wait_until(worker._stopping.is_set, timeout=5, what="the worker to stop")
 
 
 # max_attempts
