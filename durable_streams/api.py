@@ -436,6 +436,11 @@ class _StreamCursor:
         self.batch_size = get_config().READ_BATCH_SIZE
         self.topics = [stream_topic(workflow_id, key), workflow_topic(workflow_id)]
         self._deadline: float | None = None
+        # What the last read of the stream's row said; values below ``_length``
+        # exist, so reading them needs no new look at the row.
+        self._stream_id: int | None = None
+        self._length = 0
+        self._closed = False
         self.restart_clock()
 
     def restart_clock(self) -> None:
@@ -443,14 +448,26 @@ class _StreamCursor:
             self._deadline = time.monotonic() + self.timeout
 
     def fetch(self) -> tuple[list[Any], bool]:
-        """Return the next batch of values, and whether the stream has ended after them."""
+        """Return the next batch of values, and whether the stream has ended after them.
+
+        Once the stream's row was read, values are read directly (one query per
+        batch); the row is read again only when nothing new is found.
+        """
+        if self._stream_id is not None:
+            if self._closed and self.offset >= self._length:
+                return [], True
+            values = self._read_values(self.batch_size)
+            if values:
+                self._length = max(self._length, self.offset)
+                return values, self._closed and self.offset >= self._length
         row = (
             Stream.objects.using(self.using)
             .filter(workflow_id=self.workflow_id, key=self.key)
-            .values_list("pk", "length", "closed_at", "workflow__status")
-            .first()
+            .order_by()
+            .values_list("pk", "length", "closed_at", "workflow__status")[:1]
         )
-        if row is None:
+        found = list(row)
+        if not found:
             status = (
                 WorkflowRun.objects.using(self.using)
                 .filter(pk=self.workflow_id)
@@ -461,17 +478,29 @@ class _StreamCursor:
                 raise WorkflowNotFound(self.workflow_id)
             # A workflow that ended without writing to this stream has nothing to give.
             return [], status in TERMINAL_STATUSES
-        stream_id, length, closed_at, status = row
+        stream_id, length, closed_at, status = found[0]
         closed = closed_at is not None or status not in ACTIVE_STATUSES
+        self._stream_id, self._length, self._closed = stream_id, length, closed
         if length <= self.offset:
             return [], closed
-        texts = list(
+        values = self._read_values(min(self.batch_size, length - self.offset))
+        return values, closed and self.offset >= length
+
+    def _read_values(self, limit: int) -> list[Any]:
+        """Decode up to ``limit`` stored values from ``offset`` on, and move past them."""
+        assert self._stream_id is not None
+        rows = (
             StreamEntry.objects.using(self.using)
-            .from_offset(stream_id, self.offset, min(self.batch_size, length - self.offset))
-            .values_list("value", flat=True)
+            .from_offset(self._stream_id, self.offset, limit)
+            .values_list("offset", "value")
         )
+        texts = []
+        for offset, text in rows:
+            if offset != self.offset + len(texts):
+                break  # offsets are dense; never step over one
+            texts.append(text)
         self.offset += len(texts)
-        return [encoding.loads(t) for t in texts], closed and self.offset >= length
+        return [encoding.loads(t) for t in texts]
 
     def wait_time(self, interval: float) -> float:
         if self._deadline is None:
