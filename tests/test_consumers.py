@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
 from asgiref.sync import sync_to_async
 from channels.testing import WebsocketCommunicator
 from django.contrib.auth import get_user_model
+from django.db import connections
 from django.test import Client
 
 from durable_streams import delivery, start_workflow, step, workflow, write_stream
@@ -21,6 +23,28 @@ from tests.asgi import application
 from tests.models import Effect
 
 pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture(autouse=True)
+async def _close_thread_connections() -> AsyncIterator[None]:
+    # sync_to_async() runs the test's database calls in a thread of its own, and Django
+    # leaves the connections of its per-request threads to the garbage collector: close
+    # them all, or PostgreSQL refuses to drop the test database at the end.
+    yield
+    await sync_to_async(connections.close_all)()
+    gc.collect()
+
+
+@pytest.fixture(autouse=True)
+def _channel_layer_per_test() -> Iterator[None]:
+    # Each test runs its own event loop; a Redis layer keeps loop-bound state, so every
+    # test gets a layer of its own.
+    from channels.layers import channel_layers
+
+    channel_layers.backends = {}
+    yield
+    channel_layers.backends = {}
+
 
 ORIGIN = (b"origin", b"http://testserver")
 
@@ -407,7 +431,11 @@ async def test_lost_notifications_are_filled_from_the_database(
     settings: Any, monkeypatch: pytest.MonkeyPatch, live_worker: Any
 ) -> None:
     # No silence poll within the test: only gap detection can recover the lost values.
-    settings.DURABLE_STREAMS = {**settings.DURABLE_STREAMS, "POLL_INTERVAL": 30.0}
+    settings.DURABLE_STREAMS = {
+        **settings.DURABLE_STREAMS,
+        "POLL_INTERVAL": 30.0,
+        "NOTIFY_FALLBACK_POLL": 30.0,
+    }
     publish = delivery.publish
     seen = {"entries": 0}
 
@@ -434,7 +462,11 @@ async def test_lost_notifications_are_filled_from_the_database(
 async def test_one_value_to_many_sockets_costs_no_query_per_socket(
     settings: Any, monkeypatch: pytest.MonkeyPatch, live_worker: Any
 ) -> None:
-    settings.DURABLE_STREAMS = {**settings.DURABLE_STREAMS, "POLL_INTERVAL": 30.0}
+    settings.DURABLE_STREAMS = {
+        **settings.DURABLE_STREAMS,
+        "POLL_INTERVAL": 30.0,
+        "NOTIFY_FALLBACK_POLL": 30.0,
+    }
     reads: list[int] = []
     read_batch = delivery.read_batch
 

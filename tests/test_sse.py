@@ -12,7 +12,9 @@ from asgiref.testing import ApplicationCommunicator
 
 from durable_streams import delivery
 from tests.asgi import application
-from tests.test_consumers import (
+from tests.test_consumers import (  # the fixtures apply here too
+    _channel_layer_per_test,  # noqa: F401
+    _close_thread_connections,  # noqa: F401
     gated,
     make_user,
     many,
