@@ -28,7 +28,7 @@ SUGGESTIONS = [
 class AskForm(forms.Form):
     prompt = forms.CharField(
         max_length=500,
-        widget=forms.Textarea(attrs={"rows": 3, "placeholder": "Ask anything…", "autofocus": True}),
+        widget=forms.Textarea(attrs={"rows": 3, "placeholder": "Ask anything…"}),
     )
     private = forms.BooleanField(
         required=False, initial=True, label="Only me (and staff) can read the answer"

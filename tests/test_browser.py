@@ -1,0 +1,344 @@
+"""The example project in headless Chromium: ``manage.py demo`` runs its worker and its
+ASGI server on 127.0.0.1, and Playwright drives the page as a visitor would.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from example_project.demo.generator import compose
+from tests.processes import ROOT, wait_until
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+ADMIN_USER, ADMIN_PASSWORD = "admin", "demo-admin-password"
+SCREENSHOT = Path("/tmp/durable-streams-demo.png")
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.timeout(240),
+    pytest.mark.skipif(
+        importlib.util.find_spec("playwright") is None,
+        reason="Playwright for Python is not installed (pip install 'durable-streams[browser]')",
+    ),
+    pytest.mark.skipif(
+        not CHROMIUM.exists(), reason=f"{CHROMIUM} is missing (apt-get install chromium)"
+    ),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def children_of(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (the demo starts its own in new sessions)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+class Demo:
+    def __init__(self, base: str, process: subprocess.Popen[bytes], log: Path) -> None:
+        self.base = base
+        self.process = process
+        self.log_path = log
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
+    """``manage.py demo`` on a free port with a fresh SQLite file; stopped with Ctrl-C."""
+    workdir = tmp_path_factory.mktemp("demo")
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in {"DJANGO_SETTINGS_MODULE", "DATABASE_URL", "DS_TEST_DB_NAME"}
+    }
+    env.update(
+        DEMO_DATABASE=str(workdir / "demo.sqlite3"),
+        DJANGO_SUPERUSER_PASSWORD=ADMIN_PASSWORD,
+        PYTHONUNBUFFERED="1",
+    )
+    manage = [sys.executable, str(ROOT / "manage.py")]
+    for command in (
+        ["migrate", "--noinput"],
+        ["createsuperuser", "--noinput", "--username", ADMIN_USER, "--email", "a@example.com"],
+    ):
+        subprocess.run(
+            manage + command, cwd=ROOT, env=env, check=True, timeout=120, capture_output=True
+        )
+    port = free_port()
+    log = workdir / "demo.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [*manage, "demo", "--port", str(port)],
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    server = Demo(f"http://127.0.0.1:{port}", process, log)
+    children: list[int] = []
+    try:
+        wait_until(
+            lambda: "The demo runs at" in server.log() or process.poll() is not None,
+            timeout=90,
+            interval=0.1,
+            what="the demo to start",
+        )
+        assert process.poll() is None, server.log()
+        children = children_of(process.pid)
+        assert len(children) == 2, f"expected a worker and a web server: {children}"
+        yield server
+        # Ctrl-C stops the demo, which stops its worker and its web server.
+        process.send_signal(signal.SIGINT)
+        assert process.wait(60) == 0, server.log()
+        assert "Stopped." in server.log()
+        assert not [pid for pid in children if alive(pid)], server.log()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+        for pid in children:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+@pytest.fixture
+def page(browser: Any) -> Iterator[Any]:
+    context = browser.new_context(viewport={"width": 1280, "height": 860})
+    page = context.new_page()
+    page.set_default_timeout(30_000)
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    try:
+        yield page
+    finally:
+        context.close()
+    assert errors == [], errors
+
+
+def answer_text(page: Any) -> str:
+    return page.eval_on_selector("#answer", "element => element.textContent")
+
+
+def ask(page: Any, demo: Demo, prompt: str) -> None:
+    page.goto(demo.base + "/")
+    page.fill("textarea[name=prompt]", prompt)
+    page.click("form.ask button[type=submit]")
+    page.wait_for_url("**/runs/**")
+
+
+def wait_for_complete(page: Any, timeout: float = 60.0) -> None:
+    page.wait_for_selector("#connection[data-state=closed]", timeout=timeout * 1000)
+
+
+def test_the_answer_grows_on_screen_while_the_workflow_runs(page: Any, demo: Demo) -> None:
+    prompt = "How do I make a long job survive a server restart?"
+    expected = "".join(compose(prompt))
+    ask(page, demo, prompt)
+    lengths = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        lengths.append(len(answer_text(page)))
+        if page.get_attribute("#connection", "data-state") == "closed":
+            break
+        if len(lengths) == 30:
+            page.screenshot(path=str(SCREENSHOT))
+        time.sleep(0.1)
+    wait_for_complete(page)
+    assert answer_text(page) == expected
+    assert lengths == sorted(lengths), "the text never shrinks"
+    partial = sorted({n for n in lengths if 0 < n < len(expected)})
+    assert len(partial) >= 10, f"the text should grow in many steps, saw {partial}"
+    assert page.inner_text("#stage") == "Done"
+    assert page.inner_text(".runs li.current .status") == "Success"
+
+
+def test_a_reload_mid_answer_resumes_with_every_token_once(page: Any, demo: Demo) -> None:
+    prompt = "Explain exactly-once delivery to a new teammate."
+    expected = "".join(compose(prompt))
+    ask(page, demo, prompt)
+    wait_until(lambda: len(answer_text(page)) > len(expected) // 3, timeout=30, what="a third")
+    page.reload()
+    shown_after_reload = answer_text(page)
+    assert 0 < len(shown_after_reload) < len(expected), "the reload happened mid-answer"
+    assert expected.startswith(shown_after_reload)
+    wait_for_complete(page)
+    assert answer_text(page) == expected
+
+
+def test_the_client_resumes_after_dropped_connections(page: Any, demo: Demo) -> None:
+    prompt = "What should a progress bar really measure?"
+    expected = "".join(compose(prompt))
+    ask(page, demo, prompt)
+    page.evaluate(
+        """() => {
+          window.seenStates = [];
+          const options = window.durableDemo.answer.options;
+          const show = options.onStatus;
+          options.onStatus = (state) => { window.seenStates.push(state); show(state); };
+        }"""
+    )
+    for drop in (1, 2):
+        wait_until(
+            lambda d=drop: len(answer_text(page)) > len(expected) * d // 4,
+            timeout=30,
+            what="more text",
+        )
+        # Drop the live socket as a flaky network would; the client must come back.
+        page.evaluate("window.durableDemo.answer._socket.close()")
+        page.wait_for_function(
+            "n => window.seenStates.filter(s => s === 'open').length >= n", arg=drop
+        )
+    wait_for_complete(page)
+    assert answer_text(page) == expected
+    states = page.evaluate("window.seenStates")
+    assert states[:6] == ["waiting", "connecting", "open"] * 2, states
+
+
+def test_the_admin_pages_render(page: Any, demo: Demo) -> None:
+    page.goto(demo.base + "/admin/")
+    page.fill("input[name=username]", ADMIN_USER)
+    page.fill("input[name=password]", ADMIN_PASSWORD)
+    page.click("input[type=submit]")
+    page.wait_for_selector("#site-name")
+    assert "Site administration" in page.title()
+    changelists = page.eval_on_selector_all(
+        "#content-main a", "links => [...new Set(links.map(a => a.href))]"
+    )
+    changelists = [href for href in changelists if href.startswith(demo.base + "/admin/")]
+    assert any("/admin/durable_streams/workflow/" in href for href in changelists), changelists
+    for href in changelists:
+        response = page.goto(href)
+        assert response is not None and response.ok, (href, response and response.status)
+        assert page.locator("#content").count() == 1, href
+    # A run's own page.
+    page.goto(demo.base + "/admin/durable_streams/workflow/")
+    first = page.locator("#result_list tbody tr a").first
+    first.click()
+    page.wait_for_load_state()
+    assert page.locator("#content").count() == 1
+
+
+CLIENT_SCRIPT = """
+async ([moduleUrl, scenario]) => {
+  const { subscribe } = await import(moduleUrl);
+  const sockets = [];
+  class FakeSocket {
+    constructor(url) { this.url = url; sockets.push(this); setTimeout(() => this.onopen?.(), 0); }
+    close(code = 1005) {
+      if (this.closed) return;
+      this.closed = true;
+      setTimeout(() => this.onclose?.({ code, reason: "" }), 0);
+    }
+    frame(message) { this.onmessage?.({ data: JSON.stringify(message) }); }
+  }
+  const seen = [];
+  const states = [];
+  let closedWith = null;
+  let error = null;
+  const sub = subscribe("wf/1", "answer key", {
+    offset: 2, WebSocket: FakeSocket, minDelay: 5, maxDelay: 20,
+    origin: "https://example.com/page",
+    onEntry: (value, offset) => seen.push([offset, value]),
+    onClose: (length) => { closedWith = length; },
+    onError: (e) => { error = { code: e.code, name: e.name }; },
+    onStatus: (state) => states.push(state),
+  });
+  const tick = (ms = 40) => new Promise((r) => setTimeout(r, ms));
+  await tick();
+  const entry = (offset, value) => ({ type: "entry", key: "answer key", offset, value });
+  if (scenario === "resume") {
+    sockets[0].frame(entry(2, "c"));
+    sockets[0].frame(entry(2, "c"));          // a duplicate: ignored
+    sockets[0].frame(entry(3, { d: [4] }));
+    sockets[0].close(1006);                   // dropped
+    await tick();
+    sockets[1].frame(entry(3, { d: [4] }));   // sent again after the resume: ignored
+    sockets[1].frame(entry(5, "f"));          // a gap: reconnect from 4
+    await tick();
+    sockets[2].frame(entry(4, "e"));
+    sockets[2].frame(entry(5, "f"));
+    sockets[2].frame({ type: "closed", key: "answer key", length: 6 });
+    await tick();
+  } else if (scenario === "refused") {
+    sockets[0].close(4403);
+    await tick(100);
+  }
+  return { urls: sockets.map((s) => s.url), seen, states, closedWith, error,
+           offset: sub.offset, state: sub.state };
+}
+"""
+
+
+def run_client(page: Any, demo: Demo, scenario: str) -> dict[str, Any]:
+    page.goto(demo.base + "/accounts/login/")
+    module = demo.base + "/static/durable_streams/durable-streams.js"
+    return page.evaluate(CLIENT_SCRIPT, [module, scenario])
+
+
+def test_client_reports_each_value_once_across_drops_and_gaps(page: Any, demo: Demo) -> None:
+    result = run_client(page, demo, "resume")
+    assert result["seen"] == [[2, "c"], [3, {"d": [4]}], [4, "e"], [5, "f"]]
+    assert result["closedWith"] == 6 and result["state"] == "closed" and result["offset"] == 6
+    assert result["urls"] == [
+        "wss://example.com/ws/durable-streams/wf%2F1/answer%20key/?offset=2",
+        "wss://example.com/ws/durable-streams/wf%2F1/answer%20key/?offset=4",
+        # After the gap it asks again for the offset it still needs.
+        "wss://example.com/ws/durable-streams/wf%2F1/answer%20key/?offset=4",
+    ]
+    assert result["states"][:3] == ["open", "waiting", "connecting"]
+
+
+def test_client_gives_up_on_a_refusal(page: Any, demo: Demo) -> None:
+    result = run_client(page, demo, "refused")
+    assert result["error"] == {"code": 4403, "name": "StreamRefused"}
+    assert result["state"] == "failed"
+    assert len(result["urls"]) == 1, "a refusal is final: no reconnection"
+    assert json.dumps(result["seen"]) == "[]"
