@@ -14,7 +14,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any
 
@@ -77,6 +77,8 @@ class Execution:
     stored: int = 0
     pending_bytes: int = 0
     write_error: BaseException | None = None
+    # True while an atomic step runs: its stream writes join its transaction.
+    in_transaction: bool = False
 
     def stream_id(self, key: str) -> int | None:
         state = self.streams.get(key)
@@ -221,21 +223,30 @@ def run_step(
         execution.step_name = name
         try:
             if atomic:
-                # The step's own database writes and its checkpoint commit together.
-                with transaction.atomic(using=execution.using):
-                    execution.fence()
-                    result = fn(*args, **kwargs)
-                    output = encoding.encode(result, f"The result of step {name!r}")
-                    _record_step(
-                        execution,
-                        operation,
-                        name,
-                        Step.Outcome.SUCCESS,
-                        output,
-                        None,
-                        attempt,
-                        started,
-                    )
+                # The step's own database writes, its stream writes and its
+                # checkpoint commit together, or not at all.
+                saved = {key: replace(state) for key, state in execution.streams.items()}
+                execution.in_transaction = True
+                try:
+                    with transaction.atomic(using=execution.using):
+                        execution.fence()
+                        result = fn(*args, **kwargs)
+                        output = encoding.encode(result, f"The result of step {name!r}")
+                        _record_step(
+                            execution,
+                            operation,
+                            name,
+                            Step.Outcome.SUCCESS,
+                            output,
+                            None,
+                            attempt,
+                            started,
+                        )
+                except BaseException:
+                    execution.streams = saved
+                    raise
+                finally:
+                    execution.in_transaction = False
                 return encoding.loads(output)
             result = fn(*args, **kwargs)
         except (LeaseLost, NonDeterministicWorkflow):
@@ -355,13 +366,17 @@ def _append(execution: Execution, key: str, text: str, operation: int | None) ->
         state = execution.streams[key] = _StreamState(None, 0, False)
     elif state.closed:
         raise StreamClosed(execution.workflow_id, key)
-    offset = state.length
-    writer.committer(execution.using).submit(
-        execution, writer.PendingWrite(key, text, operation, offset)
-    )
+    _store(execution, writer.PendingWrite(key, text, operation, state.length))
     state.length += 1
     if operation is not None:
         execution.recorded[operation] = (WRITE, key)
+
+
+def _store(execution: Execution, write: writer.PendingWrite) -> None:
+    if execution.in_transaction:
+        writer.store_in_transaction(execution, write)
+    else:
+        writer.committer(execution.using).submit(execution, write)
 
 
 def _close(execution: Execution, key: str, operation: int | None) -> None:
@@ -370,9 +385,7 @@ def _close(execution: Execution, key: str, operation: int | None) -> None:
         state = execution.streams[key] = _StreamState(None, 0, False)
     elif state.closed:
         return
-    writer.committer(execution.using).submit(
-        execution, writer.PendingWrite(key, None, operation, state.length)
-    )
+    _store(execution, writer.PendingWrite(key, None, operation, state.length))
     state.closed = True
     if operation is not None:
         execution.recorded[operation] = (CLOSE, key)

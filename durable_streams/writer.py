@@ -18,7 +18,7 @@ import logging
 import threading
 from collections import defaultdict
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from django.db import transaction
@@ -111,7 +111,11 @@ class GroupCommitter:
             failures: dict[Execution, BaseException] = {}
             try:
                 keeper.ready()
-                failures = self._store(batch)
+                with transaction.atomic(using=self.using):
+                    stored = _store(self.using, batch)
+                stored.set_stream_ids()
+                stored.deliver()
+                failures = stored.failures
             except Exception as exc:
                 logger.exception("Could not store %d stream writes.", sum(map(len, batch.values())))
                 failures = dict.fromkeys(
@@ -129,82 +133,103 @@ class GroupCommitter:
                         execution.stop.set()
                 self._cond.notify_all()
 
-    def _store(self, batch: dict[Execution, list[PendingWrite]]) -> dict[Execution, BaseException]:
-        using = self.using
-        now = timezone.now()
-        until = now + timedelta(seconds=get_config().LEASE_SECONDS)
-        failures: dict[Execution, BaseException] = {}
-        created: list[tuple[Execution, str, int]] = []
-        hooks: list[tuple[str, str, int, list[str], int | None]] = []
-        with transaction.atomic(using=using):
-            take_write_lock(using)
-            held = self._fence(batch, until)
-            entries: list[StreamEntry] = []
-            updates: dict[int, dict[str, object]] = {}
-            topics: list[str] = []
-            for execution, writes in batch.items():
-                if execution.workflow_id not in held:
-                    failures[execution] = LeaseLost(
-                        f"Worker {execution.worker_id!r} no longer holds workflow "
-                        f"{execution.workflow_id!r}."
-                    )
-                    continue
-                new_ids: dict[str, int] = {}
-                runs: dict[str, tuple[int, list[str]]] = {}
-                for write in writes:
-                    stream_id = new_ids.get(write.key) or execution.stream_id(write.key)
-                    if stream_id is None:
-                        stream_id = (
-                            Stream.objects.using(using)
-                            .create(
-                                workflow_id=execution.workflow_id, key=write.key, created_at=now
-                            )
-                            .pk
-                        )
-                        new_ids[write.key] = stream_id
-                        created.append((execution, write.key, stream_id))
-                    update = updates.setdefault(stream_id, {})
-                    if write.text is None:
-                        update["closed_at"] = now
-                        update["close_operation"] = write.operation
-                        hooks.append(
-                            (execution.workflow_id, write.key, write.offset, [], write.offset)
-                        )
-                    else:
-                        entries.append(
-                            StreamEntry(
-                                stream_id=stream_id,
-                                offset=write.offset,
-                                value=write.text,
-                                operation=write.operation,
-                                created_at=now,
-                            )
-                        )
-                        update["length"] = write.offset + 1
-                        first, texts = runs.setdefault(write.key, (write.offset, []))
-                        texts.append(write.text)
-                    topics.append(stream_topic(execution.workflow_id, write.key))
-                for key, (first, texts) in runs.items():
-                    hooks.append((execution.workflow_id, key, first, texts, None))
-            StreamEntry.objects.using(using).bulk_create(entries, batch_size=1000)
-            for stream_id, fields in updates.items():
-                Stream.objects.using(using).filter(pk=stream_id).update(**fields)
-            announce(topics, using)
-        for execution, key, stream_id in created:
-            execution.set_stream_id(key, stream_id)
-        _deliver(hooks)
-        return failures
 
-    def _fence(self, batch: dict[Execution, list[PendingWrite]], until: object) -> set[str]:
-        """Renew and lock the leases of the batch's workflows; return the ids still held."""
-        by_worker: dict[str, list[str]] = defaultdict(list)
-        for execution in batch:
-            by_worker[execution.worker_id].append(execution.workflow_id)
-        held: set[str] = set()
-        runs = Workflow.objects.using(self.using)
-        for worker_id, workflow_ids in by_worker.items():
-            held.update(runs.lock_held(worker_id, workflow_ids, until))  # type: ignore[arg-type]
-        return held
+@dataclass
+class _Stored:
+    """What one transaction stored, to apply once it has committed."""
+
+    failures: dict[Execution, BaseException]
+    created: list[tuple[Execution, str, int]]
+    hooks: list[tuple[str, str, int, list[str], int | None]]
+
+    def set_stream_ids(self) -> None:
+        for execution, key, stream_id in self.created:
+            execution.set_stream_id(key, stream_id)
+
+    def deliver(self) -> None:
+        _deliver(self.hooks)
+
+
+def _store(using: str, batch: dict[Execution, list[PendingWrite]]) -> _Stored:
+    """Store ``batch`` in the current transaction; the caller commits it."""
+    now = timezone.now()
+    until = now + timedelta(seconds=get_config().LEASE_SECONDS)
+    stored = _Stored({}, [], [])
+    take_write_lock(using)
+    held = _fence(using, batch, until)
+    entries: list[StreamEntry] = []
+    updates: dict[int, dict[str, object]] = {}
+    topics: list[str] = []
+    for execution, writes in batch.items():
+        if execution.workflow_id not in held:
+            stored.failures[execution] = LeaseLost(
+                f"Worker {execution.worker_id!r} no longer holds workflow "
+                f"{execution.workflow_id!r}."
+            )
+            continue
+        new_ids: dict[str, int] = {}
+        runs: dict[str, tuple[int, list[str]]] = {}
+        for write in writes:
+            stream_id = new_ids.get(write.key) or execution.stream_id(write.key)
+            if stream_id is None:
+                stream = Stream.objects.using(using).create(
+                    workflow_id=execution.workflow_id, key=write.key, created_at=now
+                )
+                stream_id = new_ids[write.key] = stream.pk
+                stored.created.append((execution, write.key, stream_id))
+            update = updates.setdefault(stream_id, {})
+            if write.text is None:
+                update["closed_at"] = now
+                update["close_operation"] = write.operation
+                stored.hooks.append(
+                    (execution.workflow_id, write.key, write.offset, [], write.offset)
+                )
+            else:
+                entries.append(
+                    StreamEntry(
+                        stream_id=stream_id,
+                        offset=write.offset,
+                        value=write.text,
+                        operation=write.operation,
+                        created_at=now,
+                    )
+                )
+                update["length"] = write.offset + 1
+                runs.setdefault(write.key, (write.offset, []))[1].append(write.text)
+            topics.append(stream_topic(execution.workflow_id, write.key))
+        for key, (first, texts) in runs.items():
+            stored.hooks.append((execution.workflow_id, key, first, texts, None))
+    StreamEntry.objects.using(using).bulk_create(entries, batch_size=1000)
+    for stream_id, fields in updates.items():
+        Stream.objects.using(using).filter(pk=stream_id).update(**fields)
+    announce(topics, using)
+    return stored
+
+
+def store_in_transaction(execution: Execution, write: PendingWrite) -> None:
+    """Store one write in the caller's open transaction (an atomic step's).
+
+    The value commits, or rolls back, with the step. Going through the writer
+    thread instead would deadlock: its transaction would wait for the workflow's
+    row, which the step's transaction holds until the step ends.
+    """
+    stored = _store(execution.using, {execution: [write]})
+    if stored.failures:
+        raise stored.failures[execution]
+    stored.set_stream_ids()
+    transaction.on_commit(stored.deliver, using=execution.using)
+
+
+def _fence(using: str, batch: dict[Execution, list[PendingWrite]], until: datetime) -> set[str]:
+    """Renew and lock the leases of the batch's workflows; return the ids still held."""
+    by_worker: dict[str, list[str]] = defaultdict(list)
+    for execution in batch:
+        by_worker[execution.worker_id].append(execution.workflow_id)
+    held: set[str] = set()
+    runs = Workflow.objects.using(using)
+    for worker_id, workflow_ids in by_worker.items():
+        held.update(runs.lock_held(worker_id, workflow_ids, until))
+    return held
 
 
 def _deliver(hooks: list[tuple[str, str, int, list[str], int | None]]) -> None:
