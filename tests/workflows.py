@@ -417,3 +417,6 @@ def slow_atomic(label: str, seconds: float) -> str:
 @workflow
 def long_atomic(label: str, seconds: float) -> str:
     return slow_atomic(label, seconds)
+
+
+from .workflows_atomic import atomic_stream_writer  # noqa: E402, F401 - registers it
