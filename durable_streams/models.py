@@ -126,8 +126,10 @@ class WorkflowQuerySet(models.QuerySet["Workflow"]):
                 transaction.on_commit(lambda: delivery.workflow_ended(workflow_id), using=self.db)
         return bool(changed)
 
-    def release(self, worker_id: str, workflow_ids: Collection[str]) -> int:
-        """Hand running workflows back to the queue without counting the attempt.
+    def release(
+        self, worker_id: str, workflow_ids: Collection[str], *, count_attempt: bool = False
+    ) -> int:
+        """Hand running workflows back to the queue, by default without counting the attempt.
 
         Their queues are announced, so that idle workers take them over at once.
         """
@@ -142,7 +144,7 @@ class WorkflowQuerySet(models.QuerySet["Workflow"]):
                 status=Status.ENQUEUED,
                 lease_owner=None,
                 lease_expires_at=None,
-                attempts=F("attempts") - 1,
+                attempts=F("attempts") if count_attempt else F("attempts") - 1,
                 updated_at=timezone.now(),
             )
             if released:

@@ -330,7 +330,10 @@ class Worker:
                 # What the body wrote is stored before its end is recorded.
                 execution.flush()
             except runtime.Interrupted as stop:
-                if runs.release(self.worker_id, [workflow_id]):
+                # A shutdown hands the run back uncounted; a failed write counts, so that
+                # a write that keeps failing ends at max_attempts instead of looping.
+                failed = execution.write_error is not None
+                if runs.release(self.worker_id, [workflow_id], count_attempt=failed):
                     log.info("Stopped at a step boundary (%s); back in the queue.", stop.reason)
                 else:
                     log.info("Stopped: %s.", stop.reason)

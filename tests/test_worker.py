@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 from django.conf import settings
-from django.db import connection
+from django.db import OperationalError, connection
 from django.test import override_settings
 from django.utils import timezone
 
-from durable_streams import Status, WorkflowCancelled, start_workflow
+from durable_streams import Status, WorkflowCancelled, start_workflow, writer
 from durable_streams.models import Step, Stream, StreamEntry, Workflow
 from durable_streams.registry import names
 from durable_streams.worker import Worker
@@ -323,6 +323,29 @@ def test_a_long_atomic_step_does_not_cost_other_workflows_their_lease(
         Effect.objects.filter(workflow_id="b-other").order_by("pk").values_list("label", "worker")
     ) == [("other-1", "holder"), ("other-2", "holder")]
     assert (atomic.get().attempts, other.get().attempts) == (1, 1)
+
+
+def test_a_run_whose_writes_keep_failing_ends_at_max_attempts(
+    worker_thread: Callable[..., Worker], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    handle = workflows.write_values.start("out", [1, 2])
+    wid = handle.workflow_id
+    Workflow.objects.filter(pk=wid).update(max_attempts=2)
+    store = writer.GroupCommitter._store
+
+    def refuse_this_workflow(self: writer.GroupCommitter, batch: Any) -> Any:
+        if any(execution.workflow_id == wid for execution in batch):
+            raise OperationalError("disk I/O error")
+        return store(self, batch)
+
+    monkeypatch.setattr(writer.GroupCommitter, "_store", refuse_this_workflow)
+    worker_thread()
+    # Every run stops at its failed write; the attempts must add up, not loop forever.
+    wait_until(lambda: handle.status == Status.ERROR, timeout=15, what="the workflow to end")
+    run = handle.get()
+    assert run.decoded_error["type"] == "MaxAttemptsExceeded"
+    assert "claimed 2 times" in run.decoded_error["message"]
+    assert not StreamEntry.objects.filter(stream__workflow_id=wid).exists()
 
 
 def test_a_signal_arriving_while_the_loop_holds_its_lock_does_not_hang(
