@@ -184,6 +184,17 @@ def test_changelist_filters(admin_client: Client) -> None:
     assert "?name=tests.workflows.fails" in html and "?queue=slow" in html
 
 
+def test_name_and_queue_filters_list_at_most_the_limit(
+    admin_client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ds_admin, "FILTER_VALUES", 2)
+    for name in ("c.third", "a.first", "b.second", "a.first"):
+        make_workflow(name=name)
+    html = admin_client.get(CHANGELIST).content.decode()
+    assert "?name=a.first" in html and "?name=b.second" in html
+    assert "?name=c.third" not in html
+
+
 def test_changelist_search_by_id_and_name(admin_client: Client) -> None:
     one = make_workflow(name="billing.charge_card")
     two = make_workflow(name="mail.send_digest", id="digest-2026-11")

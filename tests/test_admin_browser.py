@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from django.contrib.auth.models import User
-from django.db import connection
+from django.db import connection, connections
 from django.urls import reverse
 
 from durable_streams import admin as ds_admin
@@ -112,6 +112,9 @@ def browser(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
             yield chromium
         finally:
             chromium.close()
+            # Queries made while Playwright runs may have opened connections of their
+            # own; an open one would keep PostgreSQL from dropping the test database.
+            connections.close_all()
 
 
 def log_in(browser: Any, server: str, errors: list[str]) -> Any:
