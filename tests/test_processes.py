@@ -173,24 +173,3 @@ def test_racing_workers_never_run_a_workflow_twice(processes: WorkerProcesses, c
     assert set(by_worker) == {"racer-a", "racer-b"}, by_worker  # both really raced
     assert set(Workflow.objects.filter(pk__in=ids).values_list("attempts", flat=True)) == {1}
     assert Step.objects.filter(workflow_id__in=ids).count() == count
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "runtime.py/writer.py: a write_stream from inside an atomic step deadlocks. The step's "
-        "transaction holds the workflow row (PostgreSQL) or the write lock (SQLite) from its "
-        "fence; the writer thread's batch needs the same lock; _record_step's flush() waits for "
-        "the writer inside the step's transaction. PostgreSQL hangs for good; SQLite fails the "
-        "batch after the busy timeout, the run is released and the loop starts over."
-    ),
-)
-def test_an_atomic_step_can_write_to_a_stream(processes: WorkerProcesses) -> None:
-    handle = workflows.atomic_stream.start("atomic-stream")
-    processes.start("atomic")
-    assert handle.result(timeout=5) == "atomic-stream"
-    assert stream_entries(handle.workflow_id, "out") == [
-        (0, "atomic-stream from an atomic step"),
-        (1, "after"),
-    ]
-    assert Effect.objects.filter(label="atomic-stream").count() == 1

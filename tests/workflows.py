@@ -311,20 +311,6 @@ def atomic_rollback(label: str, failures: int) -> str:
     return atomic_flaky(label, failures)
 
 
-@step(atomic=True)
-def atomic_writer(label: str) -> str:
-    effect(label)
-    write_stream("out", f"{label} from an atomic step")
-    return label
-
-
-@workflow
-def atomic_stream(label: str) -> str:
-    result = atomic_writer(label)
-    write_stream("out", "after")
-    return result
-
-
 @step
 def returns_set() -> Any:
     return {1, 2}
