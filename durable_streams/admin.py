@@ -591,21 +591,16 @@ class WorkflowAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
 
     # Actions
 
-    def _report(
-        self, request: HttpRequest, outcome: Outcome, done: str, refused: tuple[str, str]
-    ) -> None:
+    def _report(self, request: HttpRequest, outcome: Outcome, done: str, refused: str) -> None:
+        """Say how many workflows changed and which were refused; ``refused`` names them."""
         if outcome.changed:
-            count = len(outcome.changed)
-            self.message_user(request, done % {"count": count}, messages.SUCCESS)
-            self._log(request, outcome.changed, done % {"count": count})
+            self.message_user(request, done, messages.SUCCESS)
+            self._log(request, outcome.changed, done)
         if outcome.refused:
-            count = len(outcome.refused)
             names = ", ".join(short_id(pk) for pk in outcome.refused[:NAMED_IN_MESSAGE])
-            if count > NAMED_IN_MESSAGE:
+            if len(outcome.refused) > NAMED_IN_MESSAGE:
                 names += ", …"
-            singular, plural = refused
-            text = ngettext(singular, plural, count) % {"count": count, "ids": names}
-            self.message_user(request, text, messages.WARNING)
+            self.message_user(request, refused % {"ids": names}, messages.WARNING)
 
     def _log(self, request: HttpRequest, workflow_ids: list[str], message: str) -> None:
         # The admin's history of each workflow records who acted on it.
@@ -620,56 +615,64 @@ class WorkflowAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
 
     def _cancel(self, request: HttpRequest, queryset: QuerySet[Workflow]) -> Outcome:
         outcome = cancel_all(queryset)
+        changed, refused = len(outcome.changed), len(outcome.refused)
         self._report(
             request,
             outcome,
+            ngettext("Cancelled %(count)d workflow.", "Cancelled %(count)d workflows.", changed)
+            % {"count": changed},
             ngettext(
-                "Cancelled %(count)d workflow.",
-                "Cancelled %(count)d workflows.",
-                len(outcome.changed),
-            ),
-            (
-                "%(count)d workflow was not cancelled: it had already ended (%(ids)s).",
-                "%(count)d workflows were not cancelled: they had already ended (%(ids)s).",
-            ),
+                "%(count)d workflow was not cancelled: it had already ended (%%(ids)s).",
+                "%(count)d workflows were not cancelled: they had already ended (%%(ids)s).",
+                refused,
+            )
+            % {"count": refused},
         )
         return outcome
 
     def _resume(self, request: HttpRequest, queryset: QuerySet[Workflow]) -> Outcome:
         outcome = resume_all(queryset)
+        changed, refused = len(outcome.changed), len(outcome.refused)
         self._report(
             request,
             outcome,
             ngettext(
                 "Resumed %(count)d workflow: it is back in the queue.",
                 "Resumed %(count)d workflows: they are back in the queue.",
-                len(outcome.changed),
-            ),
-            (
+                changed,
+            )
+            % {"count": changed},
+            ngettext(
                 "%(count)d workflow was not resumed: only failed or cancelled workflows "
-                "can be (%(ids)s).",
+                "can be (%%(ids)s).",
                 "%(count)d workflows were not resumed: only failed or cancelled workflows "
-                "can be (%(ids)s).",
-            ),
+                "can be (%%(ids)s).",
+                refused,
+            )
+            % {"count": refused},
         )
         return outcome
 
     def _retry(self, request: HttpRequest, queryset: QuerySet[Workflow]) -> list[str]:
         outcome, new_ids = retry_all(queryset)
+        changed, refused = len(outcome.changed), len(outcome.refused)
         self._report(
             request,
             outcome,
             ngettext(
                 "Retried %(count)d workflow from scratch as a new run.",
                 "Retried %(count)d workflows from scratch as new runs.",
-                len(outcome.changed),
-            ),
-            (
+                changed,
+            )
+            % {"count": changed},
+            ngettext(
                 "%(count)d workflow was not retried: only failed or cancelled workflows "
-                "can be (%(ids)s).",
+                "can be (%%(ids)s).",
                 "%(count)d workflows were not retried: only failed or cancelled workflows "
-                "can be (%(ids)s).",
-            ),
+                "can be (%%(ids)s).",
+                refused,
+            )
+            % {"count": refused},
         )
         return new_ids
 
