@@ -128,6 +128,28 @@ class _Loops:
 loops = _Loops()
 
 
+class _Throttled:
+    """Logs a recurring failure once per ``every`` seconds, with the count in between."""
+
+    def __init__(self, every: float = 30.0) -> None:
+        self.every = every
+        self._lock = threading.Lock()
+        self._last = -every
+        self._count = 0
+
+    def warning(self, message: str, exc: BaseException | None) -> None:
+        with self._lock:
+            self._count += 1
+            now = time.monotonic()
+            if now - self._last < self.every:
+                return
+            self._last, count, self._count = now, self._count, 0
+        logger.warning("%s (%d times since the last report): %r", message, count, exc)
+
+
+_send_failures = _Throttled()
+
+
 def _spawn_send(layer: Any, group: str, message: dict[str, Any]) -> None:
     # Runs on the subscribers' loop: the coroutine is created where it is awaited.
     task = asyncio.ensure_future(layer.group_send(group, message))
@@ -136,7 +158,7 @@ def _spawn_send(layer: Any, group: str, message: dict[str, Any]) -> None:
 
 def _log_failure(task: asyncio.Future[Any]) -> None:
     if not task.cancelled() and task.exception() is not None:
-        logger.warning("Could not notify stream subscribers: %r", task.exception())
+        _send_failures.warning("Could not notify stream subscribers", task.exception())
 
 
 class _Sender:
@@ -203,7 +225,8 @@ class _Sender:
                 try:
                     await layer.group_send(group, message)
                 except Exception as exc:
-                    logger.warning("Could not notify stream subscribers: %r", exc)
+                    # Subscribers catch up from the database; say so without flooding the log.
+                    _send_failures.warning("Could not notify stream subscribers", exc)
 
     def flush(self, timeout: float) -> None:
         """Wait (bounded) until queued messages are sent; called at exit."""
@@ -264,8 +287,8 @@ def publish(group: str, message: dict[str, Any]) -> None:
         for loop in loops.current():
             with contextlib.suppress(RuntimeError):  # a loop that closed meanwhile
                 loop.call_soon_threadsafe(_spawn_send, layer, group, message)
-    except Exception:
-        logger.warning("Could not notify stream subscribers.", exc_info=True)
+    except Exception as exc:
+        _send_failures.warning("Could not notify stream subscribers", exc)
 
 
 # The hooks the runtime calls after commit

@@ -511,3 +511,41 @@ def test_check_w002_explains_polling_without_a_shared_layer(settings: Any) -> No
         }
     }
     assert check_live_delivery() == []
+
+
+async def test_values_too_big_to_travel_are_read_from_the_database(live_worker: Any) -> None:
+    big = "x" * (delivery.INLINE_LIMIT + 1)
+    wid = await start(paced, "out", ["small", big, "after"], "gate-big", 0.01)
+    communicator = await open_socket(path(wid, "out"))
+    await asyncio.sleep(0.1)
+    await open_gate("gate-big")
+    frames, code = await read_until_closed(communicator)
+    assert entries(frames) == [(0, "small"), (1, big), (2, "after")]
+    assert code == 1000
+
+
+def test_an_unreachable_channel_layer_never_reaches_the_workflow(
+    settings: Any, run_burst: Any, caplog: pytest.LogCaptureFixture, monkeypatch: Any
+) -> None:
+    monkeypatch.setattr(delivery._send_failures, "_last", -1e9)  # log the first failure
+    # Nothing listens on port 9 of the loopback: every notification fails.
+    settings.CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": ["redis://127.0.0.1:9/0"]},
+        }
+    }
+    handle = many.start("out", 20)
+    started = time.monotonic()
+    run_burst()
+    assert handle.result(timeout=10) == 20
+    assert time.monotonic() - started < 10
+    assert [v["i"] for v in read_stream_values(handle.workflow_id)] == list(range(20))
+    delivery._sender.flush(5.0)
+    assert "Could not notify stream subscribers" in caplog.text
+
+
+def read_stream_values(workflow_id: str) -> list[Any]:
+    from durable_streams import read_stream
+
+    return list(read_stream(workflow_id, "out", timeout=5))
