@@ -331,14 +331,15 @@ def test_a_run_whose_writes_keep_failing_ends_at_max_attempts(
     handle = workflows.write_values.start("out", [1, 2])
     wid = handle.workflow_id
     Workflow.objects.filter(pk=wid).update(max_attempts=2)
-    store = writer.GroupCommitter._store
+    store = writer._store
 
-    def refuse_this_workflow(self: writer.GroupCommitter, batch: Any) -> Any:
+    def refuse_this_workflow(using: str, batch: Any) -> Any:
         if any(execution.workflow_id == wid for execution in batch):
             raise OperationalError("disk I/O error")
-        return store(self, batch)
+        return store(using, batch)
 
-    monkeypatch.setattr(writer.GroupCommitter, "_store", refuse_this_workflow)
+    # The database refuses this workflow's stream writes, every time.
+    monkeypatch.setattr(writer, "_store", refuse_this_workflow)
     worker_thread()
     # Every run stops at its failed write; the attempts must add up, not loop forever.
     wait_until(lambda: handle.status == Status.ERROR, timeout=15, what="the workflow to end")
