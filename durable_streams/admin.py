@@ -55,7 +55,7 @@ from .models import (
     Workflow,
 )
 
-# Beyond this many matching rows the changelist says "10,000+" instead of counting.
+# Beyond this many matching rows the changelist says "More than 10,000" instead of counting.
 COUNT_LIMIT = 10_000
 # On the workflow page: the first steps, the first streams, and the last entries of each.
 PAGE_STEPS = 50
@@ -582,9 +582,9 @@ class WorkflowAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         return f"{obj.attempts}/{obj.max_attempts}"
 
     @admin.display(description=_("worker"), ordering="lease_owner")
-    def worker_column(self, obj: Workflow) -> SafeString | str:
+    def worker_column(self, obj: Workflow) -> SafeString | None:
         if not obj.lease_owner:
-            return ""
+            return None
         worker = obj.lease_owner
         shown = worker if len(worker) <= 16 else f"{worker[:15]}…"
         return format_html('<span title="{}">{}</span>', worker, shown)
