@@ -16,6 +16,7 @@ from types import FrameType
 from typing import Any
 
 from django.db import DatabaseError, connections, transaction
+from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models import F
 from django.utils import timezone
 
@@ -72,6 +73,11 @@ class Worker:
         self._waiter: Waiter | None = None
         self._lock = threading.Lock()
         self._running: dict[str, runtime.Execution | None] = {}
+        # Pool threads keep their connection from one workflow to the next: opening
+        # one costs more than a short workflow. The idle ones are closed at shutdown.
+        self._parked_lock = threading.Lock()
+        self._parked: dict[int, BaseDatabaseWrapper] = {}
+        self._keepers = threading.local()
         self._signals = 0
         self.completed = 0
 
@@ -185,6 +191,7 @@ class Worker:
             )
         self._heartbeat_done.set()
         pool.shutdown(wait=False, cancel_futures=True)
+        self._close_parked_connections()
         logger.info("Worker %s stopped after %d workflows.", self.worker_id, self.completed)
 
     # Claims
@@ -282,11 +289,43 @@ class Worker:
     def _execute(self, workflow_id: str) -> None:
         log = WorkflowAdapter(logger, {"workflow_id": workflow_id})
         try:
+            self._unpark_connection()
             self._run_workflow(workflow_id, log)
         except Exception:
             log.exception("Worker error while running the workflow; its lease will expire.")
         finally:
-            connections.close_all()
+            self._park_connection()
+
+    def _unpark_connection(self) -> None:
+        with self._parked_lock:
+            self._parked.pop(threading.get_ident(), None)
+        keeper = getattr(self._keepers, "keeper", None)
+        if keeper is None:
+            keeper = self._keepers.keeper = ConnectionKeeper(self.using)
+        keeper.ready()
+
+    def _park_connection(self) -> None:
+        """Keep this thread's connection for its next workflow; close the others."""
+        for connection in connections.all(initialized_only=True):
+            if connection.alias != self.using:
+                connection.close()
+        connection = connections[self.using]
+        with self._parked_lock:
+            if self._stopping.is_set() or connection.in_atomic_block:
+                connection.close()
+            elif connection.connection is not None:
+                self._parked[threading.get_ident()] = connection
+
+    def _close_parked_connections(self) -> None:
+        # Under the lock: a pool thread starting late waits, then opens a new one.
+        with self._parked_lock:
+            for connection in self._parked.values():
+                connection.inc_thread_sharing()
+                try:
+                    connection.close()
+                finally:
+                    connection.dec_thread_sharing()
+            self._parked.clear()
 
     def _run_workflow(self, workflow_id: str, log: WorkflowAdapter) -> None:
         runs = Workflow.objects.using(self.using)
