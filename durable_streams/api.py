@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, Generic, ParamSpec, TypeVar, overload
@@ -306,6 +307,19 @@ def cancel_workflow(workflow_id: str) -> bool:
     return changed
 
 
+def _check_timeout(timeout: object) -> None:
+    # NaN would never run out, and a string would fail deep in the arithmetic.
+    if timeout is not None and (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, (int, float))
+        or not math.isfinite(timeout)
+        or timeout < 0
+    ):
+        raise ValueError(
+            f"timeout must be None or a number of seconds of at least 0, not {timeout!r}."
+        )
+
+
 class WorkflowHandle:
     """A reference to one workflow run. Every attribute is read fresh from the database."""
 
@@ -367,6 +381,7 @@ class WorkflowHandle:
     def result(self, timeout: float | None = None) -> Any:
         """Wait for the end and return the output, or raise what ended the workflow."""
         using = alias()
+        _check_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         with subscribe([workflow_topic(self.workflow_id)]) as waiter:
             interval = poll_interval(using)
@@ -390,6 +405,7 @@ class WorkflowHandle:
         import asyncio
 
         using = alias()
+        _check_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         outcome = sync_to_async(self._outcome)
         with subscribe(
@@ -422,12 +438,7 @@ class _StreamCursor:
         encoding.check_key(key)
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
             raise ValueError(f"offset must be a whole number of at least 0, not {offset!r}.")
-        if timeout is not None and (
-            isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0
-        ):
-            raise ValueError(
-                f"timeout must be None or a number of seconds of at least 0, not {timeout!r}."
-            )
+        _check_timeout(timeout)
         self.workflow_id = workflow_id
         self.key = key
         self.offset = offset

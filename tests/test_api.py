@@ -254,6 +254,19 @@ def test_result_times_out_while_the_workflow_waits() -> None:
     assert isinstance(info.value, TimeoutError)
 
 
+@pytest.mark.parametrize("timeout", ["1", -1, float("nan"), True])
+def test_bad_result_timeouts_raise_at_the_call(timeout: Any) -> None:
+    handle = workflows.echo.start()
+    with pytest.raises(ValueError, match="timeout must be None or a number of seconds"):
+        handle.result(timeout=timeout)
+
+
+async def test_bad_aresult_timeouts_raise_at_the_call(async_db: None) -> None:
+    handle = await sync_to_async(workflows.echo.start)()
+    with pytest.raises(ValueError, match="timeout must be None or a number of seconds"):
+        await handle.aresult(timeout=float("nan"))
+
+
 def test_result_waits_for_a_running_workflow(worker_thread: Callable[..., Worker]) -> None:
     handle = workflows.slow_then_write.start(0.3)
     worker_thread()

@@ -19,6 +19,7 @@ from durable_streams import (
     Status,
     StreamTimeout,
     WorkflowNotFound,
+    WorkflowTimeout,
     aread_stream,
     close_stream,
     read_stream,
@@ -26,6 +27,7 @@ from durable_streams import (
 )
 from durable_streams.exceptions import NotInWorkflow
 from durable_streams.models import Step, Stream, StreamEntry, Workflow
+from durable_streams.notify import watched_topics
 from durable_streams.worker import Worker
 from tests import workflows
 from tests.models import Effect
@@ -308,6 +310,8 @@ def test_read_from_an_offset(run_burst: Callable[..., Worker]) -> None:
         ({"offset": 1.5}, ValueError, "offset"),
         ({"timeout": -1}, ValueError, "timeout must be None or a number of seconds"),
         ({"timeout": "1"}, ValueError, "timeout"),
+        ({"timeout": float("nan")}, ValueError, "timeout"),
+        ({"timeout": float("inf")}, ValueError, "timeout"),
         ({"key": ""}, ValueError, "must not be empty"),
         ({"key": 3}, TypeError, "must be a str, not int"),
     ],
@@ -423,6 +427,24 @@ def test_a_reader_of_an_open_stream_sees_values_appear(
     reader.join(timeout=10)
     assert not reader.is_alive() and not errors
     assert got == ["first", "second"]
+
+
+def test_readers_and_waiters_leave_nothing_subscribed(run_burst: Callable[..., Worker]) -> None:
+    baseline = watched_topics()
+    done = workflows.write_values.start("out", [1, 2])
+    waiting = workflows.echo.start(queue="nobody")
+    run_burst()
+    assert list(read_stream(done.workflow_id, "out", timeout=5)) == [1, 2]
+    assert done.result(timeout=5) == 2
+    with pytest.raises(StreamTimeout):
+        next(read_stream(waiting.workflow_id, "out", timeout=0.1))
+    with pytest.raises(WorkflowTimeout):
+        waiting.result(timeout=0.1)
+    abandoned = read_stream(done.workflow_id, "out", timeout=5)
+    assert next(abandoned) == 1
+    assert watched_topics() > baseline  # it waits on its stream's topics
+    abandoned.close()
+    assert watched_topics() == baseline
 
 
 # Async reading
