@@ -212,23 +212,30 @@ class Worker:
                 .exclude(pk__in=busy)
                 .select_for_update(skip_locked=True)
             )
-            rows = list(
-                candidates.values_list("pk", "attempts", "max_attempts", "status", "lease_owner")[
-                    :limit
-                ]
-            )
-            claimed = []
-            for pk, attempts, max_attempts, status, lease_owner in rows:
-                if attempts >= max_attempts:
-                    self._give_up(pk, attempts, lease_owner)
-                    continue
-                if status == Status.RUNNING:
-                    logger.warning(
-                        "[%s] Lease of worker %s expired; resuming from checkpoints.",
-                        pk,
-                        lease_owner,
-                    )
-                claimed.append(pk)
+            claimed: list[str] = []
+            given_up: list[str] = []
+            # Look again after giving up on some: the free slots may still find work,
+            # and a burst worker would otherwise take "nothing claimed" for "no work".
+            while len(claimed) < limit:
+                rows = list(
+                    candidates.exclude(pk__in=claimed + given_up).values_list(
+                        "pk", "attempts", "max_attempts", "status", "lease_owner"
+                    )[: limit - len(claimed)]
+                )
+                if not rows:
+                    break
+                for pk, attempts, max_attempts, status, lease_owner in rows:
+                    if attempts >= max_attempts:
+                        self._give_up(pk, attempts, lease_owner)
+                        given_up.append(pk)
+                        continue
+                    if status == Status.RUNNING:
+                        logger.warning(
+                            "[%s] Lease of worker %s expired; resuming from checkpoints.",
+                            pk,
+                            lease_owner,
+                        )
+                    claimed.append(pk)
             if claimed:
                 runs.filter(pk__in=claimed).update(
                     status=Status.RUNNING,

@@ -398,3 +398,14 @@ def test_a_workflow_abandoned_max_attempts_times_ends_in_error(
     )
     assert "the last worker to hold it was 'crashed-1'" in error["message"]
     assert other.result(timeout=5) == "finished"  # one attempt short of the limit: it runs
+
+
+def test_burst_mode_goes_on_after_giving_up_on_workflows(
+    run_burst: Callable[..., Worker],
+) -> None:
+    exhausted = [workflows.two_attempts.start() for _ in range(3)]
+    Workflow.objects.filter(pk__in=[h.workflow_id for h in exhausted]).update(attempts=2)
+    fresh = workflows.echo.start("after them")
+    run_burst(concurrency=2)
+    assert {h.status for h in exhausted} == {Status.ERROR}
+    assert fresh.result(timeout=5) == {"args": ["after them"], "kwargs": {}}
