@@ -12,6 +12,7 @@ import json
 import os
 import re
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -289,24 +290,49 @@ async def test_in_memory_layer_and_a_separate_worker_process_poll(
     tmp_path: Path, daphne: Any
 ) -> None:
     # Neither process can reach the other's in-memory layer: the socket polls the database.
+    # The demo's default setup; its worker is killed mid-stream and another one finishes.
     server = daphne(REDIS_URL=None)
-    count = 15
+    count = 25
     with worker_processes(tmp_path) as workers:
         saved = os.environ.pop("REDIS_URL", None)
         try:
-            await sync_to_async(workers.start)("worker-memory")
+            first = await sync_to_async(workers.start)("worker-memory-a", lease_seconds=2.0)
+            handle = await sync_to_async(start_workflow)(workflows.steady, count, 0.05, public=True)
+
+            async def kill_after_eight(received: int) -> None:
+                if received == 8:
+                    first.kill()
+                    await sync_to_async(workers.start)("worker-memory-b", lease_seconds=2.0)
+
+            received, closed, code = await read_stream_over_socket(
+                server.port, f"/ws/durable-streams/{handle.workflow_id}/out/", 60, kill_after_eight
+            )
         finally:
             if saved is not None:
                 os.environ["REDIS_URL"] = saved
-        handle = await sync_to_async(start_workflow)(workflows.steady, count, 0.05, public=True)
-        received, closed, code = await read_stream_over_socket(
-            server.port, f"/ws/durable-streams/{handle.workflow_id}/out/", 60
-        )
         assert [(offset, value) for offset, value, _ in received] == [
             (i, i) for i in range(count)
         ], workers.logs()
         assert closed == {"type": "closed", "key": "out", "length": count}
         assert code == 1000
+
+
+def test_the_demo_command_refuses_a_busy_port() -> None:
+    with socket.socket() as busy:
+        busy.bind((HOST, 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"}
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "manage.py"), "demo", "--port", str(port)],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 1
+    assert f"Port {port} on 127.0.0.1 is in use; pick another with --port." in result.stderr
 
 
 async def test_refusals_and_origin_over_a_real_socket(daphne: Any) -> None:
