@@ -7,7 +7,9 @@ Protocol (JSON text frames, server to client)::
 
 then the server closes the socket with code 1000. The client asks for the first
 offset it still needs with ``?offset=N`` (default 0). Refusals close the socket
-right after accepting it, with a code and a short reason:
+right after accepting it (a close before the handshake would reach a browser as
+a bare HTTP 403), with a code and a short reason; some servers, daphne among them,
+drop the reason, so clients go by the code:
 
     4400  bad parameters (offset not a whole number, bad key)
     4403  the user may not read this stream (``AUTHORIZE_READER``)

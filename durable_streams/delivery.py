@@ -538,7 +538,14 @@ def may_read(user: Any, workflow_id: str, key: str) -> int | None:
     from .auth import can_read
     from .models import Workflow
 
-    workflow = Workflow.objects.using(alias()).filter(pk=workflow_id).first()
+    # The JSON columns can be large and the default rule needs none of them; a custom
+    # rule that reads one still gets it, loaded on access.
+    workflow = (
+        Workflow.objects.using(alias())
+        .defer("inputs", "output", "error")
+        .filter(pk=workflow_id)
+        .first()
+    )
     if workflow is None:
         return NOT_FOUND
     if not can_read(user, workflow, key):
