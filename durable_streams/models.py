@@ -54,8 +54,11 @@ class WorkflowQuerySet(models.QuerySet["Workflow"]):
     def held_by(self, worker_id: str) -> WorkflowQuerySet:
         return self.filter(status=Status.RUNNING, lease_owner=worker_id)
 
-    def lock_held(self, worker_id: str, workflow_ids: Collection[str], until: datetime) -> set[str]:
-        """Lock and extend this worker's leases; return the ids it still holds.
+    def lock_held(
+        self, worker_id: str, workflow_ids: Collection[str], until: datetime | None
+    ) -> set[str]:
+        """Lock and extend (unless ``until`` is None) this worker's leases; return the ids
+        it still holds.
 
         Call inside a transaction. Rows are locked in primary-key order, so two
         transactions of one worker (lease renewal, stream writes) cannot deadlock.
@@ -67,7 +70,7 @@ class WorkflowQuerySet(models.QuerySet["Workflow"]):
             .select_for_update()
             .values_list("pk", flat=True)
         )
-        if held:
+        if held and until is not None:
             self.filter(pk__in=held).update(lease_expires_at=until)
         return held
 

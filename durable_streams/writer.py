@@ -18,14 +18,12 @@ import logging
 import threading
 from collections import defaultdict
 from dataclasses import dataclass
-from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from django.db import transaction
 from django.utils import timezone
 
 from . import delivery
-from .conf import get_config
 from .db import ConnectionKeeper, take_write_lock
 from .exceptions import LeaseLost
 from .models import Stream, StreamEntry, Workflow
@@ -153,10 +151,9 @@ class _Stored:
 def _store(using: str, batch: dict[Execution, list[PendingWrite]]) -> _Stored:
     """Store ``batch`` in the current transaction; the caller commits it."""
     now = timezone.now()
-    until = now + timedelta(seconds=get_config().LEASE_SECONDS)
     stored = _Stored({}, [], [])
     take_write_lock(using)
-    held = _fence(using, batch, until)
+    held = _fence(using, batch)
     entries: list[StreamEntry] = []
     updates: dict[int, dict[str, object]] = {}
     topics: list[str] = []
@@ -220,15 +217,20 @@ def store_in_transaction(execution: Execution, write: PendingWrite) -> None:
     transaction.on_commit(stored.deliver, using=execution.using)
 
 
-def _fence(using: str, batch: dict[Execution, list[PendingWrite]], until: datetime) -> set[str]:
-    """Renew and lock the leases of the batch's workflows; return the ids still held."""
+def _fence(using: str, batch: dict[Execution, list[PendingWrite]]) -> set[str]:
+    """Lock the rows of the batch's workflows; return the ids their workers still hold.
+
+    The lock keeps another worker from reclaiming them until the values commit. The
+    heartbeat renews leases: renewing them here too would write a new version of
+    each workflow's row with every batch.
+    """
     by_worker: dict[str, list[str]] = defaultdict(list)
     for execution in batch:
         by_worker[execution.worker_id].append(execution.workflow_id)
     held: set[str] = set()
     runs = Workflow.objects.using(using)
     for worker_id, workflow_ids in by_worker.items():
-        held.update(runs.lock_held(worker_id, workflow_ids, until))
+        held.update(runs.lock_held(worker_id, workflow_ids, None))
     return held
 
 
