@@ -217,6 +217,7 @@ def test_the_client_resumes_after_dropped_connections(page: Any, demo: Demo) -> 
     prompt = "What should a progress bar really measure?"
     expected = "".join(compose(prompt))
     ask(page, demo, prompt)
+    page.wait_for_selector("#connection[data-state=open]")
     page.evaluate(
         """() => {
           window.seenStates = [];
@@ -264,6 +265,37 @@ def test_the_admin_pages_render(page: Any, demo: Demo) -> None:
     first.click()
     page.wait_for_load_state()
     assert page.locator("#content").count() == 1
+
+
+def test_a_signed_in_visitor_owns_a_private_answer(browser: Any, page: Any, demo: Demo) -> None:
+    page.goto(demo.base + "/accounts/login/")
+    page.fill("input[name=username]", ADMIN_USER)
+    page.fill("input[name=password]", ADMIN_PASSWORD)
+    page.click("form.login button[type=submit]")
+    page.wait_for_selector(".account .who")
+    prompt = "Who may read this answer?"
+    ask(page, demo, prompt)  # "Only me" is ticked by default
+    wait_for_complete(page)
+    assert answer_text(page) == "".join(compose(prompt))
+    assert page.locator(".runs li.current .private").count() == 1
+    # Someone else, not signed in: the page refuses, and so does the stream's socket.
+    stranger = browser.new_context()
+    try:
+        other = stranger.new_page()
+        response = other.goto(page.url)
+        assert response is not None and response.status == 403
+        workflow_id = page.get_attribute("[data-workflow]", "data-workflow")
+        code = other.evaluate(
+            """(id) => new Promise((resolve) => {
+                 const socket = new WebSocket(
+                   `ws://${location.host}/ws/durable-streams/${id}/answer/`);
+                 socket.onclose = (event) => resolve(event.code);
+               })""",
+            workflow_id,
+        )
+        assert code == 4403
+    finally:
+        stranger.close()
 
 
 CLIENT_SCRIPT = """
