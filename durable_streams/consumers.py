@@ -25,6 +25,7 @@ import logging
 from typing import Any
 from urllib.parse import parse_qs
 
+from channels.consumer import get_handler_name
 from channels.generic.websocket import AsyncWebsocketConsumer
 
 from . import delivery
@@ -42,6 +43,9 @@ from .delivery import (
 )
 
 logger = logging.getLogger("durable_streams.consumers")
+
+# The channel layer messages this consumer handles (see delivery.py).
+_LAYER_MESSAGES = frozenset({delivery.ENTRIES, delivery.CLOSED, delivery.ENDED})
 
 
 def _reason(text: str) -> str:
@@ -120,6 +124,16 @@ class StreamConsumer(AsyncWebsocketConsumer):
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         """Clients have nothing to say; what they send is ignored."""
+
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        # Channels checks the database connections (in a worker thread) before every
+        # message; the layer's messages only ring the feed, and its reads go through
+        # run_db, which checks them itself. Per value and socket, that hop cost more
+        # than the rest of the delivery.
+        if message.get("type") in _LAYER_MESSAGES:
+            await getattr(self, get_handler_name(message))(message)
+            return
+        await super().dispatch(message)
 
     # Channel layer messages (see delivery.py); the feed decides what they mean.
 
