@@ -545,8 +545,12 @@ def _read(cursor: _StreamCursor) -> Iterator[Any]:
             if values:
                 yield from values
                 cursor.restart_clock()
-                continue
-            if ended:
+                if ended:
+                    return
+                if len(values) >= cursor.batch_size:
+                    continue
+                # A short batch was all there was: the next commit rings the waiter.
+            elif ended:
                 return
             waiter.wait(cursor.wait_time(interval))
 
@@ -568,7 +572,11 @@ async def aread_stream(
                 for value in values:
                     yield value
                 cursor.restart_clock()
-                continue
-            if ended:
+                if ended:
+                    return
+                if len(values) >= cursor.batch_size:
+                    continue
+                # A short batch was all there was: the next commit rings the waiter.
+            elif ended:
                 return
             await waiter.async_wait(cursor.wait_time(interval))
