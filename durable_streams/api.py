@@ -452,6 +452,7 @@ class _StreamCursor:
         self._stream_id: int | None = None
         self._length = 0
         self._closed = False
+        self._check_row = False
         self.restart_clock()
 
     def restart_clock(self) -> None:
@@ -462,15 +463,20 @@ class _StreamCursor:
         """Return the next batch of values, and whether the stream has ended after them.
 
         Once the stream's row was read, values are read directly (one query per
-        batch); the row is read again only when nothing new is found.
+        batch); the row is read again after a short batch or when nothing new is found.
         """
         if self._stream_id is not None:
             if self._closed and self.offset >= self._length:
                 return [], True
-            values = self._read_values(self.batch_size)
-            if values:
-                self._length = max(self._length, self.offset)
-                return values, self._closed and self.offset >= self._length
+            if not self._check_row:
+                values = self._read_values(self.batch_size)
+                if values:
+                    # A short batch was all there was: whether the stream closed
+                    # meanwhile, only its row says, so the next fetch reads it.
+                    self._check_row = len(values) < self.batch_size
+                    self._length = max(self._length, self.offset)
+                    return values, self._closed and self.offset >= self._length
+        self._check_row = False
         row = (
             Stream.objects.using(self.using)
             .filter(workflow_id=self.workflow_id, key=self.key)
@@ -547,10 +553,8 @@ def _read(cursor: _StreamCursor) -> Iterator[Any]:
                 cursor.restart_clock()
                 if ended:
                     return
-                if len(values) >= cursor.batch_size:
-                    continue
-                # A short batch was all there was: the next commit rings the waiter.
-            elif ended:
+                continue
+            if ended:
                 return
             waiter.wait(cursor.wait_time(interval))
 
@@ -574,9 +578,7 @@ async def aread_stream(
                 cursor.restart_clock()
                 if ended:
                     return
-                if len(values) >= cursor.batch_size:
-                    continue
-                # A short batch was all there was: the next commit rings the waiter.
-            elif ended:
+                continue
+            if ended:
                 return
             await waiter.async_wait(cursor.wait_time(interval))
