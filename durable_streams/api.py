@@ -517,7 +517,7 @@ class _StreamCursor:
                 break  # offsets are dense; never step over one
             texts.append(text)
         self.offset += len(texts)
-        return [encoding.loads(t) for t in texts]
+        return encoding.loads_many(texts)
 
     def wait_time(self, interval: float) -> float:
         if self._deadline is None:

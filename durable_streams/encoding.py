@@ -34,6 +34,24 @@ def loads(text: str) -> Any:
     return json.loads(text)
 
 
+def loads_many(texts: list[str]) -> list[Any]:
+    """Decode stored JSON texts, each one value, in one parse of the array they make.
+
+    One C-level parse instead of one call per value: several times faster for the
+    small values streams carry. A text that is not exactly one value (a row edited
+    by hand) changes the count or fails the parse; then each text is decoded alone.
+    """
+    if not texts:
+        return []
+    try:
+        values = json.loads("[" + ",".join(texts) + "]")
+    except ValueError:
+        values = None
+    if not isinstance(values, list) or len(values) != len(texts):
+        return [json.loads(text) for text in texts]
+    return values
+
+
 def encode(value: Any, what: str) -> str:
     """``dumps`` that turns an unencodable value into a TypeError naming ``what``."""
     try:
