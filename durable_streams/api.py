@@ -23,7 +23,7 @@ from .exceptions import (
     WorkflowNotFound,
     WorkflowTimeout,
 )
-from .models import ACTIVE_STATUSES, TERMINAL_STATUSES, Status, Stream, StreamEntry
+from .models import Status, Stream, StreamEntry
 from .models import Workflow as WorkflowRun
 from .notify import (
     announce,
@@ -477,26 +477,13 @@ class _StreamCursor:
                     self._length = max(self._length, self.offset)
                     return values, self._closed and self.offset >= self._length
         self._check_row = False
-        row = (
-            Stream.objects.using(self.using)
-            .filter(workflow_id=self.workflow_id, key=self.key)
-            .order_by()
-            .values_list("pk", "length", "closed_at", "workflow__status")[:1]
-        )
-        found = list(row)
-        if not found:
-            status = (
-                WorkflowRun.objects.using(self.using)
-                .filter(pk=self.workflow_id)
-                .values_list("status", flat=True)
-                .first()
-            )
-            if status is None:
-                raise WorkflowNotFound(self.workflow_id)
+        position = Stream.objects.using(self.using).position(self.workflow_id, self.key)
+        if position is None:
+            raise WorkflowNotFound(self.workflow_id)
+        stream_id, length, closed = position
+        if stream_id is None:
             # A workflow that ended without writing to this stream has nothing to give.
-            return [], status in TERMINAL_STATUSES
-        stream_id, length, closed_at, status = found[0]
-        closed = closed_at is not None or status not in ACTIVE_STATUSES
+            return [], closed
         self._stream_id, self._length, self._closed = stream_id, length, closed
         if length <= self.offset:
             return [], closed

@@ -366,25 +366,13 @@ def read_batch(workflow_id: str, key: str, offset: int) -> Batch:
 
     A stream that does not exist yet is empty; it has ended once its workflow has.
     """
-    from .models import ACTIVE_STATUSES, Stream, StreamEntry, Workflow
+    from .models import Stream, StreamEntry
 
     using = alias()
-    row = (
-        Stream.objects.using(using)
-        .filter(workflow_id=workflow_id, key=key)
-        .values_list("pk", "length", "closed_at", "workflow__status")
-        .first()
-    )
-    if row is None:
-        status = (
-            Workflow.objects.using(using)
-            .filter(pk=workflow_id)
-            .values_list("status", flat=True)
-            .first()
-        )
-        return Batch(offset, [], 0, status not in ACTIVE_STATUSES)
-    stream_id, length, closed_at, status = row
-    closed = closed_at is not None or status not in ACTIVE_STATUSES
+    position = Stream.objects.using(using).position(workflow_id, key)
+    if position is None:  # the workflow is gone: nothing more will come
+        return Batch(offset, [], 0, True)
+    stream_id, length, closed = position
     texts: list[str] = []
     if length > offset:
         limit = min(get_config().READ_BATCH_SIZE, length - offset)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import uuid
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from django.conf import settings
 from django.db import models, transaction
@@ -393,9 +393,44 @@ class Step(models.Model):
         return self.finished_at - self.started_at
 
 
+class StreamPosition(NamedTuple):
+    """Where a stream stands: its row (None before the first write), length, whether it ended."""
+
+    stream_id: int | None
+    length: int
+    ended: bool
+
+
 class StreamQuerySet(models.QuerySet["Stream"]):
     def open(self) -> StreamQuerySet:
         return self.filter(closed_at__isnull=True)
+
+    def position(self, workflow_id: str, key: str) -> StreamPosition | None:
+        """The stream's position, in one query once it exists; None if the workflow does not.
+
+        A stream has ended once it is closed or its workflow is no longer active; a
+        stream never written to is empty and ends with its workflow.
+        """
+        row = (
+            self.filter(workflow_id=workflow_id, key=key)
+            .order_by()
+            .values_list("pk", "length", "closed_at", "workflow__status")[:1]
+        )
+        found = list(row)
+        if found:
+            stream_id, length, closed_at, status = found[0]
+            return StreamPosition(
+                stream_id, length, closed_at is not None or status not in ACTIVE_STATUSES
+            )
+        status = (
+            Workflow.objects.using(self.db)
+            .filter(pk=workflow_id)
+            .values_list("status", flat=True)
+            .first()
+        )
+        if status is None:
+            return None
+        return StreamPosition(None, 0, status not in ACTIVE_STATUSES)
 
 
 class Stream(models.Model):
