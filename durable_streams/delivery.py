@@ -320,6 +320,13 @@ def stream_closed(workflow_id: str, key: str, length: int) -> None:
 
 def workflow_ended(workflow_id: str) -> None:
     """The workflow reached a final status; every stream it had is closed now."""
+    try:
+        layer = channel_layer()
+    except Exception as exc:
+        _send_failures.warning("Could not notify stream subscribers", exc)
+        return
+    if layer is None or not (crosses_processes(layer) or loops.current()):
+        return  # nobody could hear it: spare the query for the lengths
     lengths: dict[str, int] | None = None
     try:
         from .models import Stream
