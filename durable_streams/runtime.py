@@ -15,8 +15,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
-from datetime import timedelta
-from typing import Any
+from datetime import datetime, timedelta
+from typing import Any, NoReturn
 
 from django.db import transaction
 from django.utils import timezone
@@ -139,19 +139,22 @@ class Execution:
 
         The UPDATE also renews the lease, and (on SQLite) takes the write lock.
         """
-        until = timezone.now() + timedelta(seconds=get_config().LEASE_SECONDS)
         held = (
             Workflow.objects.using(self.using)
             .held_by(self.worker_id)
             .filter(pk=self.workflow_id)
-            .update(lease_expires_at=until)
+            .update(lease_expires_at=self.lease_until())
         )
         if not held:
-            self.stop_reason = "the workflow was cancelled or reclaimed by another worker"
-            self.stop.set()
-            raise LeaseLost(
-                f"Worker {self.worker_id!r} no longer holds workflow {self.workflow_id!r}."
-            )
+            self.lease_lost()
+
+    def lease_until(self) -> datetime:
+        return timezone.now() + timedelta(seconds=get_config().LEASE_SECONDS)
+
+    def lease_lost(self) -> NoReturn:
+        self.stop_reason = "the workflow was cancelled or reclaimed by another worker"
+        self.stop.set()
+        raise LeaseLost(f"Worker {self.worker_id!r} no longer holds workflow {self.workflow_id!r}.")
 
 
 def _describe(kind: str, name: str) -> str:
@@ -308,19 +311,23 @@ def _record_step(
 ) -> None:
     # The step's own writes are stored before its checkpoint says it is done.
     execution.flush()
-    with transaction.atomic(using=execution.using):
-        execution.fence()
-        Step.objects.using(execution.using).create(
-            workflow_id=execution.workflow_id,
-            operation=operation,
-            name=name,
-            status=outcome,
-            output=output,
-            error=None if error is None else encoding.dumps(error),
-            attempts=attempts,
-            started_at=started,
-            finished_at=timezone.now(),
-        )
+    step = Step(
+        workflow_id=execution.workflow_id,
+        operation=operation,
+        name=name,
+        status=outcome,
+        output=output,
+        error=None if error is None else encoding.dumps(error),
+        attempts=attempts,
+        started_at=started,
+        finished_at=timezone.now(),
+    )
+    steps = Step.objects.using(execution.using)
+    if execution.in_transaction:
+        # An atomic step's transaction already holds the fence.
+        step.save(using=execution.using, force_insert=True)
+    elif not steps.checkpoint(step, execution.worker_id, execution.lease_until()):
+        execution.lease_lost()
     execution.recorded[operation] = (STEP, name)
 
 

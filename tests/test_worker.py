@@ -257,6 +257,48 @@ def test_a_worker_that_lost_its_lease_records_nothing_more(
     assert stream_values(wid, "progress") == [0, 1, 2, 3]
 
 
+def test_a_checkpoint_is_stored_only_while_its_worker_holds_the_lease(
+    transactional_db: None,
+) -> None:
+    handle = workflows.cancellable.start("direct", 1, 0)
+    wid = handle.workflow_id
+    before = timezone.now() + timedelta(minutes=1)
+    Workflow.objects.filter(pk=wid).update(
+        status=Status.RUNNING, lease_owner="holder", lease_expires_at=before
+    )
+    now = timezone.now()
+
+    def checkpoint(operation: int, worker_id: str, until: Any) -> bool:
+        step = Step(
+            workflow_id=wid,
+            operation=operation,
+            name="s",
+            status=Step.Outcome.SUCCESS,
+            output="[1, null]",
+            error=None,
+            attempts=2,
+            started_at=now,
+            finished_at=now,
+        )
+        return Step.objects.checkpoint(step, worker_id, until)
+
+    later = timezone.now() + timedelta(minutes=5)
+    assert checkpoint(0, "holder", later)
+    assert handle.get().lease_expires_at == later
+    stored = Step.objects.get(workflow_id=wid, operation=0)
+    assert (stored.name, stored.output, stored.error, stored.attempts) == (
+        "s",
+        "[1, null]",
+        None,
+        2,
+    )
+    assert not checkpoint(1, "someone-else", later + timedelta(minutes=1))
+    Workflow.objects.filter(pk=wid).update(status=Status.CANCELLED)
+    assert not checkpoint(2, "holder", later + timedelta(minutes=1))
+    assert list(Step.objects.filter(workflow_id=wid).values_list("operation", flat=True)) == [0]
+    assert handle.get().lease_expires_at == later
+
+
 def test_a_stopping_worker_finishes_the_step_and_hands_the_workflow_back(
     worker_thread: Callable[..., Worker], run_burst: Callable[..., Worker]
 ) -> None:
