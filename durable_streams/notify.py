@@ -123,6 +123,14 @@ def announce(topics: Iterable[str], using: str) -> None:
         with connections[using].cursor() as cursor:
             for topic in topics:
                 cursor.execute("SELECT pg_notify(%s, %s)", [PG_CHANNEL, topic])
+    ring_after_commit(topics, using)
+
+
+def ring_after_commit(topics: list[str], using: str) -> None:
+    """Ring ``topics`` in this process once the current transaction commits.
+
+    For callers that sent their ``NOTIFY`` themselves, in a statement of their own.
+    """
 
     def ring_locally() -> None:
         for topic in topics:

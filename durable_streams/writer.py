@@ -20,14 +20,14 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from django.db import transaction
+from django.db import connections, transaction
 from django.utils import timezone
 
 from . import delivery
 from .db import ConnectionKeeper, take_write_lock
 from .exceptions import LeaseLost
 from .models import Stream, StreamEntry, Workflow
-from .notify import announce, stream_topic
+from .notify import PG_CHANNEL, announce, ring_after_commit, stream_topic, uses_listen_notify
 
 if TYPE_CHECKING:
     from .runtime import Execution
@@ -109,8 +109,7 @@ class GroupCommitter:
             failures: dict[Execution, BaseException] = {}
             try:
                 keeper.ready()
-                with transaction.atomic(using=self.using):
-                    stored = _store(self.using, batch)
+                stored = _store(self.using, batch)
                 stored.set_stream_ids()
                 stored.deliver()
                 failures = stored.failures
@@ -148,58 +147,221 @@ class _Stored:
         _deliver(self.hooks)
 
 
-def _store(using: str, batch: dict[Execution, list[PendingWrite]]) -> _Stored:
-    """Store ``batch`` in the current transaction; the caller commits it."""
-    now = timezone.now()
-    stored = _Stored({}, [], [])
-    take_write_lock(using)
-    held = _fence(using, batch)
-    entries: list[StreamEntry] = []
-    updates: dict[int, dict[str, object]] = {}
-    topics: list[str] = []
+@dataclass
+class _StreamChange:
+    """What a batch changes in one stream's row."""
+
+    execution: Execution
+    key: str
+    stream_id: int | None  # None: the batch creates the row
+    length: int | None = None  # None: unchanged
+    closed: bool = False
+    close_operation: int | None = None
+
+
+@dataclass
+class _Plan:
+    """A batch, laid out as the rows to write."""
+
+    streams: dict[tuple[str, str], _StreamChange]
+    # (workflow id, key, offset, JSON text, operation)
+    entries: list[tuple[str, str, int, str, int | None]]
+    topics: list[tuple[str, str]]  # (workflow id, topic)
+    hooks: dict[str, list[tuple[str, str, int, list[str], int | None]]]
+
+
+def _plan(batch: dict[Execution, list[PendingWrite]]) -> _Plan:
+    plan = _Plan({}, [], [], {})
     for execution, writes in batch.items():
-        if execution.workflow_id not in held:
-            stored.failures[execution] = LeaseLost(
-                f"Worker {execution.worker_id!r} no longer holds workflow "
-                f"{execution.workflow_id!r}."
-            )
-            continue
-        new_ids: dict[str, int] = {}
+        workflow_id = execution.workflow_id
+        hooks = plan.hooks.setdefault(workflow_id, [])
         runs: dict[str, tuple[int, list[str]]] = {}
         for write in writes:
-            stream_id = new_ids.get(write.key) or execution.stream_id(write.key)
-            if stream_id is None:
-                stream = Stream.objects.using(using).create(
-                    workflow_id=execution.workflow_id, key=write.key, created_at=now
+            change = plan.streams.get((workflow_id, write.key))
+            if change is None:
+                change = plan.streams[workflow_id, write.key] = _StreamChange(
+                    execution, write.key, execution.stream_id(write.key)
                 )
-                stream_id = new_ids[write.key] = stream.pk
-                stored.created.append((execution, write.key, stream_id))
-            update = updates.setdefault(stream_id, {})
+                plan.topics.append((workflow_id, stream_topic(workflow_id, write.key)))
             if write.text is None:
-                update["closed_at"] = now
-                update["close_operation"] = write.operation
-                stored.hooks.append(
-                    (execution.workflow_id, write.key, write.offset, [], write.offset)
-                )
+                change.closed = True
+                change.close_operation = write.operation
+                hooks.append((workflow_id, write.key, write.offset, [], write.offset))
             else:
-                entries.append(
-                    StreamEntry(
-                        stream_id=stream_id,
-                        offset=write.offset,
-                        value=write.text,
-                        operation=write.operation,
-                        created_at=now,
-                    )
+                plan.entries.append(
+                    (workflow_id, write.key, write.offset, write.text, write.operation)
                 )
-                update["length"] = write.offset + 1
+                change.length = write.offset + 1
                 runs.setdefault(write.key, (write.offset, []))[1].append(write.text)
-            topics.append(stream_topic(execution.workflow_id, write.key))
         for key, (first, texts) in runs.items():
-            stored.hooks.append((execution.workflow_id, key, first, texts, None))
-    StreamEntry.objects.using(using).bulk_create(entries, batch_size=1000)
-    for stream_id, fields in updates.items():
-        Stream.objects.using(using).filter(pk=stream_id).update(**fields)
-    announce(topics, using)
+            hooks.append((workflow_id, key, first, texts, None))
+    return plan
+
+
+def _lease_lost(execution: Execution) -> LeaseLost:
+    return LeaseLost(
+        f"Worker {execution.worker_id!r} no longer holds workflow {execution.workflow_id!r}."
+    )
+
+
+def _store(using: str, batch: dict[Execution, list[PendingWrite]]) -> _Stored:
+    """Store ``batch`` in the current transaction, or as one statement outside of one."""
+    if connections[using].vendor == "postgresql":
+        return _store_in_one_statement(using, batch)
+    with transaction.atomic(using=using):
+        return _store_with_the_orm(using, batch)
+
+
+def _store_with_the_orm(using: str, batch: dict[Execution, list[PendingWrite]]) -> _Stored:
+    now = timezone.now()
+    take_write_lock(using)
+    held = _fence(using, batch)
+    stored = _Stored(
+        {e: _lease_lost(e) for e in batch if e.workflow_id not in held},
+        [],
+        [],
+    )
+    plan = _plan({e: w for e, w in batch.items() if e.workflow_id in held})
+    streams = Stream.objects.using(using)
+    ids: dict[tuple[str, str], int] = {}
+    for (workflow_id, key), change in plan.streams.items():
+        fields: dict[str, object] = {}
+        if change.length is not None:
+            fields["length"] = change.length
+        if change.closed:
+            fields["closed_at"] = now
+            fields["close_operation"] = change.close_operation
+        if change.stream_id is None:
+            stream = streams.create(workflow_id=workflow_id, key=key, created_at=now, **fields)
+            ids[workflow_id, key] = stream.pk
+            stored.created.append((change.execution, key, stream.pk))
+        else:
+            ids[workflow_id, key] = change.stream_id
+            streams.filter(pk=change.stream_id).update(**fields)
+    StreamEntry.objects.using(using).bulk_create(
+        [
+            StreamEntry(
+                stream_id=ids[workflow_id, key],
+                offset=offset,
+                value=text,
+                operation=operation,
+                created_at=now,
+            )
+            for workflow_id, key, offset, text, operation in plan.entries
+        ],
+        batch_size=1000,
+    )
+    announce([topic for _, topic in plan.topics], using)
+    stored.hooks = [hook for hooks in plan.hooks.values() for hook in hooks]
+    return stored
+
+
+# One round trip on PostgreSQL: lock the workflows' rows that their workers still hold
+# (in primary-key order, like every other locker), create the new streams, update the
+# others, insert the values and notify, all for the held workflows only; return the
+# held ids and the new streams' ids. Outside a transaction it commits on its own.
+_ONE_STATEMENT = """
+WITH held AS (
+    SELECT w.id FROM {workflow} w
+    JOIN unnest(%(held_ids)s::text[], %(held_owners)s::text[]) AS h(id, owner)
+        ON w.id = h.id AND w.lease_owner = h.owner
+    WHERE w.status = 'RUNNING'
+    ORDER BY w.id
+    FOR UPDATE OF w
+),
+created AS (
+    INSERT INTO {stream} (workflow_id, "key", "length", created_at, closed_at,
+                          close_operation, closed_by_end)
+    SELECT n.workflow_id, n.key, COALESCE(n.length, 0), %(now)s, n.closed_at,
+           n.close_operation, false
+    FROM unnest(%(new_workflows)s::text[], %(new_keys)s::text[], %(new_lengths)s::integer[],
+                %(new_closed)s::timestamptz[], %(new_close_operations)s::integer[])
+        AS n(workflow_id, key, length, closed_at, close_operation)
+    WHERE n.workflow_id IN (SELECT id FROM held)
+    RETURNING id, workflow_id, "key"
+),
+updated AS (
+    UPDATE {stream} s
+    SET "length" = COALESCE(u.length, s."length"),
+        closed_at = COALESCE(u.closed_at, s.closed_at),
+        close_operation = CASE WHEN u.closed_at IS NULL THEN s.close_operation
+                               ELSE u.close_operation END
+    FROM unnest(%(old_ids)s::bigint[], %(old_workflows)s::text[], %(old_lengths)s::integer[],
+                %(old_closed)s::timestamptz[], %(old_close_operations)s::integer[])
+        AS u(id, workflow_id, length, closed_at, close_operation)
+    WHERE s.id = u.id AND u.workflow_id IN (SELECT id FROM held)
+),
+inserted AS (
+    INSERT INTO {entry} (stream_id, "offset", "value", operation, created_at)
+    SELECT COALESCE(e.stream_id, c.id), e.offset, e.value, e.operation, %(now)s
+    FROM unnest(%(entry_streams)s::bigint[], %(entry_workflows)s::text[],
+                %(entry_keys)s::text[], %(entry_offsets)s::integer[], %(entry_values)s::text[],
+                %(entry_operations)s::integer[])
+        AS e(stream_id, workflow_id, key, "offset", value, operation)
+    LEFT JOIN created c
+        ON e.stream_id IS NULL AND c.workflow_id = e.workflow_id AND c.key = e.key
+    WHERE e.workflow_id IN (SELECT id FROM held)
+)
+SELECT h.id, NULL, NULL FROM held h
+UNION ALL
+SELECT c.workflow_id, c.key, c.id FROM created c
+UNION ALL
+SELECT NULL, NULL, count(pg_notify(%(channel)s, t.topic))
+FROM unnest(%(topic_workflows)s::text[], %(topics)s::text[]) AS t(workflow_id, topic)
+WHERE t.workflow_id IN (SELECT id FROM held)
+"""
+
+
+def _store_in_one_statement(using: str, batch: dict[Execution, list[PendingWrite]]) -> _Stored:
+    connection = connections[using]
+    now = timezone.now()
+    plan = _plan(batch)
+    new = [c for c in plan.streams.values() if c.stream_id is None]
+    old = [c for c in plan.streams.values() if c.stream_id is not None]
+    notify = uses_listen_notify(using)
+    params = {
+        "now": now,
+        "held_ids": [e.workflow_id for e in batch],
+        "held_owners": [e.worker_id for e in batch],
+        "new_workflows": [c.execution.workflow_id for c in new],
+        "new_keys": [c.key for c in new],
+        "new_lengths": [c.length for c in new],
+        "new_closed": [now if c.closed else None for c in new],
+        "new_close_operations": [c.close_operation for c in new],
+        "old_ids": [c.stream_id for c in old],
+        "old_workflows": [c.execution.workflow_id for c in old],
+        "old_lengths": [c.length for c in old],
+        "old_closed": [now if c.closed else None for c in old],
+        "old_close_operations": [c.close_operation for c in old],
+        "entry_streams": [plan.streams[w, k].stream_id for w, k, _, _, _ in plan.entries],
+        "entry_workflows": [w for w, _, _, _, _ in plan.entries],
+        "entry_keys": [k for _, k, _, _, _ in plan.entries],
+        "entry_offsets": [offset for _, _, offset, _, _ in plan.entries],
+        "entry_values": [text for _, _, _, text, _ in plan.entries],
+        "entry_operations": [operation for _, _, _, _, operation in plan.entries],
+        "channel": PG_CHANNEL,
+        "topic_workflows": [w for w, _ in plan.topics] if notify else [],
+        "topics": [topic for _, topic in plan.topics] if notify else [],
+    }
+    quote = connection.ops.quote_name
+    sql = _ONE_STATEMENT.format(
+        workflow=quote(Workflow._meta.db_table),
+        stream=quote(Stream._meta.db_table),
+        entry=quote(StreamEntry._meta.db_table),
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        rows = cursor.fetchall()
+    held = {workflow_id for workflow_id, key, _ in rows if workflow_id is not None and key is None}
+    stored = _Stored({e: _lease_lost(e) for e in batch if e.workflow_id not in held}, [], [])
+    for workflow_id, key, stream_id in rows:
+        if key is not None:
+            execution = plan.streams[workflow_id, key].execution
+            stored.created.append((execution, key, stream_id))
+    for workflow_id, hooks in plan.hooks.items():
+        if workflow_id in held:
+            stored.hooks.extend(hooks)
+    ring_after_commit([topic for w, topic in plan.topics if w in held], using)
     return stored
 
 
