@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
 from asgiref.sync import sync_to_async
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError
 
 from . import encoding, registry, runtime
 from .conf import get_config
@@ -26,9 +26,7 @@ from .exceptions import (
 from .models import Status, Stream, StreamEntry
 from .models import Workflow as WorkflowRun
 from .notify import (
-    announce,
     poll_interval,
-    queue_topic,
     stream_topic,
     subscribe,
     workflow_topic,
@@ -269,9 +267,7 @@ def start_workflow(
     if workflow_id is not None:
         run.id = workflow_id
     try:
-        with transaction.atomic(using=using):
-            run.save(using=using, force_insert=True)
-            announce([queue_topic(queue)], using)
+        WorkflowRun.objects.using(using).enqueue(run)
     except IntegrityError:
         existing = (
             WorkflowRun.objects.using(using)

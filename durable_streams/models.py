@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from django.conf import settings
 from django.db import connections, models, transaction
-from django.db.models import F, Q
+from django.db.models import F, Q, Value
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
@@ -35,6 +36,65 @@ ACTIVE_STATUSES = frozenset({Status.ENQUEUED, Status.RUNNING})
 RESUMABLE_STATUSES = frozenset({Status.ERROR, Status.CANCELLED})
 
 
+class Claim(NamedTuple):
+    """A workflow a worker has just leased, with what it needs to run it."""
+
+    workflow_id: str
+    name: str
+    inputs: str
+    attempts: int  # counting this one
+    previous_status: str  # RUNNING: taken over from a worker whose lease expired
+    previous_owner: str | None
+
+
+# Lock the candidates (the claim's SELECT, compiled by the ORM), then lease them.
+_CLAIM = """
+WITH picked AS ({picked} FOR UPDATE SKIP LOCKED)
+UPDATE {workflow} w
+SET status = 'RUNNING', lease_owner = %s, lease_expires_at = %s, attempts = w.attempts + 1,
+    updated_at = %s, started_at = COALESCE(w.started_at, %s)
+FROM picked
+WHERE w.id = picked.pk
+RETURNING w.id, w.name, w.inputs, w.attempts, picked.status, picked.lease_owner
+"""
+
+
+_HISTORY = """
+SELECT 'step', operation, name, NULL, NULL, NULL FROM {step} WHERE workflow_id = %s
+UNION ALL
+SELECT 'stream', close_operation, "key", id, "length", closed_at IS NOT NULL
+FROM {stream} WHERE workflow_id = %s
+UNION ALL
+SELECT 'write_stream', e.operation, s."key", NULL, NULL, NULL
+FROM {entry} e JOIN {stream} s ON e.stream_id = s.id
+WHERE s.workflow_id = %s AND e.operation IS NOT NULL
+"""
+
+_ENQUEUE = """
+WITH run AS (INSERT INTO {workflow} ({columns}) VALUES ({values}) RETURNING id)
+SELECT count(pg_notify(%s, %s)) FROM run
+"""
+
+# Lock the row if this queryset still matches it (the fence), record the end, close the
+# open streams, and notify.
+_FINISH = """
+WITH target AS ({target} FOR UPDATE),
+finished AS (
+    UPDATE {workflow} w
+    SET status = %s, output = %s, error = %s, finished_at = %s, updated_at = %s,
+        lease_owner = NULL, lease_expires_at = NULL
+    FROM target
+    WHERE w.id = target.pk
+    RETURNING w.id
+),
+closed AS (
+    UPDATE {stream} SET closed_at = %s, closed_by_end = true
+    WHERE workflow_id IN (SELECT id FROM finished) AND closed_at IS NULL
+)
+SELECT count(*){notify} FROM finished
+"""
+
+
 class WorkflowQuerySet(models.QuerySet["Workflow"]):
     def active(self) -> WorkflowQuerySet:
         return self.filter(status__in=ACTIVE_STATUSES)
@@ -50,6 +110,107 @@ class WorkflowQuerySet(models.QuerySet["Workflow"]):
             queue__in=queues,
             name__in=names,
         ).order_by("created_at")
+
+    def enqueue(self, run: Workflow) -> None:
+        """Insert the new ``run`` and announce its queue to idle workers.
+
+        Raises ``IntegrityError`` if its id is taken, leaving an enclosing transaction
+        usable. On PostgreSQL, outside a transaction, this is one statement.
+        """
+        from .notify import PG_CHANNEL, announce, queue_topic, ring_after_commit, uses_listen_notify
+
+        topic = queue_topic(run.queue)
+        connection = connections[self.db]
+        if not uses_listen_notify(self.db) or connection.in_atomic_block:
+            # The savepoint keeps a taken id from breaking the caller's transaction.
+            with transaction.atomic(using=self.db):
+                run.save(using=self.db, force_insert=True)
+                announce([topic], self.db)
+            return
+        columns, values = _new_row(run, self.db)
+        sql = _ENQUEUE.format(
+            **_tables(self.db), columns=columns, values=", ".join(["%s"] * len(values))
+        )
+        with connection.cursor() as cursor:
+            cursor.execute(sql, [*values, PG_CHANNEL, topic])
+        run._state.adding = False
+        run._state.db = self.db
+        ring_after_commit([topic], self.db)
+
+    def history(self, workflow_id: str) -> list[tuple[str, int | None, str, Any, Any, Any]]:
+        """What the runs of a workflow recorded, as rows of one query.
+
+        ``("step", operation, name, None, None, None)`` for each step checkpoint,
+        ``("write_stream", operation, key, None, None, None)`` for each value the workflow
+        body wrote, and ``("stream", close operation, key, id, length, closed)`` for
+        each stream.
+        """
+        connection = connections[self.db]
+        sql = _HISTORY.format(**_tables(self.db))
+        with connection.cursor() as cursor:
+            cursor.execute(sql, [workflow_id] * 3)
+            return cursor.fetchall()
+
+    def exhausted(self, queues: Collection[str], names: Collection[str]) -> WorkflowQuerySet:
+        """Claimable workflows that used all their attempts: nobody runs them again."""
+        return self.claimable(queues, names).filter(attempts__gte=F("max_attempts"))
+
+    def claim(
+        self,
+        worker_id: str,
+        queues: Collection[str],
+        names: Collection[str],
+        limit: int,
+        *,
+        lease_until: datetime,
+        exclude: Collection[str] = (),
+    ) -> list[Claim]:
+        """Lease up to ``limit`` claimable workflows with attempts left to ``worker_id``.
+
+        Oldest first, skipping rows that other workers are claiming at the same moment,
+        and counting an attempt for each. Returns what the worker needs to run them.
+        On PostgreSQL this is one statement; elsewhere a transaction of three.
+        """
+        if limit < 1 or not names:
+            return []
+        now = timezone.now()
+        candidates = (
+            self.claimable(queues, names)
+            .filter(attempts__lt=F("max_attempts"))
+            .exclude(pk__in=list(exclude))
+            .values_list("pk", "status", "lease_owner")[:limit]
+        )
+        if on_postgresql(self.db):
+            compiler = candidates.query.get_compiler(self.db)
+            picked, params = compiler.as_sql()
+            sql = _CLAIM.format(**_tables(self.db), picked=picked)
+            with connections[self.db].cursor() as cursor:
+                cursor.execute(sql, [*params, worker_id, lease_until, now, now])
+                rows = cursor.fetchall()
+            return [Claim(*row) for row in rows]
+        from .db import take_write_lock
+
+        with transaction.atomic(using=self.db):
+            take_write_lock(self.db)
+            picked_rows = list(candidates.select_for_update(skip_locked=True))
+            if not picked_rows:
+                return []
+            ids = [pk for pk, _, _ in picked_rows]
+            self.filter(pk__in=ids).update(
+                status=Status.RUNNING,
+                lease_owner=worker_id,
+                lease_expires_at=lease_until,
+                attempts=F("attempts") + 1,
+                updated_at=now,
+                started_at=Coalesce("started_at", Value(now)),
+            )
+            details = {
+                pk: (name, inputs, attempts)
+                for pk, name, inputs, attempts in self.filter(pk__in=ids).values_list(
+                    "pk", "name", "inputs", "attempts"
+                )
+            }
+        return [Claim(pk, *details[pk], status, owner) for pk, status, owner in picked_rows]
 
     def held_by(self, worker_id: str) -> WorkflowQuerySet:
         return self.filter(status=Status.RUNNING, lease_owner=worker_id)
@@ -110,6 +271,8 @@ class WorkflowQuerySet(models.QuerySet["Workflow"]):
         from .notify import announce, workflow_topic
 
         now = timezone.now()
+        if on_postgresql(self.db):
+            return self._finish_in_one_statement(workflow_id, status, output, error, now)
         with transaction.atomic(using=self.db):
             # The UPDATE comes first: it is the fence, and it takes the row lock.
             changed = self.filter(pk=workflow_id).update(
@@ -128,6 +291,34 @@ class WorkflowQuerySet(models.QuerySet["Workflow"]):
                 announce([workflow_topic(workflow_id)], self.db)
                 transaction.on_commit(lambda: delivery.workflow_ended(workflow_id), using=self.db)
         return bool(changed)
+
+    def _finish_in_one_statement(
+        self, workflow_id: str, status: str, output: str | None, error: str | None, now: datetime
+    ) -> bool:
+        from . import delivery
+        from .notify import PG_CHANNEL, ring_after_commit, uses_listen_notify, workflow_topic
+
+        target, params = (
+            self.filter(pk=workflow_id).order_by().values("pk").query.get_compiler(self.db).as_sql()
+        )
+        topic = workflow_topic(workflow_id)
+        notify = uses_listen_notify(self.db)
+        sql = _FINISH.format(
+            **_tables(self.db),
+            target=target,
+            notify=", count(pg_notify(%s, %s))" if notify else "",
+        )
+        params = [*params, status, output, error, now, now, now]
+        if notify:
+            params += [PG_CHANNEL, topic]
+        with connections[self.db].cursor() as cursor:
+            cursor.execute(sql, params)
+            row = cursor.fetchone()
+        changed = bool(row and row[0])
+        if changed:
+            ring_after_commit([topic], self.db)
+            transaction.on_commit(lambda: delivery.workflow_ended(workflow_id), using=self.db)
+        return changed
 
     def release(
         self, worker_id: str, workflow_ids: Collection[str], *, count_attempt: bool = False
@@ -361,46 +552,64 @@ class StepQuerySet(models.QuerySet["Step"]):
         a step's checkpoint costs one round trip. Elsewhere the lease UPDATE and the
         INSERT share a transaction.
         """
-        connection = connections[self.db]
         held = Workflow.objects.using(self.db).held_by(worker_id).filter(pk=step.workflow_id)
-        if connection.vendor != "postgresql":
+        if not on_postgresql(self.db):
             with transaction.atomic(using=self.db):
                 if not held.update(lease_expires_at=lease_until):
                     return False
                 step.save(using=self.db, force_insert=True)
             return True
-        quote = connection.ops.quote_name
-        columns = [
-            "operation",
-            "name",
-            "status",
-            "output",
-            "error",
-            "attempts",
-            "started_at",
-            "finished_at",
-        ]
-        fields = [Step._meta.get_field(name) for name in columns]
-        values = [
-            field.get_db_prep_save(getattr(step, field.attname), connection) for field in fields
-        ]
-        workflow = Workflow._meta
-        sql = (
-            f"WITH fence AS (UPDATE {quote(workflow.db_table)} "
-            f"SET {quote(workflow.get_field('lease_expires_at').column)} = %s "
-            f"WHERE {quote(workflow.pk.column)} = %s "
-            f"AND {quote(workflow.get_field('status').column)} = %s "
-            f"AND {quote(workflow.get_field('lease_owner').column)} = %s "
-            f"RETURNING {quote(workflow.pk.column)}) "
-            f"INSERT INTO {quote(Step._meta.db_table)} "
-            f"({quote(Step._meta.get_field('workflow').column)}, "
-            f"{', '.join(quote(field.column) for field in fields)}) "
-            f"SELECT {quote(workflow.pk.column)}, {', '.join(['%s'] * len(fields))} FROM fence"
+        columns, values = _new_row(step, self.db)
+        sql = _CHECKPOINT.format(
+            **_tables(self.db), columns=columns, values=", ".join(["%s"] * len(values))
         )
-        params = [lease_until, step.workflow_id, Status.RUNNING.value, worker_id, *values]
-        with connection.cursor() as cursor:
-            cursor.execute(sql, params)
+        with connections[self.db].cursor() as cursor:
+            cursor.execute(sql, [lease_until, step.workflow_id, worker_id, *values])
             return cursor.rowcount == 1
+
+
+# The INSERT selects from the fencing UPDATE: no row, nothing stored.
+_CHECKPOINT = """
+WITH fence AS (
+    UPDATE {workflow} SET lease_expires_at = %s
+    WHERE id = %s AND status = 'RUNNING' AND lease_owner = %s
+    RETURNING id
+)
+INSERT INTO {step} ({columns}) SELECT {values} FROM fence
+"""
+
+
+def on_postgresql(using: str) -> bool:
+    return connections[using].vendor == "postgresql"
+
+
+def _tables(using: str) -> dict[str, str]:
+    """The quoted table names, for the statements written for PostgreSQL."""
+    quote = connections[using].ops.quote_name
+    return {
+        name: quote(model._meta.db_table)
+        for name, model in [
+            ("workflow", Workflow),
+            ("step", Step),
+            ("stream", Stream),
+            ("entry", StreamEntry),
+        ]
+    }
+
+
+def _new_row(instance: models.Model, using: str) -> tuple[str, list[Any]]:
+    """The quoted columns of a new row of ``instance`` and their database values."""
+    connection = connections[using]
+    fields = [
+        field
+        for field in instance._meta.concrete_fields
+        if not (field.primary_key and isinstance(field, models.AutoField | models.BigAutoField))
+    ]
+    columns = ", ".join(connection.ops.quote_name(field.column) for field in fields)
+    values = [
+        field.get_db_prep_save(field.pre_save(instance, add=True), connection) for field in fields
+    ]
+    return columns, values
 
 
 class Step(models.Model):

@@ -30,7 +30,7 @@ from .exceptions import (
     StepFailed,
     StreamClosed,
 )
-from .models import Step, Stream, StreamEntry, Workflow
+from .models import Step, Workflow
 
 WRITE = "write_stream"
 CLOSE = "close_stream"
@@ -94,23 +94,19 @@ class Execution:
 
     @classmethod
     def load(cls, workflow_id: str, worker_id: str, using: str) -> Execution:
-        """Read what earlier runs of this workflow recorded, in three queries."""
+        """Read what earlier runs of this workflow recorded, in one query."""
         execution = cls(workflow_id, worker_id, using)
-        steps = Step.objects.using(using).filter(workflow_id=workflow_id)
-        for operation, name in steps.values_list("operation", "name"):
-            execution.recorded[operation] = (STEP, name)
-        streams = Stream.objects.using(using).filter(workflow_id=workflow_id)
-        for pk, key, length, closed_at, close_op in streams.values_list(
-            "pk", "key", "length", "closed_at", "close_operation"
-        ):
-            execution.streams[key] = _StreamState(pk, length, closed_at is not None)
-            if close_op is not None:
-                execution.recorded[close_op] = (CLOSE, key)
-        writes = StreamEntry.objects.using(using).filter(
-            stream__workflow_id=workflow_id, operation__isnull=False
-        )
-        for operation, key in writes.values_list("operation", "stream__key"):
-            execution.recorded[operation] = (WRITE, key)
+        for kind, operation, name, stream_id, length, closed in Workflow.objects.using(
+            using
+        ).history(workflow_id):
+            if kind == STEP:
+                execution.recorded[operation] = (STEP, name)
+            elif kind == WRITE:
+                execution.recorded[operation] = (WRITE, name)
+            else:
+                execution.streams[name] = _StreamState(stream_id, length, bool(closed))
+                if operation is not None:
+                    execution.recorded[operation] = (CLOSE, name)
         return execution
 
     def take_operation(self, kind: str, name: str) -> tuple[int, bool]:

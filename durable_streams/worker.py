@@ -17,14 +17,13 @@ from typing import Any
 
 from django.db import DatabaseError, connections, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
-from django.db.models import F
 from django.utils import timezone
 
 from . import encoding, registry, runtime, writer
 from .conf import get_config
 from .db import ConnectionKeeper, alias, take_write_lock
 from .exceptions import LeaseLost, WorkflowNotRegistered
-from .models import Status, Workflow
+from .models import Claim, Status, Workflow
 from .notify import Waiter, poll_interval, queue_topic, subscribe
 
 logger = logging.getLogger("durable_streams.worker")
@@ -148,11 +147,11 @@ class Worker:
                         logger.exception("Could not claim work; retrying in %ss.", interval)
                         keeper.broken()
                         claimed = []
-                    for workflow_id in claimed:
+                    for claim in claimed:
                         with self._lock:
-                            self._running[workflow_id] = None
-                        future = pool.submit(self._execute, workflow_id)
-                        future.add_done_callback(self._done_callback(workflow_id))
+                            self._running[claim.workflow_id] = None
+                        future = pool.submit(self._execute, claim)
+                        future.add_done_callback(self._done_callback(claim.workflow_id))
                     if claimed and len(claimed) == free:
                         continue
                     if self.burst and not claimed and not self._running:
@@ -196,66 +195,44 @@ class Worker:
 
     # Claims
 
-    def _claim(self, limit: int, names: list[str]) -> list[str]:
-        if not names:
-            return []
-        now = timezone.now()
-        until = now + timedelta(seconds=get_config().LEASE_SECONDS)
+    def _claim(self, limit: int, names: list[str]) -> list[Claim]:
+        until = timezone.now() + timedelta(seconds=get_config().LEASE_SECONDS)
         runs = Workflow.objects.using(self.using)
-        with transaction.atomic(using=self.using):
-            take_write_lock(self.using)
-            with self._lock:
-                # A run still stopping here (cancelled, then resumed) must not start twice.
-                busy = list(self._running)
-            candidates = (
-                runs.claimable(self.queues, names)
-                .exclude(pk__in=busy)
-                .select_for_update(skip_locked=True)
-            )
-            claimed: list[str] = []
-            given_up: list[str] = []
-            # Look again after giving up on some: the free slots may still find work,
-            # and a burst worker would otherwise take "nothing claimed" for "no work".
-            while len(claimed) < limit:
-                rows = list(
-                    candidates.exclude(pk__in=claimed + given_up).values_list(
-                        "pk", "attempts", "max_attempts", "status", "lease_owner"
-                    )[: limit - len(claimed)]
+        with self._lock:
+            # A run still stopping here (cancelled, then resumed) must not start twice.
+            busy = list(self._running)
+        claimed = runs.claim(
+            self.worker_id, self.queues, names, limit, lease_until=until, exclude=busy
+        )
+        for claim in claimed:
+            if claim.previous_status == Status.RUNNING:
+                logger.warning(
+                    "[%s] Lease of worker %s expired; resuming from checkpoints.",
+                    claim.workflow_id,
+                    claim.previous_owner,
                 )
-                if not rows:
-                    break
-                for pk, attempts, max_attempts, status, lease_owner in rows:
-                    if attempts >= max_attempts:
-                        self._give_up(pk, attempts, lease_owner)
-                        given_up.append(pk)
-                        continue
-                    if status == Status.RUNNING:
-                        logger.warning(
-                            "[%s] Lease of worker %s expired; resuming from checkpoints.",
-                            pk,
-                            lease_owner,
-                        )
-                    claimed.append(pk)
-            if claimed:
-                runs.filter(pk__in=claimed).update(
-                    status=Status.RUNNING,
-                    lease_owner=self.worker_id,
-                    lease_expires_at=until,
-                    attempts=F("attempts") + 1,
-                    updated_at=now,
-                )
-                runs.filter(pk__in=claimed, started_at__isnull=True).update(started_at=now)
+        if len(claimed) < limit:
+            # With slots to spare, end the workflows that used their attempts: no claim
+            # takes them, and they would wait forever.
+            exhausted = runs.exhausted(self.queues, names).exclude(pk__in=busy)
+            for pk, attempts, lease_owner in exhausted.values_list("pk", "attempts", "lease_owner")[
+                :100
+            ]:
+                self._give_up(exhausted, pk, attempts, lease_owner)
         return claimed
 
-    def _give_up(self, workflow_id: str, attempts: int, lease_owner: str | None) -> None:
+    def _give_up(
+        self, exhausted: Any, workflow_id: str, attempts: int, lease_owner: str | None
+    ) -> None:
         message = (
             f"Workflow {workflow_id!r} was claimed {attempts} times (max_attempts) without "
             f"finishing; the last worker to hold it was {lease_owner!r}. Its worker kept "
             "stopping before the end: look for a crash, a kill or an out-of-memory in that run."
         )
         error = encoding.dumps({"type": "MaxAttemptsExceeded", "message": message, "traceback": ""})
-        Workflow.objects.using(self.using).finish(workflow_id, Status.ERROR, error=error)
-        logger.error("[%s] %s", workflow_id, message)
+        # Through the same filter: a workflow resumed or ended meanwhile is left alone.
+        if exhausted.finish(workflow_id, Status.ERROR, error=error):
+            logger.error("[%s] %s", workflow_id, message)
 
     # Heartbeats
 
@@ -293,11 +270,11 @@ class Worker:
 
     # Running one workflow
 
-    def _execute(self, workflow_id: str) -> None:
-        log = WorkflowAdapter(logger, {"workflow_id": workflow_id})
+    def _execute(self, claim: Claim) -> None:
+        log = WorkflowAdapter(logger, {"workflow_id": claim.workflow_id})
         try:
             self._unpark_connection()
-            self._run_workflow(workflow_id, log)
+            self._run_workflow(claim, log)
         except Exception:
             log.exception("Worker error while running the workflow; its lease will expire.")
         finally:
@@ -334,12 +311,12 @@ class Worker:
                     connection.dec_thread_sharing()
             self._parked.clear()
 
-    def _run_workflow(self, workflow_id: str, log: WorkflowAdapter) -> None:
+    def _run_workflow(self, claim: Claim, log: WorkflowAdapter) -> None:
+        workflow_id = claim.workflow_id
         runs = Workflow.objects.using(self.using)
         held = runs.held_by(self.worker_id)
-        run = runs.only("name", "inputs", "attempts").get(pk=workflow_id)
         try:
-            wf = registry.get(run.name)
+            wf = registry.get(claim.name)
         except WorkflowNotRegistered as exc:
             held.finish(
                 workflow_id,
@@ -357,18 +334,18 @@ class Worker:
         replaying = bool(execution.recorded)
         log.info(
             "Running %s (attempt %d%s).",
-            run.name,
-            run.attempts,
+            claim.name,
+            claim.attempts,
             f", replaying {len(execution.recorded)} recorded operations" if replaying else "",
         )
-        inputs = run.decoded_inputs
+        inputs = encoding.loads(claim.inputs)
         started = time.monotonic()
         status, output, error = Status.SUCCESS, None, None
         with runtime.executing(execution):
             try:
                 try:
                     result = wf.fn(*inputs["args"], **inputs["kwargs"])
-                    output = encoding.encode(result, f"The result of workflow {run.name!r}")
+                    output = encoding.encode(result, f"The result of workflow {claim.name!r}")
                 except LeaseLost:
                     raise
                 except Exception as exc:

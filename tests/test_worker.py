@@ -48,6 +48,10 @@ def idle(worker: Worker) -> bool:
     return not worker._running
 
 
+def claimed_ids(worker: Worker, limit: int) -> list[str]:
+    return [claim.workflow_id for claim in worker._claim(limit, names())]
+
+
 def expire_lease(workflow_id: str) -> None:
     Workflow.objects.filter(pk=workflow_id).update(
         lease_expires_at=timezone.now() - timedelta(seconds=1)
@@ -223,7 +227,7 @@ def test_another_worker_takes_over_once_a_short_lease_expires(
         handle = workflows.echo.start("taken over")
         # A worker claims it and dies at once: it never runs it, nor renews the lease.
         claimed_at = time.monotonic()
-        assert Worker(worker_id="dies-after-claiming")._claim(1, names()) == [handle.workflow_id]
+        assert claimed_ids(Worker(worker_id="dies-after-claiming"), 1) == [handle.workflow_id]
         assert handle.get().lease_owner == "dies-after-claiming"
         worker_thread(worker_id="survivor")
         assert handle.result(timeout=10) == {"args": ["taken over"], "kwargs": {}}
@@ -426,7 +430,7 @@ def test_a_workflow_abandoned_max_attempts_times_ends_in_error(
     wid = handle.workflow_id
     for attempt in range(2):
         # A worker claims it and dies; its lease expires.
-        assert Worker(worker_id=f"crashed-{attempt}")._claim(1, names()) == [wid]
+        assert claimed_ids(Worker(worker_id=f"crashed-{attempt}"), 1) == [wid]
         expire_lease(wid)
     assert handle.get().attempts == 2
 
