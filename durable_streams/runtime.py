@@ -305,8 +305,6 @@ def _record_step(
     attempts: int,
     started: Any,
 ) -> None:
-    # The step's own writes are stored before its checkpoint says it is done.
-    execution.flush()
     step = Step(
         workflow_id=execution.workflow_id,
         operation=operation,
@@ -322,8 +320,16 @@ def _record_step(
     if execution.in_transaction:
         # An atomic step's transaction already holds the fence.
         step.save(using=execution.using, force_insert=True)
-    elif not steps.checkpoint(step, execution.worker_id, execution.lease_until()):
-        execution.lease_lost()
+    elif execution.stored < execution.submitted:
+        # Values the step wrote are still queued: the checkpoint joins them in the
+        # writer's next batch, which other workflows' writes and checkpoints share.
+        committer = writer.committer(execution.using)
+        committer.submit(execution, writer.PendingCheckpoint(step))
+        committer.flush(execution)
+    else:
+        execution.flush()  # raises if a value written before could not be stored
+        if not steps.checkpoint(step, execution.worker_id, execution.lease_until()):
+            execution.lease_lost()
     execution.recorded[operation] = (STEP, name)
 
 

@@ -18,15 +18,17 @@ import logging
 import threading
 from collections import defaultdict
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from django.db import connections, transaction
 from django.utils import timezone
 
 from . import delivery
+from .conf import get_config
 from .db import ConnectionKeeper, take_write_lock
 from .exceptions import LeaseLost
-from .models import Stream, StreamEntry, Workflow
+from .models import Step, Stream, StreamEntry, Workflow
 from .notify import PG_CHANNEL, announce, ring_after_commit, stream_topic, uses_listen_notify
 
 if TYPE_CHECKING:
@@ -46,6 +48,24 @@ class PendingWrite:
     operation: int | None
     offset: int  # the entry's offset; for a close, the stream's length
 
+    @property
+    def size(self) -> int:
+        return len(self.text or "")
+
+
+@dataclass
+class PendingCheckpoint:
+    """A step's checkpoint, stored with the values written before it; renews the lease."""
+
+    step: Step
+
+    @property
+    def size(self) -> int:
+        return len(self.step.output or "") + len(self.step.error or "")
+
+
+Pending = PendingWrite | PendingCheckpoint
+
 
 class WriteFailed(Exception):
     """The writer thread could not store queued writes; the run must stop and replay."""
@@ -55,7 +75,7 @@ class GroupCommitter:
     def __init__(self, using: str) -> None:
         self.using = using
         self._cond = threading.Condition()
-        self._queue: dict[Execution, list[PendingWrite]] = {}
+        self._queue: dict[Execution, list[Pending]] = {}
         self._release_requested = False
         self._released = threading.Event()
         self._thread = threading.Thread(
@@ -63,8 +83,8 @@ class GroupCommitter:
         )
         self._thread.start()
 
-    def submit(self, execution: Execution, write: PendingWrite) -> None:
-        size = len(write.text or "")
+    def submit(self, execution: Execution, write: Pending) -> None:
+        size = write.size
         with self._cond:
             while execution.write_error is None and (
                 execution.submitted - execution.stored >= MAX_PENDING_VALUES
@@ -123,7 +143,7 @@ class GroupCommitter:
             with self._cond:
                 for execution, writes in batch.items():
                     execution.stored += len(writes)
-                    execution.pending_bytes -= sum(len(w.text or "") for w in writes)
+                    execution.pending_bytes -= sum(w.size for w in writes)
                     if execution in failures and execution.write_error is None:
                         execution.write_error = failures[execution]
                         execution.stop_reason = str(failures[execution])
@@ -168,15 +188,19 @@ class _Plan:
     entries: list[tuple[str, str, int, str, int | None]]
     topics: list[tuple[str, str]]  # (workflow id, topic)
     hooks: dict[str, list[tuple[str, str, int, list[str], int | None]]]
+    steps: list[Step]
 
 
-def _plan(batch: dict[Execution, list[PendingWrite]]) -> _Plan:
-    plan = _Plan({}, [], [], {})
+def _plan(batch: dict[Execution, list[Pending]]) -> _Plan:
+    plan = _Plan({}, [], [], {}, [])
     for execution, writes in batch.items():
         workflow_id = execution.workflow_id
         hooks = plan.hooks.setdefault(workflow_id, [])
         runs: dict[str, tuple[int, list[str]]] = {}
         for write in writes:
+            if isinstance(write, PendingCheckpoint):
+                plan.steps.append(write.step)
+                continue
             change = plan.streams.get((workflow_id, write.key))
             if change is None:
                 change = plan.streams[workflow_id, write.key] = _StreamChange(
@@ -204,7 +228,7 @@ def _lease_lost(execution: Execution) -> LeaseLost:
     )
 
 
-def _store(using: str, batch: dict[Execution, list[PendingWrite]]) -> _Stored:
+def _store(using: str, batch: dict[Execution, list[Pending]]) -> _Stored:
     """Store ``batch`` in the current transaction, or as one statement outside of one."""
     if connections[using].vendor == "postgresql":
         return _store_in_one_statement(using, batch)
@@ -212,7 +236,7 @@ def _store(using: str, batch: dict[Execution, list[PendingWrite]]) -> _Stored:
         return _store_with_the_orm(using, batch)
 
 
-def _store_with_the_orm(using: str, batch: dict[Execution, list[PendingWrite]]) -> _Stored:
+def _store_with_the_orm(using: str, batch: dict[Execution, list[Pending]]) -> _Stored:
     now = timezone.now()
     take_write_lock(using)
     held = _fence(using, batch)
@@ -251,15 +275,25 @@ def _store_with_the_orm(using: str, batch: dict[Execution, list[PendingWrite]]) 
         ],
         batch_size=1000,
     )
+    if plan.steps:
+        Step.objects.using(using).bulk_create(plan.steps)
+        Workflow.objects.using(using).filter(
+            pk__in={step.workflow_id for step in plan.steps}
+        ).update(lease_expires_at=_lease_until())
     announce([topic for _, topic in plan.topics], using)
     stored.hooks = [hook for hooks in plan.hooks.values() for hook in hooks]
     return stored
 
 
+def _lease_until() -> datetime:
+    return timezone.now() + timedelta(seconds=get_config().LEASE_SECONDS)
+
+
 # One round trip on PostgreSQL: lock the workflows' rows that their workers still hold
 # (in primary-key order, like every other locker), create the new streams, update the
-# others, insert the values and notify, all for the held workflows only; return the
-# held ids and the new streams' ids. Outside a transaction it commits on its own.
+# others, insert the values, insert the step checkpoints and renew those workflows'
+# leases, and notify, all for the held workflows only; return the held ids and the new
+# streams' ids. Outside a transaction it commits on its own.
 _ONE_STATEMENT = """
 WITH held AS (
     SELECT w.id FROM {workflow} w
@@ -301,6 +335,22 @@ inserted AS (
     LEFT JOIN created c
         ON e.stream_id IS NULL AND c.workflow_id = e.workflow_id AND c.key = e.key
     WHERE e.workflow_id IN (SELECT id FROM held)
+),
+renewed AS (
+    UPDATE {workflow} SET lease_expires_at = %(lease_until)s
+    WHERE id IN (SELECT id FROM held) AND id = ANY(%(step_workflows)s::text[])
+),
+checkpoints AS (
+    INSERT INTO {step} (workflow_id, operation, name, status, output, error, attempts,
+                        started_at, finished_at)
+    SELECT c.* FROM unnest(%(step_workflows)s::text[], %(step_operations)s::integer[],
+                           %(step_names)s::text[], %(step_statuses)s::text[],
+                           %(step_outputs)s::text[], %(step_errors)s::text[],
+                           %(step_attempts)s::integer[], %(step_started)s::timestamptz[],
+                           %(step_finished)s::timestamptz[])
+        AS c(workflow_id, operation, name, status, output, error, attempts, started_at,
+             finished_at)
+    WHERE c.workflow_id IN (SELECT id FROM held)
 )
 SELECT h.id, NULL, NULL FROM held h
 UNION ALL
@@ -312,7 +362,7 @@ WHERE t.workflow_id IN (SELECT id FROM held)
 """
 
 
-def _store_in_one_statement(using: str, batch: dict[Execution, list[PendingWrite]]) -> _Stored:
+def _store_in_one_statement(using: str, batch: dict[Execution, list[Pending]]) -> _Stored:
     connection = connections[using]
     now = timezone.now()
     plan = _plan(batch)
@@ -339,6 +389,16 @@ def _store_in_one_statement(using: str, batch: dict[Execution, list[PendingWrite
         "entry_offsets": [offset for _, _, offset, _, _ in plan.entries],
         "entry_values": [text for _, _, _, text, _ in plan.entries],
         "entry_operations": [operation for _, _, _, _, operation in plan.entries],
+        "lease_until": _lease_until(),
+        "step_workflows": [step.workflow_id for step in plan.steps],
+        "step_operations": [step.operation for step in plan.steps],
+        "step_names": [step.name for step in plan.steps],
+        "step_statuses": [step.status for step in plan.steps],
+        "step_outputs": [step.output for step in plan.steps],
+        "step_errors": [step.error for step in plan.steps],
+        "step_attempts": [step.attempts for step in plan.steps],
+        "step_started": [step.started_at for step in plan.steps],
+        "step_finished": [step.finished_at for step in plan.steps],
         "channel": PG_CHANNEL,
         "topic_workflows": [w for w, _ in plan.topics] if notify else [],
         "topics": [topic for _, topic in plan.topics] if notify else [],
@@ -348,6 +408,7 @@ def _store_in_one_statement(using: str, batch: dict[Execution, list[PendingWrite
         workflow=quote(Workflow._meta.db_table),
         stream=quote(Stream._meta.db_table),
         entry=quote(StreamEntry._meta.db_table),
+        step=quote(Step._meta.db_table),
     )
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
@@ -379,7 +440,7 @@ def store_in_transaction(execution: Execution, write: PendingWrite) -> None:
     transaction.on_commit(stored.deliver, using=execution.using)
 
 
-def _fence(using: str, batch: dict[Execution, list[PendingWrite]]) -> set[str]:
+def _fence(using: str, batch: dict[Execution, list[Pending]]) -> set[str]:
     """Lock the rows of the batch's workflows; return the ids their workers still hold.
 
     The lock keeps another worker from reclaiming them until the values commit. The

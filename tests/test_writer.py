@@ -11,7 +11,7 @@ from django.utils import timezone
 from durable_streams import Status, writer
 from durable_streams.encoding import dumps
 from durable_streams.exceptions import LeaseLost
-from durable_streams.models import Stream, StreamEntry, Workflow
+from durable_streams.models import Step, Stream, StreamEntry, Workflow
 from durable_streams.runtime import Execution, _StreamState
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -25,9 +25,23 @@ def running(workflow_id: str, worker_id: str) -> Execution:
         max_attempts=3,
         status=Status.RUNNING,
         lease_owner=worker_id,
-        lease_expires_at=timezone.now() + timedelta(minutes=5),
+        lease_expires_at=timezone.now() + timedelta(seconds=1),
     )
     return Execution(workflow_id, worker_id, connection.alias)
+
+
+def checkpoint(workflow_id: str, operation: int) -> Step:
+    now = timezone.now()
+    return Step(
+        workflow_id=workflow_id,
+        operation=operation,
+        name=f"s{operation}",
+        status=Step.Outcome.SUCCESS,
+        output='{"out": 1}',
+        attempts=2,
+        started_at=now,
+        finished_at=now,
+    )
 
 
 def rows(workflow_id: str) -> dict[str, tuple[int, bool, int | None, list[tuple[int, str]]]]:
@@ -64,8 +78,10 @@ def test_one_batch_stores_many_workflows_of_many_workers_and_fences_each() -> No
             W("empty", None, 4, 0),  # closed without any
         ],
         second: [W("old", "2", None, 2), W("old", "3", 1, 3)],
-        usurped: [W("lost", '"never"', 0, 0)],
+        usurped: [W("lost", '"never"', 0, 0), writer.PendingCheckpoint(checkpoint("wf-c", 1))],
     }
+    batch[first].insert(2, writer.PendingCheckpoint(checkpoint("wf-a", 1)))
+    leases = dict(Workflow.objects.values_list("pk", "lease_expires_at"))
 
     stored = writer._store(connection.alias, batch)
 
@@ -78,6 +94,12 @@ def test_one_batch_stores_many_workflows_of_many_workers_and_fences_each() -> No
     }
     assert rows("wf-b") == {"old": (4, False, None, [(0, "0"), (1, "1"), (2, "2"), (3, "3")])}
     assert rows("wf-c") == {}
+    # The checkpoint of the held workflow is stored, and its lease renewed; only that.
+    steps = Step.objects.values_list("workflow_id", "operation", "name", "output", "attempts")
+    assert list(steps) == [("wf-a", 1, "s1", '{"out": 1}', 2)]
+    renewed = dict(Workflow.objects.values_list("pk", "lease_expires_at"))
+    assert renewed["wf-a"] > leases["wf-a"]
+    assert (renewed["wf-b"], renewed["wf-c"]) == (leases["wf-b"], leases["wf-c"])
     operations = StreamEntry.objects.filter(stream__workflow_id="wf-a").values_list(
         "stream__key", "offset", "operation"
     )
