@@ -70,13 +70,8 @@ FROM {entry} e JOIN {stream} s ON e.stream_id = s.id
 WHERE s.workflow_id = %s AND e.operation IS NOT NULL
 """
 
-_ENQUEUE = """
-WITH run AS (INSERT INTO {workflow} ({columns}) VALUES ({values}) RETURNING id)
-SELECT count(pg_notify(%s, %s)) FROM run
-"""
-
-# Lock the row if this queryset still matches it (the fence), record the end, close the
-# open streams, and notify.
+# Lock the row if this queryset still matches it (the fence), record the end, and close
+# the open streams.
 _FINISH = """
 WITH target AS ({target} FOR UPDATE),
 finished AS (
@@ -91,7 +86,7 @@ closed AS (
     UPDATE {stream} SET closed_at = %s, closed_by_end = true
     WHERE workflow_id IN (SELECT id FROM finished) AND closed_at IS NULL
 )
-SELECT count(*){notify} FROM finished
+SELECT count(*) FROM finished
 """
 
 
@@ -115,27 +110,17 @@ class WorkflowQuerySet(models.QuerySet["Workflow"]):
         """Insert the new ``run`` and announce its queue to idle workers.
 
         Raises ``IntegrityError`` if its id is taken, leaving an enclosing transaction
-        usable. On PostgreSQL, outside a transaction, this is one statement.
+        usable. Outside a transaction, this is one statement.
         """
-        from .notify import PG_CHANNEL, announce, queue_topic, ring_after_commit, uses_listen_notify
+        from .notify import announce, queue_topic
 
-        topic = queue_topic(run.queue)
-        connection = connections[self.db]
-        if not uses_listen_notify(self.db) or connection.in_atomic_block:
-            # The savepoint keeps a taken id from breaking the caller's transaction.
+        if connections[self.db].in_atomic_block:
+            # A savepoint: a taken id must not break the caller's transaction.
             with transaction.atomic(using=self.db):
                 run.save(using=self.db, force_insert=True)
-                announce([topic], self.db)
-            return
-        columns, values = _new_row(run, self.db)
-        sql = _ENQUEUE.format(
-            **_tables(self.db), columns=columns, values=", ".join(["%s"] * len(values))
-        )
-        with connection.cursor() as cursor:
-            cursor.execute(sql, [*values, PG_CHANNEL, topic])
-        run._state.adding = False
-        run._state.db = self.db
-        ring_after_commit([topic], self.db)
+        else:
+            run.save(using=self.db, force_insert=True)
+        announce([queue_topic(run.queue)], self.db)
 
     def history(self, workflow_id: str) -> list[tuple[str, int | None, str, Any, Any, Any]]:
         """What the runs of a workflow recorded, as rows of one query.
@@ -296,27 +281,17 @@ class WorkflowQuerySet(models.QuerySet["Workflow"]):
         self, workflow_id: str, status: str, output: str | None, error: str | None, now: datetime
     ) -> bool:
         from . import delivery
-        from .notify import PG_CHANNEL, ring_after_commit, uses_listen_notify, workflow_topic
+        from .notify import announce, workflow_topic
 
-        target, params = (
-            self.filter(pk=workflow_id).order_by().values("pk").query.get_compiler(self.db).as_sql()
-        )
-        topic = workflow_topic(workflow_id)
-        notify = uses_listen_notify(self.db)
-        sql = _FINISH.format(
-            **_tables(self.db),
-            target=target,
-            notify=", count(pg_notify(%s, %s))" if notify else "",
-        )
-        params = [*params, status, output, error, now, now, now]
-        if notify:
-            params += [PG_CHANNEL, topic]
+        target = self.filter(pk=workflow_id).order_by().values("pk")
+        target_sql, params = target.query.get_compiler(self.db).as_sql()
+        sql = _FINISH.format(**_tables(self.db), target=target_sql)
         with connections[self.db].cursor() as cursor:
-            cursor.execute(sql, params)
+            cursor.execute(sql, [*params, status, output, error, now, now, now])
             row = cursor.fetchone()
         changed = bool(row and row[0])
         if changed:
-            ring_after_commit([topic], self.db)
+            announce([workflow_topic(workflow_id)], self.db)
             transaction.on_commit(lambda: delivery.workflow_ended(workflow_id), using=self.db)
         return changed
 
@@ -552,8 +527,8 @@ class StepQuerySet(models.QuerySet["Step"]):
         a step's checkpoint costs one round trip. Elsewhere the lease UPDATE and the
         INSERT share a transaction.
         """
-        held = Workflow.objects.using(self.db).held_by(worker_id).filter(pk=step.workflow_id)
         if not on_postgresql(self.db):
+            held = Workflow.objects.using(self.db).held_by(worker_id).filter(pk=step.workflow_id)
             with transaction.atomic(using=self.db):
                 if not held.update(lease_expires_at=lease_until):
                     return False

@@ -4,18 +4,28 @@ A *doorbell*, never a data channel: a waiter that is woken re-reads the database
 and every wait is bounded, so a lost notification costs latency, never a value.
 
 Within one process, a commit rings the bell through ``transaction.on_commit``.
-Across processes on PostgreSQL, the same commit sends ``NOTIFY`` and one listener
-thread per process rings the bell for its local waiters. Elsewhere (SQLite across
-processes) waiters poll every ``POLL_INTERVAL`` seconds.
+Across processes on PostgreSQL, the commit hands its topics to the process's
+notifier thread, which sends them as ``NOTIFY`` on a connection of its own, and one
+listener thread per process rings the bell for its local waiters. Elsewhere (SQLite
+across processes) waiters poll every ``POLL_INTERVAL`` seconds.
+
+The notifications leave after the commit, not inside it: PostgreSQL serializes the
+commits of notifying transactions, disk flush included, so a ``NOTIFY`` in every
+data transaction would make every commit wait for the others. The notifier's own
+transactions write nothing, so theirs cost no flush; it sends whatever gathered
+while its previous batch was on the way, in one statement.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import json
 import logging
+import os
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
@@ -115,28 +125,129 @@ def uses_listen_notify(using: str) -> bool:
 
 
 def announce(topics: Iterable[str], using: str) -> None:
-    """Ring ``topics`` once the current transaction commits (in every process)."""
+    """Ring ``topics`` in every process once the current transaction commits.
+
+    Outside a transaction, at once.
+    """
     topics = list(dict.fromkeys(topics))
     if not topics:
         return
-    if uses_listen_notify(using):
-        with connections[using].cursor() as cursor:
-            for topic in topics:
-                cursor.execute("SELECT pg_notify(%s, %s)", [PG_CHANNEL, topic])
-    ring_after_commit(topics, using)
+    send = uses_listen_notify(using)
 
-
-def ring_after_commit(topics: list[str], using: str) -> None:
-    """Ring ``topics`` in this process once the current transaction commits.
-
-    For callers that sent their ``NOTIFY`` themselves, in a statement of their own.
-    """
-
-    def ring_locally() -> None:
+    def ring() -> None:
         for topic in topics:
             hub.ring(topic)
+        if send:
+            notifier(using).send(topics)
 
-    transaction.on_commit(ring_locally, using=using)
+    transaction.on_commit(ring, using=using)
+
+
+class _Notifier:
+    """Sends this process's notifications for one database from a thread of its own."""
+
+    def __init__(self, using: str) -> None:
+        self.using = using
+        self._cond = threading.Condition()
+        self._pending: dict[str, None] = {}
+        self._sending = False
+        self._stopping = False
+        self._failures = 0
+        self._thread = threading.Thread(
+            target=self._run, name=f"durable-streams-notifier-{using}", daemon=True
+        )
+        self._thread.start()
+
+    def send(self, topics: list[str]) -> None:
+        with self._cond:
+            self._pending.update(dict.fromkeys(topics))
+            self._cond.notify_all()
+
+    def flush(self, timeout: float) -> None:
+        """Wait (bounded) until what was handed over is sent."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while (self._pending or self._sending) and self._thread.is_alive():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self._cond.wait(left)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Send what is pending, then close the connection."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        import psycopg
+
+        while not self._stopping:
+            try:
+                params = connections[self.using].get_connection_params()
+                params.pop("cursor_factory", None)
+                params.pop("context", None)
+                with psycopg.connect(**params, autocommit=True) as conn:
+                    while True:
+                        with self._cond:
+                            self._sending = False
+                            self._cond.notify_all()
+                            while not self._pending and not self._stopping:
+                                self._cond.wait()
+                            if not self._pending:
+                                return
+                            topics, self._pending = list(self._pending), {}
+                            self._sending = True
+                        conn.execute(
+                            "SELECT pg_notify(%s, topic) FROM unnest(%s::text[]) AS topic",
+                            [PG_CHANNEL, topics],
+                        )
+                        self._failures = 0
+            except Exception:
+                # What was in flight is lost: its waiters find the values when they poll.
+                self._failures += 1
+                if self._failures in (1, 10) or self._failures % 100 == 0:
+                    logger.warning(
+                        "Could not send notifications on database %r (%d times in a row); "
+                        "readers in other processes poll until it is back.",
+                        self.using,
+                        self._failures,
+                        exc_info=True,
+                    )
+                with self._cond:
+                    self._sending = False
+                    self._cond.notify_all()
+                time.sleep(min(0.1 * 2 ** min(self._failures, 6), 5.0))
+
+
+_notifiers: dict[str, _Notifier] = {}
+_notifiers_lock = threading.Lock()
+_notifiers_pid = os.getpid()
+
+
+def notifier(using: str) -> _Notifier:
+    global _notifiers_pid
+    with _notifiers_lock:
+        if _notifiers_pid != os.getpid():
+            # A forked child has none of its parent's threads.
+            _notifiers.clear()
+            _notifiers_pid = os.getpid()
+        instance = _notifiers.get(using)
+        if instance is None:
+            instance = _notifiers[using] = _Notifier(using)
+        return instance
+
+
+def flush_notifications(timeout: float = 2.0) -> None:
+    """Send what this process still has to announce (a stopping worker, at exit)."""
+    with _notifiers_lock:
+        instances = list(_notifiers.values()) if _notifiers_pid == os.getpid() else []
+    for instance in instances:
+        instance.flush(timeout)
+
+
+atexit.register(flush_notifications)
 
 
 class _Listener(threading.Thread):
@@ -196,7 +307,12 @@ def ensure_listener(using: str) -> bool:
 
 
 def stop_listeners() -> None:
-    """Close this process's LISTEN connections (before dropping a test database, say)."""
+    """Close this process's LISTEN and NOTIFY connections (before dropping a test database)."""
+    with _notifiers_lock:
+        notifiers = list(_notifiers.values())
+        _notifiers.clear()
+    for instance in notifiers:
+        instance.stop()
     with _listeners_lock:
         listeners = list(_listeners.values())
         _listeners.clear()

@@ -24,7 +24,7 @@ from .conf import get_config
 from .db import ConnectionKeeper, alias, take_write_lock
 from .exceptions import LeaseLost, WorkflowNotRegistered
 from .models import Claim, Status, Workflow
-from .notify import Waiter, poll_interval, queue_topic, subscribe
+from .notify import Waiter, flush_notifications, poll_interval, queue_topic, subscribe
 
 logger = logging.getLogger("durable_streams.worker")
 
@@ -161,6 +161,8 @@ class Worker:
         finally:
             self._waiter = None
             self._shutdown(pool)
+            # Workflows handed back at shutdown are announced to the other workers.
+            flush_notifications()
             writer.release_connections()
             connections.close_all()
 

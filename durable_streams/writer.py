@@ -29,7 +29,7 @@ from .conf import get_config
 from .db import ConnectionKeeper, take_write_lock
 from .exceptions import LeaseLost
 from .models import Step, Stream, StreamEntry, Workflow
-from .notify import PG_CHANNEL, announce, ring_after_commit, stream_topic, uses_listen_notify
+from .notify import announce, stream_topic
 
 if TYPE_CHECKING:
     from .runtime import Execution
@@ -292,7 +292,7 @@ def _lease_until() -> datetime:
 # One round trip on PostgreSQL: lock the workflows' rows that their workers still hold
 # (in primary-key order, like every other locker), create the new streams, update the
 # others, insert the values, insert the step checkpoints and renew those workflows'
-# leases, and notify, all for the held workflows only; return the held ids and the new
+# leases, all for the held workflows only; return the held ids and the new
 # streams' ids. Outside a transaction it commits on its own.
 _ONE_STATEMENT = """
 WITH held AS (
@@ -355,10 +355,6 @@ checkpoints AS (
 SELECT h.id, NULL, NULL FROM held h
 UNION ALL
 SELECT c.workflow_id, c.key, c.id FROM created c
-UNION ALL
-SELECT NULL, NULL, count(pg_notify(%(channel)s, t.topic))
-FROM unnest(%(topic_workflows)s::text[], %(topics)s::text[]) AS t(workflow_id, topic)
-WHERE t.workflow_id IN (SELECT id FROM held)
 """
 
 
@@ -368,7 +364,6 @@ def _store_in_one_statement(using: str, batch: dict[Execution, list[Pending]]) -
     plan = _plan(batch)
     new = [c for c in plan.streams.values() if c.stream_id is None]
     old = [c for c in plan.streams.values() if c.stream_id is not None]
-    notify = uses_listen_notify(using)
     params = {
         "now": now,
         "held_ids": [e.workflow_id for e in batch],
@@ -399,9 +394,6 @@ def _store_in_one_statement(using: str, batch: dict[Execution, list[Pending]]) -
         "step_attempts": [step.attempts for step in plan.steps],
         "step_started": [step.started_at for step in plan.steps],
         "step_finished": [step.finished_at for step in plan.steps],
-        "channel": PG_CHANNEL,
-        "topic_workflows": [w for w, _ in plan.topics] if notify else [],
-        "topics": [topic for _, topic in plan.topics] if notify else [],
     }
     quote = connection.ops.quote_name
     sql = _ONE_STATEMENT.format(
@@ -422,7 +414,7 @@ def _store_in_one_statement(using: str, batch: dict[Execution, list[Pending]]) -
     for workflow_id, hooks in plan.hooks.items():
         if workflow_id in held:
             stored.hooks.extend(hooks)
-    ring_after_commit([topic for w, topic in plan.topics if w in held], using)
+    announce([topic for w, topic in plan.topics if w in held], using)
     return stored
 
 
