@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from django.db import connections
 
@@ -56,3 +57,22 @@ class ConnectionKeeper:
     def broken(self) -> None:
         """Call after a database error: the next use starts a new connection."""
         connections[self.using].close()
+
+
+def run_statement(using: str, sql: str, params: Any) -> tuple[list[tuple[Any, ...]], int]:
+    """Run one of durable_streams' own PostgreSQL statements; return its rows and row count.
+
+    The ORM binds parameters in the client, so PostgreSQL parses and plans every
+    statement anew. These few statements are long and run on every step, so they go
+    through psycopg with server-side binding, which prepares a statement once it has
+    run a few times on a connection (``prepare_threshold`` in the database
+    ``OPTIONS``; None turns that off, as behind a transaction-pooling PgBouncer).
+    """
+    import psycopg
+
+    wrapper = connections[using]
+    wrapper.ensure_connection()
+    with wrapper.wrap_database_errors, psycopg.Cursor(wrapper.connection) as cursor:
+        cursor.execute(sql, params)
+        rows = cursor.fetchall() if cursor.description is not None else []
+        return rows, cursor.rowcount

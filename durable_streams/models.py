@@ -14,6 +14,8 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
+from .db import run_statement
+
 if TYPE_CHECKING:
     from collections.abc import Collection, Iterator
 
@@ -169,9 +171,7 @@ class WorkflowQuerySet(models.QuerySet["Workflow"]):
             compiler = candidates.query.get_compiler(self.db)
             picked, params = compiler.as_sql()
             sql = _CLAIM.format(**_tables(self.db), picked=picked)
-            with connections[self.db].cursor() as cursor:
-                cursor.execute(sql, [*params, worker_id, lease_until, now, now])
-                rows = cursor.fetchall()
+            rows, _ = run_statement(self.db, sql, [*params, worker_id, lease_until, now, now])
             return [Claim(*row) for row in rows]
         from .db import take_write_lock
 
@@ -286,10 +286,8 @@ class WorkflowQuerySet(models.QuerySet["Workflow"]):
         target = self.filter(pk=workflow_id).order_by().values("pk")
         target_sql, params = target.query.get_compiler(self.db).as_sql()
         sql = _FINISH.format(**_tables(self.db), target=target_sql)
-        with connections[self.db].cursor() as cursor:
-            cursor.execute(sql, [*params, status, output, error, now, now, now])
-            row = cursor.fetchone()
-        changed = bool(row and row[0])
+        rows, _ = run_statement(self.db, sql, [*params, status, output, error, now, now, now])
+        changed = bool(rows and rows[0][0])
         if changed:
             announce([workflow_topic(workflow_id)], self.db)
             transaction.on_commit(lambda: delivery.workflow_ended(workflow_id), using=self.db)
@@ -540,9 +538,8 @@ class StepQuerySet(models.QuerySet["Step"]):
         sql = _CHECKPOINT.format(
             **_tables(self.db), columns=columns, values=", ".join(["%s"] * len(values))
         )
-        with connections[self.db].cursor() as cursor:
-            cursor.execute(sql, [lease_until, step.workflow_id, worker_id, *values])
-            return cursor.rowcount == 1
+        _, count = run_statement(self.db, sql, [lease_until, step.workflow_id, worker_id, *values])
+        return count == 1
 
 
 # The INSERT selects from the fencing UPDATE: no row, nothing stored.

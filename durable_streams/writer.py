@@ -26,7 +26,7 @@ from django.utils import timezone
 
 from . import delivery
 from .conf import get_config
-from .db import ConnectionKeeper, take_write_lock
+from .db import ConnectionKeeper, run_statement, take_write_lock
 from .exceptions import LeaseLost
 from .models import Step, Stream, StreamEntry, Workflow
 from .notify import announce, stream_topic
@@ -402,9 +402,7 @@ def _store_in_one_statement(using: str, batch: dict[Execution, list[Pending]]) -
         entry=quote(StreamEntry._meta.db_table),
         step=quote(Step._meta.db_table),
     )
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        rows = cursor.fetchall()
+    rows, _ = run_statement(using, sql, params)
     held = {workflow_id for workflow_id, key, _ in rows if workflow_id is not None and key is None}
     stored = _Stored({e: _lease_lost(e) for e in batch if e.workflow_id not in held}, [], [])
     for workflow_id, key, stream_id in rows:
