@@ -26,6 +26,10 @@ DEFAULTS: dict[str, Any] = {
     "NOTIFY_FALLBACK_POLL": 1.0,
     # Use PostgreSQL LISTEN/NOTIFY to wake readers and idle workers.
     "LISTEN_NOTIFY": True,
+    # On PostgreSQL, make the checkpoint of a step that wrote nothing wait for its own
+    # disk flush. By default it does not; the next stream value or workflow end,
+    # which does wait, makes it durable too (see README, "Steps run at least once").
+    "FLUSH_EACH_CHECKPOINT": False,
     # Largest encoded size of one stream value, in bytes.
     "MAX_VALUE_BYTES": 1024 * 1024,
     # How many entries one catch-up query reads.
@@ -58,6 +62,7 @@ class Config:
     POLL_INTERVAL: float
     NOTIFY_FALLBACK_POLL: float
     LISTEN_NOTIFY: bool
+    FLUSH_EACH_CHECKPOINT: bool
     MAX_VALUE_BYTES: int
     READ_BATCH_SIZE: int
     MAX_ATTEMPTS: int
@@ -112,8 +117,9 @@ def get_config() -> Config:
     for name in ("AUTHORIZE_READER", "DATABASE"):
         if not isinstance(values[name], str) or not values[name]:
             raise _invalid(name, f"must be a non-empty string, not {values[name]!r}")
-    if not isinstance(values["LISTEN_NOTIFY"], bool):
-        raise _invalid("LISTEN_NOTIFY", f"must be True or False, not {values['LISTEN_NOTIFY']!r}")
+    for name in ("LISTEN_NOTIFY", "FLUSH_EACH_CHECKPOINT"):
+        if not isinstance(values[name], bool):
+            raise _invalid(name, f"must be True or False, not {values[name]!r}")
     return Config(**values)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import uuid
 from datetime import datetime, timedelta
@@ -534,22 +535,52 @@ class StepQuerySet(models.QuerySet["Step"]):
                     return False
                 step.save(using=self.db, force_insert=True)
             return True
-        columns, values = _new_row(step, self.db)
-        sql = _CHECKPOINT.format(
-            **_tables(self.db), columns=columns, values=", ".join(["%s"] * len(values))
-        )
+        from .conf import get_config
+
+        sql = _checkpoint_sql(self.db, get_config().FLUSH_EACH_CHECKPOINT)
+        values = [getattr(step, column) for column in _STEP_COLUMNS]
         _, count = run_statement(self.db, sql, [lease_until, step.workflow_id, worker_id, *values])
         return count == 1
 
 
-# The INSERT selects from the fencing UPDATE: no row, nothing stored.
+_STEP_COLUMNS = (
+    "workflow_id",
+    "operation",
+    "name",
+    "status",
+    "output",
+    "error",
+    "attempts",
+    "started_at",
+    "finished_at",
+)
+
+
+@functools.cache
+def _checkpoint_sql(using: str, flush: bool) -> str:
+    return _CHECKPOINT.format(
+        **_tables(using),
+        columns=", ".join(_STEP_COLUMNS),
+        values=", ".join(["%s"] * len(_STEP_COLUMNS)),
+        flush="on" if flush else "off",
+    )
+
+
+# The INSERT selects from the fencing UPDATE: no row, nothing stored. ``flush`` sets
+# synchronous_commit for this statement's own transaction only. Off, the commit does
+# not wait for the disk: the write-ahead log is flushed in order, so the next commit
+# that waits (a stream value, the workflow's end, any other transaction) makes this
+# checkpoint durable too, and a crash of the database server before then can only
+# lose checkpoints that nothing durable depends on yet. Their steps run again, as
+# any step may. A worker's crash loses nothing: the checkpoint is committed.
 _CHECKPOINT = """
-WITH fence AS (
+WITH commit_mode AS (SELECT set_config('synchronous_commit', '{flush}', true)),
+fence AS (
     UPDATE {workflow} SET lease_expires_at = %s
     WHERE id = %s AND status = 'RUNNING' AND lease_owner = %s
     RETURNING id
 )
-INSERT INTO {step} ({columns}) SELECT {values} FROM fence
+INSERT INTO {step} ({columns}) SELECT {values} FROM fence CROSS JOIN commit_mode
 """
 
 
@@ -569,21 +600,6 @@ def _tables(using: str) -> dict[str, str]:
             ("entry", StreamEntry),
         ]
     }
-
-
-def _new_row(instance: models.Model, using: str) -> tuple[str, list[Any]]:
-    """The quoted columns of a new row of ``instance`` and their database values."""
-    connection = connections[using]
-    fields = [
-        field
-        for field in instance._meta.concrete_fields
-        if not (field.primary_key and isinstance(field, models.AutoField | models.BigAutoField))
-    ]
-    columns = ", ".join(connection.ops.quote_name(field.column) for field in fields)
-    values = [
-        field.get_db_prep_save(field.pre_save(instance, add=True), connection) for field in fields
-    ]
-    return columns, values
 
 
 class Step(models.Model):

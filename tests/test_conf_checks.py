@@ -50,6 +50,10 @@ def ids(messages: list[CheckMessage]) -> list[str]:
             "['HEARTBEAT_SECONDS'] (3) must be shorter than LEASE_SECONDS (3.0)",
         ),
         ({"LISTEN_NOTIFY": "yes"}, "['LISTEN_NOTIFY'] must be True or False, not 'yes'"),
+        (
+            {"FLUSH_EACH_CHECKPOINT": 1},
+            "['FLUSH_EACH_CHECKPOINT'] must be True or False, not 1",
+        ),
         ({"AUTHORIZE_READER": ""}, "['AUTHORIZE_READER'] must be a non-empty string"),
         ({"DATABASE": None}, "['DATABASE'] must be a non-empty string, not None"),
         ({"LEASE_SECOND": 3}, "['LEASE_SECOND'] is not a known setting (known: AUTHORIZE_READER"),

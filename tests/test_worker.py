@@ -303,6 +303,56 @@ def test_a_checkpoint_is_stored_only_while_its_worker_holds_the_lease(
     assert handle.get().lease_expires_at == later
 
 
+def wal_flushes() -> int:
+    with connection.cursor() as cursor:
+        # This backend reports its statistics at most once a second unless told to.
+        cursor.execute("SELECT pg_stat_force_next_flush()")
+        cursor.execute("SELECT wal_sync FROM pg_stat_wal")
+        return cursor.fetchone()[0]
+
+
+@pytest.mark.parametrize("flush_each", [False, True])
+def test_checkpoints_wait_for_the_disk_only_when_asked(
+    transactional_db: None, flush_each: bool
+) -> None:
+    if connection.vendor != "postgresql":
+        pytest.skip("synchronous_commit: PostgreSQL only")
+    connection.ensure_connection()
+    if connection.pg_version < 150000:
+        pytest.skip("pg_stat_force_next_flush: PostgreSQL 15 or later")
+    handle = workflows.cancellable.start("flushes", 1, 0)
+    wid = handle.workflow_id
+    Workflow.objects.filter(pk=wid).update(
+        status=Status.RUNNING,
+        lease_owner="holder",
+        lease_expires_at=timezone.now() + timedelta(minutes=1),
+    )
+    count = 40
+    config = {**settings.DURABLE_STREAMS, "FLUSH_EACH_CHECKPOINT": flush_each}
+    with override_settings(DURABLE_STREAMS=config):
+        before = wal_flushes()
+        for operation in range(count):
+            now = timezone.now()
+            step = Step(
+                workflow_id=wid,
+                operation=operation,
+                name="s",
+                status=Step.Outcome.SUCCESS,
+                output="1",
+                attempts=1,
+                started_at=now,
+                finished_at=now,
+            )
+            assert Step.objects.checkpoint(step, "holder", now + timedelta(minutes=1))
+        flushes = wal_flushes() - before
+    assert Step.objects.filter(workflow_id=wid).count() == count
+    if flush_each:
+        assert flushes >= count
+    else:
+        # The WAL writer flushes in the background (every 200 ms by default).
+        assert flushes < count / 2
+
+
 def test_a_stopping_worker_finishes_the_step_and_hands_the_workflow_back(
     worker_thread: Callable[..., Worker], run_burst: Callable[..., Worker]
 ) -> None:
