@@ -51,8 +51,13 @@ class Claim(NamedTuple):
 
 
 # Lock the candidates (the claim's SELECT, compiled by the ORM), then lease them.
+# Reclaims first, then the queue, each through its own partial index in created_at
+# order: one SELECT with an OR of both would sort every enqueued row on every claim.
+# Rows the second SELECT locks beyond the limit are let go when the statement commits.
 _CLAIM = """
-WITH picked AS ({picked} FOR UPDATE SKIP LOCKED)
+WITH expired AS ({expired} FOR UPDATE SKIP LOCKED),
+enqueued AS ({enqueued} FOR UPDATE SKIP LOCKED),
+picked AS (SELECT * FROM expired UNION ALL SELECT * FROM enqueued LIMIT %s)
 UPDATE {workflow} w
 SET status = 'RUNNING', lease_owner = %s, lease_expires_at = %s, attempts = w.attempts + 1,
     updated_at = %s, started_at = COALESCE(w.started_at, %s)
@@ -109,6 +114,20 @@ class WorkflowQuerySet(models.QuerySet["Workflow"]):
             name__in=names,
         ).order_by("created_at")
 
+    def enqueued(self, queues: Collection[str], names: Collection[str]) -> WorkflowQuerySet:
+        """Enqueued workflows, oldest first."""
+        return self.filter(status=Status.ENQUEUED, queue__in=queues, name__in=names).order_by(
+            "created_at"
+        )
+
+    def expired(
+        self, queues: Collection[str], names: Collection[str], now: datetime
+    ) -> WorkflowQuerySet:
+        """Running workflows whose worker's lease ran out, oldest first."""
+        return self.filter(
+            status=Status.RUNNING, lease_expires_at__lt=now, queue__in=queues, name__in=names
+        ).order_by("created_at")
+
     def enqueue(self, run: Workflow) -> None:
         """Insert the new ``run`` and announce its queue to idle workers.
 
@@ -162,23 +181,32 @@ class WorkflowQuerySet(models.QuerySet["Workflow"]):
         if limit < 1 or not names:
             return []
         now = timezone.now()
-        candidates = (
-            self.claimable(queues, names)
-            .filter(attempts__lt=F("max_attempts"))
-            .exclude(pk__in=list(exclude))
-            .values_list("pk", "status", "lease_owner")[:limit]
-        )
+
+        def candidates(runs: WorkflowQuerySet) -> Any:
+            return (
+                runs.filter(attempts__lt=F("max_attempts"))
+                .exclude(pk__in=list(exclude))
+                .values_list("pk", "status", "lease_owner")[:limit]
+            )
+
         if on_postgresql(self.db):
-            compiler = candidates.query.get_compiler(self.db)
-            picked, params = compiler.as_sql()
-            sql = _CLAIM.format(**_tables(self.db), picked=picked)
-            rows, _ = run_statement(self.db, sql, [*params, worker_id, lease_until, now, now])
+            expired, expired_params = (
+                candidates(self.expired(queues, names, now)).query.get_compiler(self.db).as_sql()
+            )
+            enqueued, enqueued_params = (
+                candidates(self.enqueued(queues, names)).query.get_compiler(self.db).as_sql()
+            )
+            sql = _CLAIM.format(**_tables(self.db), expired=expired, enqueued=enqueued)
+            params = [*expired_params, *enqueued_params, limit, worker_id, lease_until, now, now]
+            rows, _ = run_statement(self.db, sql, params)
             return [Claim(*row) for row in rows]
         from .db import take_write_lock
 
         with transaction.atomic(using=self.db):
             take_write_lock(self.db)
-            picked_rows = list(candidates.select_for_update(skip_locked=True))
+            picked_rows = list(
+                candidates(self.claimable(queues, names)).select_for_update(skip_locked=True)
+            )
             if not picked_rows:
                 return []
             ids = [pk for pk, _, _ in picked_rows]
