@@ -637,7 +637,11 @@ class Step(models.Model):
         SUCCESS = "SUCCESS", _("Success")
         ERROR = "ERROR", _("Error")
 
-    workflow = models.ForeignKey(Workflow, on_delete=models.CASCADE, related_name="steps")
+    # Indexed by the unique (workflow, operation) constraint; an index of its own
+    # would only cost every checkpoint one more index entry.
+    workflow = models.ForeignKey(
+        Workflow, on_delete=models.CASCADE, related_name="steps", db_index=False
+    )
     operation = models.PositiveIntegerField(_("operation"))
     name = models.CharField(_("name"), max_length=255)
     status = models.CharField(_("status"), max_length=16, choices=Outcome.choices)
@@ -716,7 +720,10 @@ class StreamQuerySet(models.QuerySet["Stream"]):
 class Stream(models.Model):
     """One append-only stream of a workflow; ``length`` is the next offset to write."""
 
-    workflow = models.ForeignKey(Workflow, on_delete=models.CASCADE, related_name="streams")
+    # Indexed by the unique (workflow, key) constraint.
+    workflow = models.ForeignKey(
+        Workflow, on_delete=models.CASCADE, related_name="streams", db_index=False
+    )
     key = models.CharField(_("key"), max_length=255)
     length = models.PositiveIntegerField(_("length"), default=0)
     created_at = models.DateTimeField(_("created at"), default=timezone.now)
@@ -755,7 +762,10 @@ class StreamEntryQuerySet(models.QuerySet["StreamEntry"]):
 class StreamEntry(models.Model):
     """One value of a stream, stored as JSON text so every JSON value round-trips exactly."""
 
-    stream = models.ForeignKey(Stream, on_delete=models.CASCADE, related_name="entries")
+    # Indexed by the unique (stream, offset) constraint.
+    stream = models.ForeignKey(
+        Stream, on_delete=models.CASCADE, related_name="entries", db_index=False
+    )
     offset = models.PositiveIntegerField(_("offset"))
     value = models.TextField(_("value"), help_text=_("JSON"))
     # The workflow operation that wrote it; None when a step wrote it.
