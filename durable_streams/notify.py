@@ -189,6 +189,7 @@ class _Notifier:
                 params.pop("cursor_factory", None)
                 params.pop("context", None)
                 with psycopg.connect(**params, autocommit=True) as conn:
+                    _sender_pids.add(conn.info.backend_pid)
                     while True:
                         with self._cond:
                             self._sending = False
@@ -222,6 +223,8 @@ class _Notifier:
 
 
 _notifiers: dict[str, _Notifier] = {}
+# The server processes of this process's notifier connections.
+_sender_pids: set[int] = set()
 _notifiers_lock = threading.Lock()
 _notifiers_pid = os.getpid()
 
@@ -276,7 +279,9 @@ class _Listener(threading.Thread):
                     backoff = 0.1
                     while not self.stopping.is_set():
                         for notification in conn.notifies(timeout=0.5):
-                            hub.ring(notification.payload)
+                            # This process rang its own waiters when it committed.
+                            if notification.pid not in _sender_pids:
+                                hub.ring(notification.payload)
             except Exception:
                 logger.warning(
                     "LISTEN connection to database %r failed; readers poll until it is back.",

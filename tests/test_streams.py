@@ -429,6 +429,27 @@ def test_a_reader_of_an_open_stream_sees_values_appear(
     assert got == ["first", "second"]
 
 
+def test_a_reader_is_woken_once_per_value(
+    worker_thread: Callable[..., Worker],
+) -> None:
+    count = 6
+    handle = workflows.cancellable.start("woken", count, 0.1)
+    worker_thread()
+    # No poll while the test reads: only the writes' doorbells wake the reader.
+    config = {**settings.DURABLE_STREAMS, "POLL_INTERVAL": 30.0, "NOTIFY_FALLBACK_POLL": 30.0}
+    with override_settings(DURABLE_STREAMS=config):
+        reader = read_stream(handle.workflow_id, "progress", timeout=10)
+        assert next(reader) == 0
+        got = [0]
+        with CaptureQueriesContext(connection) as queries:
+            got.extend(reader)
+    assert got == list(range(count))
+    # One wake per value (its read, then the row's after the short batch), one for
+    # the end and one after the first value. A process that heard its own
+    # notification again, besides ringing its waiters at commit, would wake twice.
+    assert len(queries) <= 2 * (count - 1) + 4
+
+
 def test_readers_and_waiters_leave_nothing_subscribed(run_burst: Callable[..., Worker]) -> None:
     baseline = watched_topics()
     done = workflows.write_values.start("out", [1, 2])
