@@ -26,6 +26,7 @@ import logging
 import os
 import threading
 import time
+from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
@@ -189,7 +190,7 @@ class _Notifier:
                 params.pop("cursor_factory", None)
                 params.pop("context", None)
                 with psycopg.connect(**params, autocommit=True) as conn:
-                    _sender_pids.add(conn.info.backend_pid)
+                    _sender_pids[self.using].add(conn.info.backend_pid)
                     while True:
                         with self._cond:
                             self._sending = False
@@ -223,8 +224,8 @@ class _Notifier:
 
 
 _notifiers: dict[str, _Notifier] = {}
-# The server processes of this process's notifier connections.
-_sender_pids: set[int] = set()
+# The server processes of this process's notifier connections, by database.
+_sender_pids: defaultdict[str, set[int]] = defaultdict(set)
 _notifiers_lock = threading.Lock()
 _notifiers_pid = os.getpid()
 
@@ -280,7 +281,7 @@ class _Listener(threading.Thread):
                     while not self.stopping.is_set():
                         for notification in conn.notifies(timeout=0.5):
                             # This process rang its own waiters when it committed.
-                            if notification.pid not in _sender_pids:
+                            if notification.pid not in _sender_pids[self.using]:
                                 hub.ring(notification.payload)
             except Exception:
                 logger.warning(
