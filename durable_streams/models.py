@@ -50,19 +50,34 @@ class Claim(NamedTuple):
     previous_owner: str | None
 
 
-# Lock the candidates (the claim's SELECT, compiled by the ORM), then lease them.
-# Reclaims first, then the queue, each through its own partial index in created_at
-# order: one SELECT with an OR of both would sort every enqueued row on every claim.
-# Rows the second SELECT locks beyond the limit are let go when the statement commits.
+# WorkflowQuerySet.claimable() with attempts left, expired leases first, locked and
+# leased in one statement whose text does not change with the lists in it (so it is
+# prepared once). Each SELECT goes through its own partial index in created_at order:
+# one SELECT with an OR of both would sort every enqueued row on every claim. Rows
+# the second SELECT locks beyond the limit are let go when the statement commits.
 _CLAIM = """
-WITH expired AS ({expired} FOR UPDATE SKIP LOCKED),
-enqueued AS ({enqueued} FOR UPDATE SKIP LOCKED),
-picked AS (SELECT * FROM expired UNION ALL SELECT * FROM enqueued LIMIT %s)
+WITH expired AS (
+    SELECT id, status, lease_owner FROM {workflow}
+    WHERE status = 'RUNNING' AND lease_expires_at < %(now)s
+        AND queue = ANY(%(queues)s::text[]) AND name = ANY(%(names)s::text[])
+        AND attempts < max_attempts AND NOT id = ANY(%(exclude)s::text[])
+    ORDER BY created_at LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+),
+enqueued AS (
+    SELECT id, status, lease_owner FROM {workflow}
+    WHERE status = 'ENQUEUED'
+        AND queue = ANY(%(queues)s::text[]) AND name = ANY(%(names)s::text[])
+        AND attempts < max_attempts AND NOT id = ANY(%(exclude)s::text[])
+    ORDER BY created_at LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+),
+picked AS (SELECT * FROM expired UNION ALL SELECT * FROM enqueued LIMIT %(limit)s)
 UPDATE {workflow} w
-SET status = 'RUNNING', lease_owner = %s, lease_expires_at = %s, attempts = w.attempts + 1,
-    updated_at = %s, started_at = COALESCE(w.started_at, %s)
+SET status = 'RUNNING', lease_owner = %(worker)s, lease_expires_at = %(until)s,
+    attempts = w.attempts + 1, updated_at = %(now)s, started_at = COALESCE(w.started_at, %(now)s)
 FROM picked
-WHERE w.id = picked.pk
+WHERE w.id = picked.id
 RETURNING w.id, w.name, w.inputs, w.attempts, picked.status, picked.lease_owner
 """
 
@@ -112,20 +127,6 @@ class WorkflowQuerySet(models.QuerySet["Workflow"]):
             Q(status=Status.ENQUEUED) | Q(status=Status.RUNNING, lease_expires_at__lt=now),
             queue__in=queues,
             name__in=names,
-        ).order_by("created_at")
-
-    def enqueued(self, queues: Collection[str], names: Collection[str]) -> WorkflowQuerySet:
-        """Enqueued workflows, oldest first."""
-        return self.filter(status=Status.ENQUEUED, queue__in=queues, name__in=names).order_by(
-            "created_at"
-        )
-
-    def expired(
-        self, queues: Collection[str], names: Collection[str], now: datetime
-    ) -> WorkflowQuerySet:
-        """Running workflows whose worker's lease ran out, oldest first."""
-        return self.filter(
-            status=Status.RUNNING, lease_expires_at__lt=now, queue__in=queues, name__in=names
         ).order_by("created_at")
 
     def enqueue(self, run: Workflow) -> None:
@@ -181,31 +182,28 @@ class WorkflowQuerySet(models.QuerySet["Workflow"]):
         if limit < 1 or not names:
             return []
         now = timezone.now()
-
-        def candidates(runs: WorkflowQuerySet) -> Any:
-            return (
-                runs.filter(attempts__lt=F("max_attempts"))
-                .exclude(pk__in=list(exclude))
-                .values_list("pk", "status", "lease_owner")[:limit]
-            )
-
         if on_postgresql(self.db):
-            expired, expired_params = (
-                candidates(self.expired(queues, names, now)).query.get_compiler(self.db).as_sql()
-            )
-            enqueued, enqueued_params = (
-                candidates(self.enqueued(queues, names)).query.get_compiler(self.db).as_sql()
-            )
-            sql = _CLAIM.format(**_tables(self.db), expired=expired, enqueued=enqueued)
-            params = [*expired_params, *enqueued_params, limit, worker_id, lease_until, now, now]
-            rows, _ = run_statement(self.db, sql, params)
+            params = {
+                "queues": list(queues),
+                "names": list(names),
+                "exclude": list(exclude),
+                "now": now,
+                "limit": limit,
+                "worker": worker_id,
+                "until": lease_until,
+            }
+            rows, _ = run_statement(self.db, _claim_sql(self.db), params)
             return [Claim(*row) for row in rows]
         from .db import take_write_lock
 
         with transaction.atomic(using=self.db):
             take_write_lock(self.db)
             picked_rows = list(
-                candidates(self.claimable(queues, names)).select_for_update(skip_locked=True)
+                self.claimable(queues, names)
+                .filter(attempts__lt=F("max_attempts"))
+                .exclude(pk__in=list(exclude))
+                .select_for_update(skip_locked=True)
+                .values_list("pk", "status", "lease_owner")[:limit]
             )
             if not picked_rows:
                 return []
@@ -582,6 +580,11 @@ _STEP_COLUMNS = (
     "started_at",
     "finished_at",
 )
+
+
+@functools.cache
+def _claim_sql(using: str) -> str:
+    return _CLAIM.format(**_tables(using))
 
 
 @functools.cache
