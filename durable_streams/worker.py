@@ -23,7 +23,7 @@ from . import encoding, registry, runtime, writer
 from .conf import get_config
 from .db import ConnectionKeeper, alias, take_write_lock
 from .exceptions import LeaseLost, WorkflowNotRegistered
-from .models import Claim, Status, Workflow
+from .models import Claim, Status, Workflow, WorkflowQuerySet
 from .notify import Waiter, flush_notifications, poll_interval, queue_topic, subscribe
 
 logger = logging.getLogger("durable_streams.worker")
@@ -78,6 +78,7 @@ class Worker:
         self._parked: dict[int, BaseDatabaseWrapper] = {}
         self._keepers = threading.local()
         self._signals = 0
+        self._next_exhausted_check = 0.0
         self.completed = 0
 
     # Control
@@ -213,9 +214,12 @@ class Worker:
                     claim.workflow_id,
                     claim.previous_owner,
                 )
-        if len(claimed) < limit:
-            # With slots to spare, end the workflows that used their attempts: no claim
-            # takes them, and they would wait forever.
+        # No claim takes the workflows that used their attempts: end them, now and then
+        # (they only come from crashed runs), and before a burst worker leaves.
+        now = time.monotonic()
+        leaving = self.burst and not claimed and not busy
+        if len(claimed) < limit and (now >= self._next_exhausted_check or leaving):
+            self._next_exhausted_check = now + get_config().HEARTBEAT_SECONDS
             exhausted = runs.exhausted(self.queues, names).exclude(pk__in=busy)
             for pk, attempts, lease_owner in exhausted.values_list("pk", "attempts", "lease_owner")[
                 :100
@@ -224,7 +228,11 @@ class Worker:
         return claimed
 
     def _give_up(
-        self, exhausted: Any, workflow_id: str, attempts: int, lease_owner: str | None
+        self,
+        exhausted: WorkflowQuerySet,
+        workflow_id: str,
+        attempts: int,
+        lease_owner: str | None,
     ) -> None:
         message = (
             f"Workflow {workflow_id!r} was claimed {attempts} times (max_attempts) without "
