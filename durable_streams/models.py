@@ -153,9 +153,11 @@ class WorkflowQuerySet(models.QuerySet["Workflow"]):
         body wrote, and ``("stream", close operation, key, id, length, closed)`` for
         each stream.
         """
-        connection = connections[self.db]
         sql = _HISTORY.format(**_tables(self.db))
-        with connection.cursor() as cursor:
+        if on_postgresql(self.db):
+            rows, _ = run_statement(self.db, sql, [workflow_id] * 3)
+            return rows
+        with connections[self.db].cursor() as cursor:
             cursor.execute(sql, [workflow_id] * 3)
             return cursor.fetchall()
 
