@@ -72,7 +72,10 @@ def run_statement(using: str, sql: str, params: Any) -> tuple[list[tuple[Any, ..
 
     wrapper = connections[using]
     wrapper.ensure_connection()
-    with wrapper.wrap_database_errors, psycopg.Cursor(wrapper.connection) as cursor:
+    raw = psycopg.Cursor(wrapper.connection)
+    # Django's wrapper: its error classes, execute_wrapper() hooks and query logging.
+    cursor = wrapper.make_debug_cursor(raw) if wrapper.queries_logged else wrapper.make_cursor(raw)
+    with cursor:
         cursor.execute(sql, params)
         rows = cursor.fetchall() if cursor.description is not None else []
         return rows, cursor.rowcount
