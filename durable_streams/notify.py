@@ -29,6 +29,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from django.db import connections, transaction
 
@@ -181,6 +182,23 @@ class _Notifier:
             self._cond.notify_all()
         self._thread.join(timeout)
 
+    def _send_until_stopped(self, conn: Any) -> None:
+        while True:
+            with self._cond:
+                self._sending = False
+                self._cond.notify_all()
+                while not self._pending and not self._stopping:
+                    self._cond.wait()
+                if not self._pending:
+                    return
+                topics, self._pending = list(self._pending), {}
+                self._sending = True
+            conn.execute(
+                "SELECT pg_notify(%s, topic) FROM unnest(%s::text[]) AS topic",
+                [PG_CHANNEL, topics],
+            )
+            self._failures = 0
+
     def _run(self) -> None:
         import psycopg
 
@@ -190,22 +208,14 @@ class _Notifier:
                 params.pop("cursor_factory", None)
                 params.pop("context", None)
                 with psycopg.connect(**params, autocommit=True) as conn:
-                    _sender_pids[self.using].add(conn.info.backend_pid)
-                    while True:
-                        with self._cond:
-                            self._sending = False
-                            self._cond.notify_all()
-                            while not self._pending and not self._stopping:
-                                self._cond.wait()
-                            if not self._pending:
-                                return
-                            topics, self._pending = list(self._pending), {}
-                            self._sending = True
-                        conn.execute(
-                            "SELECT pg_notify(%s, topic) FROM unnest(%s::text[]) AS topic",
-                            [PG_CHANNEL, topics],
-                        )
-                        self._failures = 0
+                    pid = conn.info.backend_pid
+                    _sender_pids[self.using].add(pid)
+                    try:
+                        self._send_until_stopped(conn)
+                        return
+                    finally:
+                        # The server may give the number to another client's session.
+                        _sender_pids[self.using].discard(pid)
             except Exception:
                 # What was in flight is lost: its waiters find the values when they poll.
                 self._failures += 1
