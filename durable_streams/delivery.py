@@ -4,6 +4,13 @@ The runtime calls the three hooks below after the transaction that stored the
 change commits, in the writing process. They hand a small message to the channel
 layer and return at once; they never raise into the workflow.
 
+Each event loop that serves readers holds one subscription to the channel layer
+(``_Hub``): one layer channel, which joins the groups of every stream that a local
+reader follows, and one task that receives from it and hands each message to the
+local readers of that stream. A thousand sockets on one stream in one process are
+one group member, so the layer stores and delivers each message once per process,
+not once per socket.
+
 The channel layer drops messages when a channel is full (at-most-once), so it is
 only a doorbell that happens to carry small values. A subscriber (``StreamFeed``)
 numbers every value by offset: it sends what follows on directly, fills a gap from
@@ -53,6 +60,9 @@ SILENCE_CEILING = 15.0
 MAX_PENDING = 10_000
 # Streams whose final lengths travel in the message announcing a workflow's end.
 MAX_ENDED_LENGTHS = 100
+# After a failure to receive from the channel layer, or to join a group, try again
+# after this many seconds, doubling up to the second figure.
+RETRY_FIRST, RETRY_CEILING = 0.05, 5.0
 
 ENTRIES = "durable_streams.entries"
 CLOSED = "durable_streams.closed"
@@ -407,8 +417,11 @@ async def run_db(fn: Callable[..., T], *args: Any) -> T:
 class StreamFeed:
     """The values of one stream from ``offset`` on, then its close, each exactly once.
 
-    Its owner joins ``groups`` on the channel layer and passes every message it
-    receives there to ``notify()``; ``events()`` does the rest.
+    ``events()`` subscribes the feed to this event loop's share of the channel layer
+    (the stream's ``groups``, joined once per loop however many feeds read the
+    stream) before its first database read, so nothing committed after that read
+    is missed, and unsubscribes it when the iteration ends. Each message for the
+    stream comes in through ``notify()``.
     """
 
     def __init__(self, workflow_id: str, key: str, offset: int) -> None:
@@ -466,32 +479,255 @@ class StreamFeed:
             base = ceiling = config.POLL_INTERVAL
         silence = base
         behind = True
+        hub = _local_hub()
         with loops.attached(asyncio.get_running_loop()):
-            while True:
-                if behind:
-                    self.fetches += 1
-                    batch = await run_db(read_batch, self.workflow_id, self.key, self.next_offset)
-                    for entry in self._take(batch.offset, batch.texts):
+            try:
+                if hub is not None:
+                    # Subscribed before the first read: what commits after it is heard.
+                    await hub.subscribe(self)
+                while True:
+                    if behind:
+                        self.fetches += 1
+                        batch = await run_db(
+                            read_batch, self.workflow_id, self.key, self.next_offset
+                        )
+                        for entry in self._take(batch.offset, batch.texts):
+                            yield entry
+                        if batch.closed:
+                            self._length = batch.length
+                        # More stored than one batch holds: read on (an empty read ends it).
+                        behind = bool(batch.texts) and batch.length > self.next_offset
+                    if self._done():
+                        yield Closed(self._length or 0)
+                        return
+                    if behind:
+                        continue
+                    try:
+                        note = await asyncio.wait_for(self._notes.get(), silence)
+                    except TimeoutError:
+                        behind = True
+                        silence = min(silence * 2, ceiling)
+                        continue
+                    silence = base
+                    entries, behind = self._apply(note)
+                    for entry in entries:
                         yield entry
-                    if batch.closed:
-                        self._length = batch.length
-                    # More stored than one batch holds: read on (an empty read ends the loop).
-                    behind = bool(batch.texts) and batch.length > self.next_offset
-                if self._done():
-                    yield Closed(self._length or 0)
-                    return
-                if behind:
-                    continue
+            finally:
+                if hub is not None:
+                    await hub.unsubscribe(self)
+
+
+# The subscriptions of this process: one per event loop and channel layer
+
+
+class _Membership:
+    """How many local feeds need one group, and whether the hub's channel is in it."""
+
+    __slots__ = ("count", "joined", "lock")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.joined = False
+        self.lock = asyncio.Lock()  # one group_add or group_discard at a time
+
+
+class _Hub:
+    """One event loop's subscription to the channel layer, shared by all its feeds.
+
+    One layer channel is in the groups of every stream (and workflow) that a feed on
+    this loop reads: the first feed of a stream joins them, later ones wait until
+    that join has completed, the last one leaving discards them. One task receives
+    from the channel and hands each message to the feeds of its stream. The layer
+    therefore stores and delivers each message once per process, not once per socket.
+
+    The layer forgets a group member after its ``group_expiry`` (a day by default),
+    so the hub re-joins its groups every quarter of that. When receiving or joining
+    fails, it tries again with a bounded backoff; meanwhile the feeds re-read the
+    database after a silence, as they do after any lost message.
+    """
+
+    def __init__(self, layer: Any) -> None:
+        self.layer = layer
+        self.channel: str | None = None
+        self._feeds: dict[str, dict[str, set[StreamFeed]]] = {}
+        self._members: dict[str, _Membership] = {}
+        self._opening = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._background: list[asyncio.Task[None]] = []
+        self._rejoin_now = asyncio.Event()
+        self._closed = False
+
+    # The feeds' side
+
+    async def subscribe(self, feed: StreamFeed) -> None:
+        """Route the stream's messages to ``feed``; return once the layer delivers them."""
+        self._feeds.setdefault(feed.workflow_id, {}).setdefault(feed.key, set()).add(feed)
+        pending = []
+        for name in feed.groups:
+            member = self._members.get(name)
+            if member is None:
+                member = self._members[name] = _Membership()
+            member.count += 1
+            if not member.joined:
+                pending.append(self._spawn(self._sync(name)))
+        if pending:
+            # Shielded: a feed that gives up waiting leaves the join to finish for others.
+            await asyncio.gather(*(asyncio.shield(task) for task in pending))
+
+    async def unsubscribe(self, feed: StreamFeed) -> None:
+        streams = self._feeds.get(feed.workflow_id)
+        feeds = streams.get(feed.key) if streams else None
+        if feeds is None or feed not in feeds:
+            return
+        feeds.discard(feed)
+        if not feeds:
+            del streams[feed.key]  # type: ignore[index]
+            if not streams:
+                del self._feeds[feed.workflow_id]
+        pending = []
+        for name in feed.groups:
+            member = self._members.get(name)
+            if member is None:
+                continue
+            member.count -= 1
+            if member.count <= 0:
+                pending.append(self._spawn(self._sync(name)))
+        if pending:
+            with contextlib.suppress(Exception):
+                await asyncio.gather(*(asyncio.shield(task) for task in pending))
+
+    # The layer's side
+
+    def _spawn(self, coroutine: Any) -> asyncio.Task[None]:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _channel(self) -> str:
+        async with self._opening:
+            if self.channel is None:
+                self.channel = await self.layer.new_channel()
+                self._background = [
+                    asyncio.ensure_future(self._receive(self.channel)),
+                    asyncio.ensure_future(self._keep_joined()),
+                ]
+            return self.channel
+
+    async def _sync(self, name: str) -> None:
+        """Make the channel's membership of group ``name`` match its local feeds."""
+        member = self._members.get(name)
+        if member is None:
+            return
+        async with member.lock:
+            if member.count > 0 and not member.joined:
                 try:
-                    note = await asyncio.wait_for(self._notes.get(), silence)
-                except TimeoutError:
-                    behind = True
-                    silence = min(silence * 2, ceiling)
+                    await self.layer.group_add(name, await self._channel())
+                except Exception as exc:
+                    _subscribe_failures.warning("Could not join a stream's group", exc)
+                    self._rejoin_now.set()  # retried, with backoff
+                else:
+                    member.joined = True
+            elif member.count <= 0 and member.joined:
+                member.joined = False
+                try:
+                    await self.layer.group_discard(name, self.channel)
+                except Exception as exc:
+                    # The layer drops the member after group_expiry; its messages are ignored.
+                    _subscribe_failures.warning("Could not leave a stream's group", exc)
+            if member.count <= 0 and not member.joined and self._members.get(name) is member:
+                del self._members[name]
+        if not self._members and not self._feeds:
+            self._close()
+
+    def _close(self) -> None:
+        self._closed = True
+        for task in self._background:
+            task.cancel()
+        self._background = []
+        self.channel = None
+        with _hubs_lock:
+            for key, hub in list(_hubs.items()):
+                if hub is self:
+                    del _hubs[key]
+
+    async def _receive(self, channel: str) -> None:
+        delay = RETRY_FIRST
+        while True:
+            try:
+                message = await self.layer.receive(channel)
+            except Exception as exc:
+                _receive_failures.warning("Could not receive stream messages", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_CEILING)
+                self._rejoin_now.set()  # the layer may have lost the memberships too
+                continue
+            delay = RETRY_FIRST
+            try:
+                self._deliver(message)
+            except Exception:
+                logger.exception("Could not hand a stream message to its readers.")
+
+    def _deliver(self, message: dict[str, Any]) -> None:
+        streams = self._feeds.get(message.get("workflow"))  # type: ignore[arg-type]
+        if not streams:
+            return
+        if message.get("type") == ENDED:
+            targets = [feed for feeds in streams.values() for feed in feeds]
+        else:
+            targets = list(streams.get(message.get("key"), ()))  # type: ignore[arg-type]
+        for feed in targets:
+            feed.notify(message)
+
+    async def _keep_joined(self) -> None:
+        """Re-join every group now and then (the layer expires members), and after failures."""
+        every = max(float(getattr(self.layer, "group_expiry", 86400) or 86400) / 4, 1.0)
+        delay = RETRY_FIRST
+        wait = every
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._rejoin_now.wait(), wait)
+            self._rejoin_now.clear()
+            failed = False
+            for name in list(self._members):
+                member = self._members.get(name)
+                if member is None or member.count <= 0:
                     continue
-                silence = base
-                entries, behind = self._apply(note)
-                for entry in entries:
-                    yield entry
+                async with member.lock:
+                    if member.count <= 0 or self.channel is None:
+                        continue
+                    try:
+                        await self.layer.group_add(name, self.channel)
+                    except Exception as exc:
+                        _subscribe_failures.warning("Could not join a stream's group", exc)
+                        failed = True
+                        break
+                    member.joined = True
+            if failed:
+                wait, delay = delay, min(delay * 2, RETRY_CEILING)
+            else:
+                wait, delay = every, RETRY_FIRST
+
+
+_hubs: dict[tuple[asyncio.AbstractEventLoop, Any], _Hub] = {}
+_hubs_lock = threading.Lock()
+_subscribe_failures = _Throttled()
+_receive_failures = _Throttled()
+
+
+def _local_hub() -> _Hub | None:
+    """The hub of the running loop and the default channel layer (None without a layer)."""
+    layer = channel_layer()
+    if layer is None:
+        return None
+    loop = asyncio.get_running_loop()
+    with _hubs_lock:
+        hub = _hubs.get((loop, layer))
+        if hub is None:
+            for key in [key for key in _hubs if key[0].is_closed()]:
+                del _hubs[key]
+            hub = _hubs[(loop, layer)] = _Hub(layer)
+        return hub
 
 
 # Shared by the WebSocket and Server-Sent Events endpoints
