@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import collections
 import contextlib
 import hashlib
 import json
@@ -430,12 +431,35 @@ class StreamFeed:
         self.next_offset = offset
         self.groups = [stream_group(workflow_id, key), workflow_group(workflow_id)]
         self.pushed = crosses_processes(channel_layer())
-        self._notes: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        # Messages not yet acted on, and the events() wait for the next one. Cheaper
+        # than asyncio.wait_for on a queue (a task per wait), which showed per value
+        # and socket in fan-out profiles.
+        self._notes: collections.deque[dict[str, Any]] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
         self._length: int | None = None  # known once the stream is closed
         self.fetches = 0
 
     def notify(self, message: dict[str, Any]) -> None:
-        self._notes.put_nowait(message)
+        """Hand the feed a channel layer message (on the loop that runs ``events()``)."""
+        self._notes.append(message)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _next_note(self, timeout: float) -> dict[str, Any] | None:
+        """The next message, or None after ``timeout`` seconds without one."""
+        if not self._notes:
+            loop = asyncio.get_running_loop()
+            waiter = self._waiter = loop.create_future()
+            timer = loop.call_later(timeout, _wake, waiter)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
+            if not self._notes:
+                return None
+        return self._notes.popleft()
 
     def _take(self, offset: int, texts: list[str]) -> list[Entry]:
         """The entries of a contiguous run from ``offset`` that the reader still needs."""
@@ -482,15 +506,20 @@ class StreamFeed:
         hub = _local_hub()
         with loops.attached(asyncio.get_running_loop()):
             try:
+                subscribed_at = 0.0
                 if hub is not None:
                     # Subscribed before the first read: what commits after it is heard.
                     await hub.subscribe(self)
+                    subscribed_at = asyncio.get_running_loop().time()
                 while True:
                     if behind:
                         self.fetches += 1
-                        batch = await run_db(
-                            read_batch, self.workflow_id, self.key, self.next_offset
-                        )
+                        if hub is not None:
+                            batch = await hub.read(self, subscribed_at)
+                        else:
+                            batch = await run_db(
+                                read_batch, self.workflow_id, self.key, self.next_offset
+                            )
                         for entry in self._take(batch.offset, batch.texts):
                             yield entry
                         if batch.closed:
@@ -502,9 +531,8 @@ class StreamFeed:
                         return
                     if behind:
                         continue
-                    try:
-                        note = await asyncio.wait_for(self._notes.get(), silence)
-                    except TimeoutError:
+                    note = await self._next_note(silence)
+                    if note is None:
                         behind = True
                         silence = min(silence * 2, ceiling)
                         continue
@@ -515,6 +543,11 @@ class StreamFeed:
             finally:
                 if hub is not None:
                     await hub.unsubscribe(self)
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 # The subscriptions of this process: one per event loop and channel layer
@@ -540,6 +573,9 @@ class _Hub:
     from the channel and hands each message to the feeds of its stream. The layer
     therefore stores and delivers each message once per process, not once per socket.
 
+    Feeds of one stream that need the same database read (after a lost message, or
+    a silence) share one query (``read``).
+
     The layer forgets a group member after its ``group_expiry`` (a day by default),
     so the hub re-joins its groups every quarter of that. When receiving or joining
     fails, it tries again with a bounded backoff; meanwhile the feeds re-read the
@@ -551,6 +587,7 @@ class _Hub:
         self.channel: str | None = None
         self._feeds: dict[str, dict[str, set[StreamFeed]]] = {}
         self._members: dict[str, _Membership] = {}
+        self._reads: dict[tuple[str, str, int], tuple[float, asyncio.Future[Batch]]] = {}
         self._opening = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self._background: list[asyncio.Task[None]] = []
@@ -595,6 +632,30 @@ class _Hub:
         if pending:
             with contextlib.suppress(Exception):
                 await asyncio.gather(*(asyncio.shield(task) for task in pending))
+
+    async def read(self, feed: StreamFeed, subscribed_at: float) -> Batch:
+        """``read_batch`` for ``feed``, shared with the feeds that need the same read.
+
+        Sockets of one stream see a lost message or a silence at the same moment, and
+        all need the values from the same offset: one query serves them all. A feed
+        only shares a read that started after it subscribed, so that read sees
+        everything committed before the feed could hear of it.
+        """
+        key = (feed.workflow_id, feed.key, feed.next_offset)
+        flight = self._reads.get(key)
+        if flight is None or flight[0] < subscribed_at:
+            started = asyncio.get_running_loop().time()
+            task = asyncio.ensure_future(run_db(read_batch, *key))
+            flight = self._reads[key] = (started, task)
+            task.add_done_callback(lambda _, key=key, flight=flight: self._landed(key, flight))
+        return await asyncio.shield(flight[1])
+
+    def _landed(self, key: tuple[str, str, int], flight: tuple[float, Any]) -> None:
+        if self._reads.get(key) is flight:
+            del self._reads[key]
+        task = flight[1]
+        if not task.cancelled():
+            task.exception()  # retrieved: a waiter that left must not leave it unheard
 
     # The layer's side
 

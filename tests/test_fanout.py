@@ -215,3 +215,39 @@ async def test_a_long_subscription_stays_in_its_group_past_the_group_expiry(
         assert entries(frames) == [(0, "late")] and code == 1000
     finally:
         await communicator.disconnect()
+
+
+async def test_a_lost_message_costs_one_read_for_all_sockets_not_one_each(
+    settings: Any, monkeypatch: pytest.MonkeyPatch, live_worker: Any
+) -> None:
+    no_polling(settings)
+    reads: list[int] = []
+    read_batch = delivery.read_batch
+
+    def counted(workflow_id: str, key: str, offset: int) -> delivery.Batch:
+        reads.append(offset)
+        return read_batch(workflow_id, key, offset)
+
+    publish = delivery.publish
+
+    def lossy(group: str, message: dict[str, Any]) -> None:
+        if message["type"] == delivery.ENTRIES and message["offset"] in (3, 6):
+            return  # dropped, as a full channel would
+        publish(group, message)
+
+    monkeypatch.setattr(delivery, "read_batch", counted)
+    monkeypatch.setattr(delivery, "publish", lossy)
+    readers = 30
+    values = list(range(10))
+    wid = await start(paced, "out", values, "gate-shared-read", 0.02)
+    sockets = [await open_socket(path(wid, "out")) for _ in range(readers)]
+    try:
+        await wait_for(lambda: len(reads) >= readers)  # each socket's first look
+        await open_gate("gate-shared-read")
+        for communicator in sockets:
+            frames, code = await read_until_closed(communicator)
+            assert entries(frames) == list(enumerate(values)) and code == 1000
+    finally:
+        await close_all(sockets)
+    # Two gaps, each filled by one read that every socket shared.
+    assert readers < len(reads) <= readers + 2, reads
