@@ -448,6 +448,7 @@ def start_server(env: dict[str, str], port: int) -> Child:
         + ["--websocket_connect_timeout", "60", "bench.asgi:application"],
         env=env,
         quiet=True,
+        log=os.environ.get("BENCH_SERVER_LOG"),
     )
 
     def listening() -> bool:
@@ -519,8 +520,10 @@ def cmd_fanout(args: argparse.Namespace) -> None:
         client.wait_ready(limit=180)
         if args.profile:
             # py-spy (pip install py-spy) samples the ASGI server while values flow.
+            beside = Path(sys.executable).with_name("py-spy")  # the venv's, if not on PATH
+            spy = str(beside) if beside.exists() else "py-spy"
             profiler = subprocess.Popen(
-                ["py-spy", "record", "-p", str(server.pid), "-o", args.profile]
+                [spy, "record", "-p", str(server.pid), "-o", args.profile]
                 + ["-f", "raw", "-d", str(int(args.seconds)), "-r", "100"],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
@@ -562,6 +565,7 @@ def cmd_fanout(args: argparse.Namespace) -> None:
             "server_rss_mb": peak_rss,
             "queries_per_value": queries / count,
             "connect_s": result["connect_s"],
+            "client_cpu_pct": result.get("client_cpu_pct"),
         }
     )
 

@@ -84,8 +84,12 @@ async def fanout(args: argparse.Namespace) -> None:
         await asyncio.sleep(0.1)
     connected = time.monotonic() - connect_started
     emit_ready(f"{connected:.3f}")
+    cpu_started, wall_started = time.process_time(), time.monotonic()
     await asyncio.to_thread(Path(args.go).touch)
     ended = await asyncio.gather(*tasks, return_exceptions=True)
+    # Whether this process kept up: near 100% of one core, it was the bottleneck.
+    client_cpu = time.process_time() - cpu_started
+    client_wall = max(time.monotonic() - wall_started, 1e-9)
     emit_result(
         {
             "clients": args.clients,
@@ -96,6 +100,7 @@ async def fanout(args: argparse.Namespace) -> None:
             "p50_ms": percentile(latencies, 50),
             "p99_ms": percentile(latencies, 99),
             "connect_s": connected,
+            "client_cpu_pct": 100.0 * client_cpu / client_wall,
         }
     )
 
