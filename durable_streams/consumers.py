@@ -104,7 +104,8 @@ class StreamConsumer(AsyncWebsocketConsumer):
             async with contextlib.aclosing(feed.events()) as events:
                 async for event in events:
                     if isinstance(event, delivery.Entry):
-                        await self.send(text_data=entry_frame(feed.key, event.offset, event.text))
+                        frame = event.frame or entry_frame(feed.key, event.offset, event.text)
+                        await self.send(text_data=frame)
                     else:
                         await self.send(text_data=closed_frame(feed.key, event.length))
                         await self.close(code=1000)

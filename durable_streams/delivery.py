@@ -37,7 +37,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from asgiref.sync import sync_to_async
 from django.db import close_old_connections
@@ -360,10 +360,12 @@ def workflow_ended(workflow_id: str) -> None:
 # The subscriber side
 
 
-@dataclass(frozen=True)
-class Entry:
+class Entry(NamedTuple):
     offset: int
     text: str  # the value as stored: JSON text
+    # Its WebSocket frame, when it came in a channel layer message: encoded once for
+    # every local reader of the stream (``entry_frame``), not once per socket.
+    frame: str | None = None
 
 
 @dataclass(frozen=True)
@@ -436,6 +438,8 @@ class StreamFeed:
         # and socket in fan-out profiles.
         self._notes: collections.deque[dict[str, Any]] = collections.deque()
         self._waiter: asyncio.Future[None] | None = None
+        self._deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
         self._length: int | None = None  # known once the stream is closed
         self.fetches = 0
 
@@ -450,23 +454,44 @@ class StreamFeed:
         """The next message, or None after ``timeout`` seconds without one."""
         if not self._notes:
             loop = asyncio.get_running_loop()
+            self._deadline = loop.time() + timeout
             waiter = self._waiter = loop.create_future()
-            timer = loop.call_later(timeout, _wake, waiter)
+            # One timer per silence, not per message: when it fires early (messages
+            # came meanwhile and moved the deadline on) it sets itself again.
+            timer = self._timer
+            if timer is None or timer.when() > self._deadline:  # none, or set for longer
+                if timer is not None:
+                    timer.cancel()
+                self._timer = loop.call_at(self._deadline, self._silence_timer)
             try:
                 await waiter
             finally:
-                timer.cancel()
                 self._waiter = None
             if not self._notes:
                 return None
         return self._notes.popleft()
 
-    def _take(self, offset: int, texts: list[str]) -> list[Entry]:
+    def _silence_timer(self) -> None:
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter
+        if waiter is None:  # not waiting: the next wait sets a timer of its own
+            self._timer = None
+        elif loop.time() < self._deadline:
+            self._timer = loop.call_at(self._deadline, self._silence_timer)
+        else:
+            self._timer = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _take(self, offset: int, texts: list[str], frames: list[str] | None = None) -> list[Entry]:
         """The entries of a contiguous run from ``offset`` that the reader still needs."""
         skip = self.next_offset - offset
         if skip < 0 or skip >= len(texts):
             return []
-        fresh = [Entry(offset + skip + i, text) for i, text in enumerate(texts[skip:])]
+        if frames is None:
+            fresh = [Entry(offset + i, texts[i]) for i in range(skip, len(texts))]
+        else:
+            fresh = [Entry(offset + i, texts[i], frames[i]) for i in range(skip, len(texts))]
         self.next_offset = offset + len(texts)
         return fresh
 
@@ -479,7 +504,7 @@ class StreamFeed:
                 return [], False
             if values is None or offset > self.next_offset:
                 return [], True  # a value too big to travel, or a lost message
-            return self._take(offset, values), False
+            return self._take(offset, values, note.get("frames")), False
         if kind == CLOSED:
             self._length = note["length"]
         elif kind == ENDED:
@@ -541,13 +566,11 @@ class StreamFeed:
                     for entry in entries:
                         yield entry
             finally:
+                if self._timer is not None:
+                    self._timer.cancel()
+                    self._timer = None
                 if hub is not None:
                     await hub.unsubscribe(self)
-
-
-def _wake(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
 
 
 # The subscriptions of this process: one per event loop and channel layer
@@ -733,10 +756,18 @@ class _Hub:
         streams = self._feeds.get(message.get("workflow"))  # type: ignore[arg-type]
         if not streams:
             return
-        if message.get("type") == ENDED:
+        kind = message.get("type")
+        if kind == ENDED:
             targets = [feed for feeds in streams.values() for feed in feeds]
         else:
             targets = list(streams.get(message.get("key"), ()))  # type: ignore[arg-type]
+            values = message.get("values")
+            if kind == ENTRIES and targets and isinstance(values, list):
+                # This message is the hub's own copy: its frames are encoded once here.
+                key, offset = message["key"], message["offset"]
+                message["frames"] = [
+                    entry_frame(key, offset + i, text) for i, text in enumerate(values)
+                ]
         for feed in targets:
             feed.notify(message)
 

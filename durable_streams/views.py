@@ -85,7 +85,7 @@ async def _event_stream(feed: delivery.StreamFeed) -> AsyncIterator[bytes]:
                 yield b": keep-alive\n\n"
                 continue
             if isinstance(item, delivery.Entry):
-                frame = delivery.entry_frame(feed.key, item.offset, item.text)
+                frame = item.frame or delivery.entry_frame(feed.key, item.offset, item.text)
                 yield f"id: {item.offset}\nevent: entry\ndata: {frame}\n\n".encode()
             elif isinstance(item, delivery.Closed):
                 frame = delivery.closed_frame(feed.key, item.length)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from typing import Any
 
@@ -251,3 +252,40 @@ async def test_a_lost_message_costs_one_read_for_all_sockets_not_one_each(
         await close_all(sockets)
     # Two gaps, each filled by one read that every socket shared.
     assert readers < len(reads) <= readers + 2, reads
+
+
+async def test_a_message_after_a_long_silence_brings_the_silence_poll_back_to_its_base(
+    settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings.DURABLE_STREAMS = {**settings.DURABLE_STREAMS, "NOTIFY_FALLBACK_POLL": 0.05}
+    loop = asyncio.get_running_loop()
+    reads: list[float] = []
+    read_batch = delivery.read_batch
+
+    def counted(workflow_id: str, key: str, offset: int) -> delivery.Batch:
+        reads.append(loop.time())
+        return read_batch(workflow_id, key, offset)
+
+    monkeypatch.setattr(delivery, "read_batch", counted)
+    wid = await start(gated, "out", [], [], "gate-never")  # never run: the stream stays empty
+    feed = delivery.StreamFeed(wid, "out", 0)
+    feed.pushed = True  # as with a layer that reaches other processes
+    events = feed.events()
+    waiting = asyncio.ensure_future(events.__anext__())
+    try:
+        # Silence polls after 0.05, 0.1, 0.2, 0.4 s...: the next one is 0.8 s after the
+        # fourth, at about 1.55 s.
+        await asyncio.sleep(1.0)
+        polled = len(reads)
+        assert 4 <= polled <= 6, reads
+        # A message (one the feed has no use for) ends the silence: back to 0.05 s.
+        feed.notify(
+            {"type": delivery.ENTRIES, "workflow": wid, "key": "out", "offset": 0, "count": 0}
+        )
+        await asyncio.sleep(0.3)
+        assert len(reads) > polled, reads
+    finally:
+        waiting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiting
+        await events.aclose()
