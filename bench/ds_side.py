@@ -505,7 +505,7 @@ def cmd_fanout(args: argparse.Namespace) -> None:
     port = free_port()
     count = int(args.rate * args.seconds)
     worker = server = client = None
-    profiler: subprocess.Popen[bytes] | None = None
+    profilers: list[subprocess.Popen[bytes]] = []
     try:
         worker = Child(["-m", MODULE, "worker", "--concurrency", "1"], env=push_env())
         worker.wait_ready()
@@ -518,16 +518,19 @@ def cmd_fanout(args: argparse.Namespace) -> None:
             + ["--clients", str(args.clients), "--ramp", str(args.ramp)]
         )
         client.wait_ready(limit=180)
-        if args.profile:
-            # py-spy (pip install py-spy) samples the ASGI server while values flow.
-            beside = Path(sys.executable).with_name("py-spy")  # the venv's, if not on PATH
-            spy = str(beside) if beside.exists() else "py-spy"
-            profiler = subprocess.Popen(
-                [spy, "record", "-p", str(server.pid), "-o", args.profile]
-                + ["-f", "raw", "-d", str(int(args.seconds)), "-r", "100"],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
+        beside = Path(sys.executable).with_name("py-spy")  # the venv's, if not on PATH
+        spy = str(beside) if beside.exists() else "py-spy"
+        for path, pid in ((args.profile, server.pid), (args.profile_client, client.pid)):
+            if path:
+                # py-spy (pip install py-spy) samples the process while values flow.
+                profilers.append(
+                    subprocess.Popen(
+                        [spy, "record", "-p", str(pid), "-o", path]
+                        + ["-f", "raw", "-d", str(int(args.seconds)), "-r", "100"],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
+                )
         time.sleep(0.6)  # the query count file is rewritten every 0.5 s
         queries_before = int(counter.read_text())
         cpu_before = cpu_seconds(server.pid)
@@ -543,7 +546,7 @@ def cmd_fanout(args: argparse.Namespace) -> None:
         queries = int(counter.read_text()) - queries_before
         result = client.result(limit=args.seconds * 3 + 120)
         handle.result(timeout=30)
-        if profiler is not None:
+        for profiler in profilers:
             profiler.wait(30)
     finally:
         stop_all([client, server, worker])
@@ -620,6 +623,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seconds", type=float, default=30)
     p.add_argument("--ramp", type=float, default=100, help="new sockets per second")
     p.add_argument("--profile", help="write a py-spy profile of the ASGI server here")
+    p.add_argument("--profile-client", help="write a py-spy profile of the client process here")
     p.set_defaults(func=cmd_fanout)
     p = sub.add_parser("admin")
     p.add_argument("--count", type=int, default=100_000)
