@@ -615,7 +615,9 @@ class _Hub:
         self._tasks: set[asyncio.Task[None]] = set()
         self._background: list[asyncio.Task[None]] = []
         self._rejoin_now = asyncio.Event()
-        self._closed = False
+        # After a failed join, subscribers do not try again one after the other (each
+        # waiting for the last): _keep_joined retries, with backoff, until one works.
+        self._joins_failing = False
 
     # The feeds' side
 
@@ -704,11 +706,12 @@ class _Hub:
         if member is None:
             return
         async with member.lock:
-            if member.count > 0 and not member.joined:
+            if member.count > 0 and not member.joined and not self._joins_failing:
                 try:
                     await self.layer.group_add(name, await self._channel())
                 except Exception as exc:
                     _subscribe_failures.warning("Could not join a stream's group", exc)
+                    self._joins_failing = True
                     self._rejoin_now.set()  # retried, with backoff
                 else:
                     member.joined = True
@@ -725,7 +728,6 @@ class _Hub:
             self._close()
 
     def _close(self) -> None:
-        self._closed = True
         for task in self._background:
             task.cancel()
         self._background = []
@@ -795,6 +797,7 @@ class _Hub:
                         failed = True
                         break
                     member.joined = True
+            self._joins_failing = failed
             if failed:
                 wait, delay = delay, min(delay * 2, RETRY_CEILING)
             else:

@@ -289,3 +289,36 @@ async def test_a_message_after_a_long_silence_brings_the_silence_poll_back_to_it
         with contextlib.suppress(asyncio.CancelledError):
             await waiting
         await events.aclose()
+
+
+async def test_a_failing_join_neither_stalls_the_sockets_nor_stays_unjoined(
+    live_worker: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    layer = delivery.channel_layer()
+    group_add = layer.group_add
+    attempts = {"failed": 0}
+
+    async def down(group: str, channel: str) -> None:
+        attempts["failed"] += 1
+        raise ConnectionError("the layer is down")
+
+    monkeypatch.setattr(layer, "group_add", down)
+    monkeypatch.setattr(delivery, "RETRY_FIRST", 1.0)  # the hub's first retry after 1 s
+    monkeypatch.setattr(delivery._subscribe_failures, "_last", -1e9)  # log the first failure
+    wid = await start(gated, "out", ["a"], ["b"], "gate-join")
+    await wait_for(lambda: stream_length(wid, "out") == 1)
+    sockets = [await open_socket(path(wid, "out")) for _ in range(5)]
+    try:
+        # The backlog comes at once: one failed join, not one attempt per socket in turn.
+        for communicator in sockets:
+            assert (await communicator.receive_json_from(timeout=5))["value"] == "a"
+        assert 1 <= attempts["failed"] <= 2, attempts  # the two groups of the first socket
+        assert "Could not join a stream's group" in caplog.text
+        monkeypatch.setattr(layer, "group_add", group_add)  # the layer is back
+        await wait_members(delivery.stream_group(wid, "out"), 1)  # rejoined, with backoff
+        await open_gate("gate-join")
+        for communicator in sockets:
+            frames, code = await read_until_closed(communicator)
+            assert entries(frames) == [(1, "b")] and code == 1000
+    finally:
+        await close_all(sockets)
