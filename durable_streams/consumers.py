@@ -52,13 +52,14 @@ def _reason(text: str) -> str:
 class StreamConsumer(AsyncWebsocketConsumer):
     """Sends one stream from the requested offset, live, until it is closed.
 
-    The socket has no channel layer channel of its own and joins no group: its feed
-    is subscribed through this process's one subscription per stream (see
+    The socket has no channel of its own on the channel layer and joins no group:
+    its feed is subscribed through this process's one subscription per stream (see
     delivery.py), which hands each message to every local socket of the stream.
     """
 
-    # No alias is configured as None, so Channels gives this consumer no layer (and no
-    # per-socket channel to receive from); a failing layer cannot end the socket.
+    # Channels looks the consumer's layer up by this alias; no CHANNEL_LAYERS entry is
+    # named None, so the socket gets no layer and no per-socket channel to receive
+    # from (and a failing layer cannot end it).
     channel_layer_alias = None  # type: ignore[assignment]
 
     feed: delivery.StreamFeed | None = None
