@@ -75,18 +75,28 @@ class Child:
     """A helper process of a workload (a worker, a reader), always reaped."""
 
     def __init__(
-        self, args: Sequence[str], env: dict[str, str] | None = None, quiet: bool = False
+        self,
+        args: Sequence[str],
+        env: dict[str, str] | None = None,
+        quiet: bool = False,
+        log: str | None = None,
     ) -> None:
+        """``quiet``: nobody reads the output, which goes to the file ``log`` or nowhere."""
         self.args = [sys.executable, *args]
         # A child whose output nobody reads must not write to a pipe: it would block.
+        sink: Any = subprocess.DEVNULL
+        if quiet and log:
+            sink = open(log, "a")  # noqa: SIM115 (the child holds it; closed below)
         self.proc = subprocess.Popen(
             self.args,
             cwd=ROOT,
             env=child_env(env),
-            stdout=subprocess.DEVNULL if quiet else subprocess.PIPE,
-            stderr=subprocess.DEVNULL if quiet else None,
+            stdout=sink if quiet else subprocess.PIPE,
+            stderr=(subprocess.STDOUT if log else subprocess.DEVNULL) if quiet else None,
             text=True,
         )
+        if sink is not subprocess.DEVNULL:
+            sink.close()  # the child has its own copy
 
     @property
     def pid(self) -> int:

@@ -448,6 +448,7 @@ def start_server(env: dict[str, str], port: int) -> Child:
         + ["--websocket_connect_timeout", "60", "bench.asgi:application"],
         env=env,
         quiet=True,
+        log=os.environ.get("BENCH_SERVER_LOG"),
     )
 
     def listening() -> bool:
@@ -504,7 +505,7 @@ def cmd_fanout(args: argparse.Namespace) -> None:
     port = free_port()
     count = int(args.rate * args.seconds)
     worker = server = client = None
-    profiler: subprocess.Popen[bytes] | None = None
+    profilers: list[subprocess.Popen[bytes]] = []
     try:
         worker = Child(["-m", MODULE, "worker", "--concurrency", "1"], env=push_env())
         worker.wait_ready()
@@ -517,14 +518,19 @@ def cmd_fanout(args: argparse.Namespace) -> None:
             + ["--clients", str(args.clients), "--ramp", str(args.ramp)]
         )
         client.wait_ready(limit=180)
-        if args.profile:
-            # py-spy (pip install py-spy) samples the ASGI server while values flow.
-            profiler = subprocess.Popen(
-                ["py-spy", "record", "-p", str(server.pid), "-o", args.profile]
-                + ["-f", "raw", "-d", str(int(args.seconds)), "-r", "100"],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
+        beside = Path(sys.executable).with_name("py-spy")  # the venv's, if not on PATH
+        spy = str(beside) if beside.exists() else "py-spy"
+        for path, pid in ((args.profile, server.pid), (args.profile_client, client.pid)):
+            if path:
+                # py-spy (pip install py-spy) samples the process while values flow.
+                profilers.append(
+                    subprocess.Popen(
+                        [spy, "record", "-p", str(pid), "-o", path]
+                        + ["-f", "raw", "-d", str(int(args.seconds)), "-r", "100"],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
+                )
         time.sleep(0.6)  # the query count file is rewritten every 0.5 s
         queries_before = int(counter.read_text())
         cpu_before = cpu_seconds(server.pid)
@@ -540,7 +546,7 @@ def cmd_fanout(args: argparse.Namespace) -> None:
         queries = int(counter.read_text()) - queries_before
         result = client.result(limit=args.seconds * 3 + 120)
         handle.result(timeout=30)
-        if profiler is not None:
+        for profiler in profilers:
             profiler.wait(30)
     finally:
         stop_all([client, server, worker])
@@ -562,6 +568,7 @@ def cmd_fanout(args: argparse.Namespace) -> None:
             "server_rss_mb": peak_rss,
             "queries_per_value": queries / count,
             "connect_s": result["connect_s"],
+            "client_cpu_pct": result.get("client_cpu_pct"),
         }
     )
 
@@ -616,6 +623,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seconds", type=float, default=30)
     p.add_argument("--ramp", type=float, default=100, help="new sockets per second")
     p.add_argument("--profile", help="write a py-spy profile of the ASGI server here")
+    p.add_argument("--profile-client", help="write a py-spy profile of the client process here")
     p.set_defaults(func=cmd_fanout)
     p = sub.add_parser("admin")
     p.add_argument("--count", type=int, default=100_000)

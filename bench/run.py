@@ -670,6 +670,7 @@ def build_rows(run: Run) -> list[Row]:
         Row("4", "Fan-out latency p99, ms", "fanout", "p99_ms", 0, False, "<250 ms", at_most(250)),
         Row("4", "Fan-out server CPU, % of one core", "fanout", "server_cpu_pct", 0, False),
         Row("4", "Fan-out server memory (peak RSS), MB", "fanout", "server_rss_mb", 0, False),
+        Row("4", "Fan-out client process CPU, % of one core", "fanout", "client_cpu_pct", 0, False),
         Row(
             "4",
             "Fan-out database queries per value (server)",

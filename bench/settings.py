@@ -98,8 +98,16 @@ if os.environ.get("BENCH_REDIS_URL"):
             "BACKEND": "channels_redis.core.RedisChannelLayer",
             "CONFIG": {
                 # redis-py refuses a 101st concurrent command by default; a burst of
-                # 1,000 sockets joining their groups needs more.
-                "hosts": [{"address": os.environ["BENCH_REDIS_URL"], "max_connections": 2000}],
+                # 1,000 sockets connecting needs more. Its socket timeout (5 s
+                # by default in redis-py 8) must exceed channels-redis' 5 s blocking
+                # pop, or every idle receive fails with a TimeoutError.
+                "hosts": [
+                    {
+                        "address": os.environ["BENCH_REDIS_URL"],
+                        "max_connections": 2000,
+                        "socket_timeout": 10,
+                    }
+                ],
                 "prefix": "ds-bench",
             },
         }

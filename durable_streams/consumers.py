@@ -25,7 +25,6 @@ import logging
 from typing import Any
 from urllib.parse import parse_qs
 
-from channels.consumer import get_handler_name
 from channels.generic.websocket import AsyncWebsocketConsumer
 
 from . import delivery
@@ -44,9 +43,6 @@ from .delivery import (
 
 logger = logging.getLogger("durable_streams.consumers")
 
-# The channel layer messages this consumer handles (see delivery.py).
-_LAYER_MESSAGES = frozenset({delivery.ENTRIES, delivery.CLOSED, delivery.ENDED})
-
 
 def _reason(text: str) -> str:
     # A close reason is at most 123 bytes of UTF-8.
@@ -54,7 +50,17 @@ def _reason(text: str) -> str:
 
 
 class StreamConsumer(AsyncWebsocketConsumer):
-    """Sends one stream from the requested offset, live, until it is closed."""
+    """Sends one stream from the requested offset, live, until it is closed.
+
+    The socket has no channel of its own on the channel layer and joins no group:
+    its feed is subscribed through this process's one subscription per stream (see
+    delivery.py), which hands each message to every local socket of the stream.
+    """
+
+    # Channels looks the consumer's layer up by this alias; no CHANNEL_LAYERS entry is
+    # named None, so the socket gets no layer and no per-socket channel to receive
+    # from (and a failing layer cannot end it).
+    channel_layer_alias = None  # type: ignore[assignment]
 
     feed: delivery.StreamFeed | None = None
     _pump: Any = None
@@ -87,9 +93,6 @@ class StreamConsumer(AsyncWebsocketConsumer):
             return
         await self.accept()
         self.feed = delivery.StreamFeed(workflow_id, key, offset)
-        if self.channel_layer is not None:
-            for group in self.feed.groups:
-                await self.channel_layer.group_add(group, self.channel_name)
         self._pump = asyncio.create_task(self._send_feed(self.feed))
 
     async def _refuse(self, code: int, reason: str) -> None:
@@ -102,7 +105,8 @@ class StreamConsumer(AsyncWebsocketConsumer):
             async with contextlib.aclosing(feed.events()) as events:
                 async for event in events:
                     if isinstance(event, delivery.Entry):
-                        await self.send(text_data=entry_frame(feed.key, event.offset, event.text))
+                        frame = event.frame or entry_frame(feed.key, event.offset, event.text)
+                        await self.send(text_data=frame)
                     else:
                         await self.send(text_data=closed_frame(feed.key, event.length))
                         await self.close(code=1000)
@@ -117,38 +121,6 @@ class StreamConsumer(AsyncWebsocketConsumer):
             self._pump.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._pump
-        if self.feed is not None and self.channel_layer is not None:
-            for group in self.feed.groups:
-                with contextlib.suppress(Exception):
-                    await self.channel_layer.group_discard(group, self.channel_name)
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         """Clients have nothing to say; what they send is ignored."""
-
-    async def dispatch(self, message: dict[str, Any]) -> None:
-        # Channels checks the database connections (in a worker thread) before every
-        # message; the layer's messages only ring the feed, and its reads go through
-        # run_db, which checks them itself. Per value and socket, that hop cost more
-        # than the rest of the delivery.
-        if message.get("type") in _LAYER_MESSAGES:
-            await getattr(self, get_handler_name(message))(message)
-            return
-        await super().dispatch(message)
-
-    # Channel layer messages (see delivery.py); the feed decides what they mean.
-
-    async def durable_streams_entries(self, message: dict[str, Any]) -> None:
-        self._notify(message)
-
-    async def durable_streams_closed(self, message: dict[str, Any]) -> None:
-        self._notify(message)
-
-    async def durable_streams_ended(self, message: dict[str, Any]) -> None:
-        self._notify(message)
-
-    def _notify(self, message: dict[str, Any]) -> None:
-        feed = self.feed
-        if feed is None or message.get("workflow") != feed.workflow_id:
-            return
-        if message.get("key", feed.key) == feed.key:
-            feed.notify(message)

@@ -4,6 +4,13 @@ The runtime calls the three hooks below after the transaction that stored the
 change commits, in the writing process. They hand a small message to the channel
 layer and return at once; they never raise into the workflow.
 
+Each event loop that serves readers holds one subscription to the channel layer
+(``_Hub``): one layer channel, which joins the groups of every stream that a local
+reader follows, and one task that receives from it and hands each message to the
+local readers of that stream. A thousand sockets on one stream in one process are
+one group member, so the layer stores and delivers each message once per process,
+not once per socket.
+
 The channel layer drops messages when a channel is full (at-most-once), so it is
 only a doorbell that happens to carry small values. A subscriber (``StreamFeed``)
 numbers every value by offset: it sends what follows on directly, fills a gap from
@@ -19,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import collections
 import contextlib
 import hashlib
 import json
@@ -29,7 +37,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from asgiref.sync import sync_to_async
 from django.db import close_old_connections
@@ -53,6 +61,9 @@ SILENCE_CEILING = 15.0
 MAX_PENDING = 10_000
 # Streams whose final lengths travel in the message announcing a workflow's end.
 MAX_ENDED_LENGTHS = 100
+# After a failure to receive from the channel layer, or to join a group, try again
+# after this many seconds, doubling up to the second figure.
+RETRY_FIRST, RETRY_CEILING = 0.05, 5.0
 
 ENTRIES = "durable_streams.entries"
 CLOSED = "durable_streams.closed"
@@ -349,10 +360,12 @@ def workflow_ended(workflow_id: str) -> None:
 # The subscriber side
 
 
-@dataclass(frozen=True)
-class Entry:
+class Entry(NamedTuple):
     offset: int
     text: str  # the value as stored: JSON text
+    # Its WebSocket frame, when it came in a channel layer message: encoded once for
+    # every local reader of the stream (``entry_frame``), not once per socket.
+    frame: str | None = None
 
 
 @dataclass(frozen=True)
@@ -407,8 +420,11 @@ async def run_db(fn: Callable[..., T], *args: Any) -> T:
 class StreamFeed:
     """The values of one stream from ``offset`` on, then its close, each exactly once.
 
-    Its owner joins ``groups`` on the channel layer and passes every message it
-    receives there to ``notify()``; ``events()`` does the rest.
+    ``events()`` subscribes the feed to this event loop's share of the channel layer
+    (the stream's ``groups``, joined once per loop however many feeds read the
+    stream) before its first database read, so nothing committed after that read
+    is missed, and unsubscribes it when the iteration ends. Each message for the
+    stream comes in through ``notify()``.
     """
 
     def __init__(self, workflow_id: str, key: str, offset: int) -> None:
@@ -417,19 +433,65 @@ class StreamFeed:
         self.next_offset = offset
         self.groups = [stream_group(workflow_id, key), workflow_group(workflow_id)]
         self.pushed = crosses_processes(channel_layer())
-        self._notes: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        # Messages not yet acted on, and the events() wait for the next one. Cheaper
+        # than asyncio.wait_for on a queue (a task per wait), which showed per value
+        # and socket in fan-out profiles.
+        self._notes: collections.deque[dict[str, Any]] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
         self._length: int | None = None  # known once the stream is closed
         self.fetches = 0
 
     def notify(self, message: dict[str, Any]) -> None:
-        self._notes.put_nowait(message)
+        """Hand the feed a channel layer message (on the loop that runs ``events()``)."""
+        self._notes.append(message)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
-    def _take(self, offset: int, texts: list[str]) -> list[Entry]:
+    async def _next_note(self, timeout: float) -> dict[str, Any] | None:
+        """The next message, or None after ``timeout`` seconds without one."""
+        if not self._notes:
+            loop = asyncio.get_running_loop()
+            self._deadline = loop.time() + timeout
+            waiter = self._waiter = loop.create_future()
+            # One timer per silence, not per message: when it fires early (messages
+            # came meanwhile and moved the deadline on) it sets itself again.
+            timer = self._timer
+            if timer is None or timer.when() > self._deadline:  # none, or set for longer
+                if timer is not None:
+                    timer.cancel()
+                self._timer = loop.call_at(self._deadline, self._silence_timer)
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+            if not self._notes:
+                return None
+        return self._notes.popleft()
+
+    def _silence_timer(self) -> None:
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter
+        if waiter is None:  # not waiting: the next wait sets a timer of its own
+            self._timer = None
+        elif loop.time() < self._deadline:
+            self._timer = loop.call_at(self._deadline, self._silence_timer)
+        else:
+            self._timer = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _take(self, offset: int, texts: list[str], frames: list[str] | None = None) -> list[Entry]:
         """The entries of a contiguous run from ``offset`` that the reader still needs."""
         skip = self.next_offset - offset
         if skip < 0 or skip >= len(texts):
             return []
-        fresh = [Entry(offset + skip + i, text) for i, text in enumerate(texts[skip:])]
+        if frames is None:
+            fresh = [Entry(offset + i, texts[i]) for i in range(skip, len(texts))]
+        else:
+            fresh = [Entry(offset + i, texts[i], frames[i]) for i in range(skip, len(texts))]
         self.next_offset = offset + len(texts)
         return fresh
 
@@ -442,7 +504,7 @@ class StreamFeed:
                 return [], False
             if values is None or offset > self.next_offset:
                 return [], True  # a value too big to travel, or a lost message
-            return self._take(offset, values), False
+            return self._take(offset, values, note.get("frames")), False
         if kind == CLOSED:
             self._length = note["length"]
         elif kind == ENDED:
@@ -466,32 +528,301 @@ class StreamFeed:
             base = ceiling = config.POLL_INTERVAL
         silence = base
         behind = True
+        hub = _local_hub()
         with loops.attached(asyncio.get_running_loop()):
-            while True:
-                if behind:
-                    self.fetches += 1
-                    batch = await run_db(read_batch, self.workflow_id, self.key, self.next_offset)
-                    for entry in self._take(batch.offset, batch.texts):
+            try:
+                subscribed_at = 0.0
+                if hub is not None:
+                    # Subscribed before the first read: what commits after it is heard.
+                    await hub.subscribe(self)
+                    subscribed_at = asyncio.get_running_loop().time()
+                while True:
+                    if behind:
+                        self.fetches += 1
+                        if hub is not None:
+                            batch = await hub.read(self, subscribed_at)
+                        else:
+                            batch = await run_db(
+                                read_batch, self.workflow_id, self.key, self.next_offset
+                            )
+                        for entry in self._take(batch.offset, batch.texts):
+                            yield entry
+                        if batch.closed:
+                            self._length = batch.length
+                        # More stored than one batch holds: read on (an empty read ends it).
+                        behind = bool(batch.texts) and batch.length > self.next_offset
+                    if self._done():
+                        yield Closed(self._length or 0)
+                        return
+                    if behind:
+                        continue
+                    note = await self._next_note(silence)
+                    if note is None:
+                        behind = True
+                        silence = min(silence * 2, ceiling)
+                        continue
+                    silence = base
+                    entries, behind = self._apply(note)
+                    for entry in entries:
                         yield entry
-                    if batch.closed:
-                        self._length = batch.length
-                    # More stored than one batch holds: read on (an empty read ends the loop).
-                    behind = bool(batch.texts) and batch.length > self.next_offset
-                if self._done():
-                    yield Closed(self._length or 0)
-                    return
-                if behind:
-                    continue
+            finally:
+                if self._timer is not None:
+                    self._timer.cancel()
+                    self._timer = None
+                if hub is not None:
+                    await hub.unsubscribe(self)
+
+
+# The subscriptions of this process: one per event loop and channel layer
+
+
+class _Membership:
+    """How many local feeds need one group, and whether the hub's channel is in it."""
+
+    __slots__ = ("count", "joined", "lock")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.joined = False
+        self.lock = asyncio.Lock()  # one group_add or group_discard at a time
+
+
+class _Hub:
+    """One event loop's subscription to the channel layer, shared by all its feeds.
+
+    One layer channel is in the groups of every stream (and workflow) that a feed on
+    this loop reads: the first feed of a stream joins them, later ones wait until
+    that join has completed, the last one leaving discards them. One task receives
+    from the channel and hands each message to the feeds of its stream. The layer
+    therefore stores and delivers each message once per process, not once per socket.
+
+    Feeds of one stream that need the same database read (after a lost message, or
+    a silence) share one query (``read``).
+
+    The layer forgets a group member after its ``group_expiry`` (a day by default),
+    so the hub re-joins its groups every quarter of that. When receiving or joining
+    fails, it tries again with a bounded backoff; meanwhile the feeds re-read the
+    database after a silence, as they do after any lost message.
+    """
+
+    def __init__(self, layer: Any) -> None:
+        self.layer = layer
+        self.channel: str | None = None
+        self._feeds: dict[str, dict[str, set[StreamFeed]]] = {}
+        self._members: dict[str, _Membership] = {}
+        self._reads: dict[tuple[str, str, int], tuple[float, asyncio.Future[Batch]]] = {}
+        self._opening = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._background: list[asyncio.Task[None]] = []
+        self._rejoin_now = asyncio.Event()
+        # After a failed join, subscribers do not try again one after the other (each
+        # waiting for the last): _keep_joined retries, with backoff, until one works.
+        self._joins_failing = False
+
+    # The feeds' side
+
+    async def subscribe(self, feed: StreamFeed) -> None:
+        """Route the stream's messages to ``feed``; return once the layer delivers them."""
+        self._feeds.setdefault(feed.workflow_id, {}).setdefault(feed.key, set()).add(feed)
+        pending = []
+        for name in feed.groups:
+            member = self._members.get(name)
+            if member is None:
+                member = self._members[name] = _Membership()
+            member.count += 1
+            if not member.joined:
+                pending.append(self._spawn(self._sync(name)))
+        if pending:
+            # Shielded: a feed that gives up waiting leaves the join to finish for others.
+            await asyncio.gather(*(asyncio.shield(task) for task in pending))
+
+    async def unsubscribe(self, feed: StreamFeed) -> None:
+        streams = self._feeds.get(feed.workflow_id)
+        feeds = streams.get(feed.key) if streams else None
+        if feeds is None or feed not in feeds:
+            return
+        feeds.discard(feed)
+        if not feeds:
+            del streams[feed.key]  # type: ignore[index]
+            if not streams:
+                del self._feeds[feed.workflow_id]
+        pending = []
+        for name in feed.groups:
+            member = self._members.get(name)
+            if member is None:
+                continue
+            member.count -= 1
+            if member.count <= 0:
+                pending.append(self._spawn(self._sync(name)))
+        if pending:
+            with contextlib.suppress(Exception):
+                await asyncio.gather(*(asyncio.shield(task) for task in pending))
+
+    async def read(self, feed: StreamFeed, subscribed_at: float) -> Batch:
+        """``read_batch`` for ``feed``, shared with the feeds that need the same read.
+
+        Sockets of one stream see a lost message or a silence at the same moment, and
+        all need the values from the same offset: one query serves them all. A feed
+        only shares a read that started after it subscribed, so that read sees
+        everything committed before the feed could hear of it.
+        """
+        key = (feed.workflow_id, feed.key, feed.next_offset)
+        flight = self._reads.get(key)
+        if flight is None or flight[0] < subscribed_at:
+            started = asyncio.get_running_loop().time()
+            task = asyncio.ensure_future(run_db(read_batch, *key))
+            flight = self._reads[key] = (started, task)
+            task.add_done_callback(lambda _, key=key, flight=flight: self._landed(key, flight))
+        return await asyncio.shield(flight[1])
+
+    def _landed(self, key: tuple[str, str, int], flight: tuple[float, Any]) -> None:
+        if self._reads.get(key) is flight:
+            del self._reads[key]
+        task = flight[1]
+        if not task.cancelled():
+            task.exception()  # retrieved: a waiter that left must not leave it unheard
+
+    # The layer's side
+
+    def _spawn(self, coroutine: Any) -> asyncio.Task[None]:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _channel(self) -> str:
+        async with self._opening:
+            if self.channel is None:
+                self.channel = await self.layer.new_channel()
+                self._background = [
+                    asyncio.ensure_future(self._receive(self.channel)),
+                    asyncio.ensure_future(self._keep_joined()),
+                ]
+            return self.channel
+
+    async def _sync(self, name: str) -> None:
+        """Make the channel's membership of group ``name`` match its local feeds."""
+        member = self._members.get(name)
+        if member is None:
+            return
+        async with member.lock:
+            if member.count > 0 and not member.joined and not self._joins_failing:
                 try:
-                    note = await asyncio.wait_for(self._notes.get(), silence)
-                except TimeoutError:
-                    behind = True
-                    silence = min(silence * 2, ceiling)
+                    await self.layer.group_add(name, await self._channel())
+                except Exception as exc:
+                    _subscribe_failures.warning("Could not join a stream's group", exc)
+                    self._joins_failing = True
+                    self._rejoin_now.set()  # retried, with backoff
+                else:
+                    member.joined = True
+            elif member.count <= 0 and member.joined:
+                member.joined = False
+                try:
+                    await self.layer.group_discard(name, self.channel)
+                except Exception as exc:
+                    # The layer drops the member after group_expiry; its messages are ignored.
+                    _subscribe_failures.warning("Could not leave a stream's group", exc)
+            if member.count <= 0 and not member.joined and self._members.get(name) is member:
+                del self._members[name]
+        if not self._members and not self._feeds:
+            self._close()
+
+    def _close(self) -> None:
+        for task in self._background:
+            task.cancel()
+        self._background = []
+        self.channel = None
+        with _hubs_lock:
+            for key, hub in list(_hubs.items()):
+                if hub is self:
+                    del _hubs[key]
+
+    async def _receive(self, channel: str) -> None:
+        delay = RETRY_FIRST
+        while True:
+            try:
+                message = await self.layer.receive(channel)
+            except Exception as exc:
+                _receive_failures.warning("Could not receive stream messages", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_CEILING)
+                self._rejoin_now.set()  # the layer may have lost the memberships too
+                continue
+            delay = RETRY_FIRST
+            try:
+                self._deliver(message)
+            except Exception:
+                logger.exception("Could not hand a stream message to its readers.")
+
+    def _deliver(self, message: dict[str, Any]) -> None:
+        streams = self._feeds.get(message.get("workflow"))  # type: ignore[arg-type]
+        if not streams:
+            return
+        kind = message.get("type")
+        if kind == ENDED:
+            targets = [feed for feeds in streams.values() for feed in feeds]
+        else:
+            targets = list(streams.get(message.get("key"), ()))  # type: ignore[arg-type]
+            values = message.get("values")
+            if kind == ENTRIES and targets and isinstance(values, list):
+                # This message is the hub's own copy: its frames are encoded once here.
+                key, offset = message["key"], message["offset"]
+                message["frames"] = [
+                    entry_frame(key, offset + i, text) for i, text in enumerate(values)
+                ]
+        for feed in targets:
+            feed.notify(message)
+
+    async def _keep_joined(self) -> None:
+        """Re-join every group now and then (the layer expires members), and after failures."""
+        every = max(float(getattr(self.layer, "group_expiry", 86400) or 86400) / 4, 1.0)
+        delay = RETRY_FIRST
+        wait = every
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._rejoin_now.wait(), wait)
+            self._rejoin_now.clear()
+            failed = False
+            for name in list(self._members):
+                member = self._members.get(name)
+                if member is None or member.count <= 0:
                     continue
-                silence = base
-                entries, behind = self._apply(note)
-                for entry in entries:
-                    yield entry
+                async with member.lock:
+                    if member.count <= 0 or self.channel is None:
+                        continue
+                    try:
+                        await self.layer.group_add(name, self.channel)
+                    except Exception as exc:
+                        _subscribe_failures.warning("Could not join a stream's group", exc)
+                        failed = True
+                        break
+                    member.joined = True
+            self._joins_failing = failed
+            if failed:
+                wait, delay = delay, min(delay * 2, RETRY_CEILING)
+            else:
+                wait, delay = every, RETRY_FIRST
+
+
+_hubs: dict[tuple[asyncio.AbstractEventLoop, Any], _Hub] = {}
+_hubs_lock = threading.Lock()
+_subscribe_failures = _Throttled()
+_receive_failures = _Throttled()
+
+
+def _local_hub() -> _Hub | None:
+    """The hub of the running loop and the default channel layer (None without a layer)."""
+    layer = channel_layer()
+    if layer is None:
+        return None
+    loop = asyncio.get_running_loop()
+    with _hubs_lock:
+        hub = _hubs.get((loop, layer))
+        if hub is None:
+            for key in [key for key in _hubs if key[0].is_closed()]:
+                del _hubs[key]
+            hub = _hubs[(loop, layer)] = _Hub(layer)
+        return hub
 
 
 # Shared by the WebSocket and Server-Sent Events endpoints

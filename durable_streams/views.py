@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
 
 from django.http import (
     HttpRequest,
@@ -73,18 +72,12 @@ async def stream_events(request: HttpRequest, workflow_id: str, key: str) -> Htt
 
 
 async def _event_stream(feed: delivery.StreamFeed) -> AsyncIterator[bytes]:
-    layer = delivery.channel_layer()
-    channel: str | None = None
-    tasks: list[asyncio.Task[None]] = []
+    # The feed subscribes itself through this process's one subscription per stream.
     out: asyncio.Queue[delivery.Entry | delivery.Closed | BaseException] = asyncio.Queue()
+    pump: asyncio.Task[None] | None = None
     try:
         yield f"retry: {RETRY_MILLISECONDS}\n\n".encode()
-        if layer is not None:
-            channel = await layer.new_channel()
-            for group in feed.groups:
-                await layer.group_add(group, channel)
-            tasks.append(asyncio.create_task(_receive(layer, channel, feed)))
-        tasks.append(asyncio.create_task(_pump(feed, out)))
+        pump = asyncio.create_task(_pump(feed, out))
         while True:
             try:
                 item = await asyncio.wait_for(out.get(), KEEPALIVE_SECONDS)
@@ -92,7 +85,7 @@ async def _event_stream(feed: delivery.StreamFeed) -> AsyncIterator[bytes]:
                 yield b": keep-alive\n\n"
                 continue
             if isinstance(item, delivery.Entry):
-                frame = delivery.entry_frame(feed.key, item.offset, item.text)
+                frame = item.frame or delivery.entry_frame(feed.key, item.offset, item.text)
                 yield f"id: {item.offset}\nevent: entry\ndata: {frame}\n\n".encode()
             elif isinstance(item, delivery.Closed):
                 frame = delivery.closed_frame(feed.key, item.length)
@@ -104,15 +97,10 @@ async def _event_stream(feed: delivery.StreamFeed) -> AsyncIterator[bytes]:
                 )
                 return
     finally:
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
+        if pump is not None:
+            pump.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        if channel is not None:
-            for group in feed.groups:
-                with contextlib.suppress(Exception):
-                    await layer.group_discard(group, channel)
+                await pump
 
 
 async def _pump(
@@ -125,10 +113,3 @@ async def _pump(
                 out.put_nowait(event)
     except Exception as exc:
         out.put_nowait(exc)
-
-
-async def _receive(layer: Any, channel: str, feed: delivery.StreamFeed) -> None:
-    while True:
-        message = await layer.receive(channel)
-        if message.get("workflow") == feed.workflow_id and message.get("key", feed.key) == feed.key:
-            feed.notify(message)
