@@ -201,11 +201,12 @@ async def test_a_failing_receive_is_restarted(
 
 
 async def test_a_long_subscription_stays_in_its_group_past_the_group_expiry(
-    settings: Any, live_worker: Any
+    settings: Any, live_worker: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     no_polling(settings)
     layer = delivery.channel_layer()
-    layer.group_expiry = 2  # the hub re-joins every max(expiry / 4, 1) seconds
+    # The hub re-joins every max(expiry / 4, 1) seconds. The layer outlives the test.
+    monkeypatch.setattr(layer, "group_expiry", 2, raising=False)
     wid = await start(gated, "out", [], ["late"], "gate-expiry")
     communicator = await open_socket(path(wid, "out"))
     try:
