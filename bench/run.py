@@ -76,7 +76,7 @@ FULL = Sizes(
     lease_seconds=None,
     browser_ticks=300,
     fanout_clients=1000,
-    fanout_seconds=10,
+    fanout_seconds=30,
     admin_rows=100_000,
 )
 QUICK = Sizes(
