@@ -30,6 +30,10 @@ DEFAULTS: dict[str, Any] = {
     # disk flush. By default it does not; the next stream value or workflow end,
     # which does wait, makes it durable too (see README, "Steps run at least once").
     "FLUSH_EACH_CHECKPOINT": False,
+    # On PostgreSQL, prepare durable_streams' own per-step statements once per
+    # connection (Django's queries are left as they are). False behind a pooler that
+    # cannot keep prepared statements (PgBouncer in transaction mode before 1.21).
+    "PREPARED_STATEMENTS": True,
     # Largest encoded size of one stream value, in bytes.
     "MAX_VALUE_BYTES": 1024 * 1024,
     # How many entries one catch-up query reads.
@@ -63,6 +67,7 @@ class Config:
     NOTIFY_FALLBACK_POLL: float
     LISTEN_NOTIFY: bool
     FLUSH_EACH_CHECKPOINT: bool
+    PREPARED_STATEMENTS: bool
     MAX_VALUE_BYTES: int
     READ_BATCH_SIZE: int
     MAX_ATTEMPTS: int
@@ -117,7 +122,7 @@ def get_config() -> Config:
     for name in ("AUTHORIZE_READER", "DATABASE"):
         if not isinstance(values[name], str) or not values[name]:
             raise _invalid(name, f"must be a non-empty string, not {values[name]!r}")
-    for name in ("LISTEN_NOTIFY", "FLUSH_EACH_CHECKPOINT"):
+    for name in ("LISTEN_NOTIFY", "FLUSH_EACH_CHECKPOINT", "PREPARED_STATEMENTS"):
         if not isinstance(values[name], bool):
             raise _invalid(name, f"must be True or False, not {values[name]!r}")
     return Config(**values)

@@ -62,20 +62,30 @@ class ConnectionKeeper:
 def run_statement(using: str, sql: str, params: Any) -> tuple[list[tuple[Any, ...]], int]:
     """Run one of durable_streams' own PostgreSQL statements; return its rows and row count.
 
-    The ORM binds parameters in the client, so PostgreSQL parses and plans every
-    statement anew. These few statements are long and run on every step, so they go
-    through psycopg with server-side binding, which prepares a statement once it has
-    run a few times on a connection (``prepare_threshold`` in the database
-    ``OPTIONS``; None turns that off, as behind a transaction-pooling PgBouncer).
+    These few statements (the writer's batch, checkpoints, claims, a workflow's end)
+    are long and run on every step: PostgreSQL spends more time planning them than
+    running them. They bind their parameters on the server, and with
+    ``PREPARED_STATEMENTS`` (the default) psycopg prepares each once per connection.
+    Django's own queries bind in the client and are never prepared, and the
+    connection's ``prepare_threshold`` is left as it was for them.
     """
     import psycopg
 
     wrapper = connections[using]
     wrapper.ensure_connection()
-    raw = psycopg.Cursor(wrapper.connection)
-    # Django's wrapper: its error classes, execute_wrapper() hooks and query logging.
-    cursor = wrapper.make_debug_cursor(raw) if wrapper.queries_logged else wrapper.make_cursor(raw)
-    with cursor:
-        cursor.execute(sql, params)
-        rows = cursor.fetchall() if cursor.description is not None else []
-        return rows, cursor.rowcount
+    connection = wrapper.connection
+    threshold = connection.prepare_threshold
+    # 0: prepare at the first run; None: never.
+    connection.prepare_threshold = 0 if get_config().PREPARED_STATEMENTS else None
+    try:
+        raw = psycopg.Cursor(connection)
+        # Django's wrapper: its error classes, execute_wrapper() hooks and query logging.
+        cursor = (
+            wrapper.make_debug_cursor(raw) if wrapper.queries_logged else wrapper.make_cursor(raw)
+        )
+        with cursor:
+            cursor.execute(sql, params)
+            rows = cursor.fetchall() if cursor.description is not None else []
+            return rows, cursor.rowcount
+    finally:
+        connection.prepare_threshold = threshold

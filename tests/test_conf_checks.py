@@ -54,6 +54,10 @@ def ids(messages: list[CheckMessage]) -> list[str]:
             {"FLUSH_EACH_CHECKPOINT": 1},
             "['FLUSH_EACH_CHECKPOINT'] must be True or False, not 1",
         ),
+        (
+            {"PREPARED_STATEMENTS": None},
+            "['PREPARED_STATEMENTS'] must be True or False, not None",
+        ),
         ({"AUTHORIZE_READER": ""}, "['AUTHORIZE_READER'] must be a non-empty string"),
         ({"DATABASE": None}, "['DATABASE'] must be a non-empty string, not None"),
         ({"LEASE_SECOND": 3}, "['LEASE_SECOND'] is not a known setting (known: AUTHORIZE_READER"),

@@ -353,6 +353,47 @@ def test_checkpoints_wait_for_the_disk_only_when_asked(
         assert flushes < count / 2
 
 
+@pytest.mark.parametrize("prepared", [True, False])
+def test_the_per_step_statements_are_prepared_and_django_queries_are_not(
+    transactional_db: None, prepared: bool
+) -> None:
+    if connection.vendor != "postgresql":
+        pytest.skip("prepared statements: PostgreSQL only")
+    handle = workflows.cancellable.start("prepared", 1, 0)
+    wid = handle.workflow_id
+    connection.close()  # a new session: no statement prepared yet
+    config = {**settings.DURABLE_STREAMS, "PREPARED_STATEMENTS": prepared}
+    with override_settings(DURABLE_STREAMS=config):
+        Workflow.objects.filter(pk=wid).update(
+            status=Status.RUNNING,
+            lease_owner="holder",
+            lease_expires_at=timezone.now() + timedelta(minutes=1),
+        )
+        for operation in range(3):
+            now = timezone.now()
+            step = Step(
+                workflow_id=wid,
+                operation=operation,
+                name="s",
+                status=Step.Outcome.SUCCESS,
+                output="1",
+                attempts=1,
+                started_at=now,
+                finished_at=now,
+            )
+            assert Step.objects.checkpoint(step, "holder", now + timedelta(minutes=1))
+            assert Workflow.objects.filter(pk=wid).exists()  # a query of Django's own
+        threshold = connection.connection.prepare_threshold
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT statement FROM pg_prepared_statements")
+            statements = [row[0] for row in cursor.fetchall()]
+    assert threshold is None  # Django's setting, left as it was
+    # Only the checkpoint's statement, once for its three runs.
+    assert len(statements) == (1 if prepared else 0)
+    assert all("INSERT INTO" in s and "fence" in s for s in statements)
+    assert Step.objects.filter(workflow_id=wid).count() == 3
+
+
 def test_a_stopping_worker_finishes_the_step_and_hands_the_workflow_back(
     worker_thread: Callable[..., Worker], run_burst: Callable[..., Worker]
 ) -> None:
