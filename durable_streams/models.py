@@ -137,12 +137,21 @@ class WorkflowQuerySet(models.QuerySet["Workflow"]):
         """
         from .notify import announce, queue_topic
 
+        def insert() -> None:
+            if on_postgresql(self.db):
+                # Prepared, like the worker's statements: starting many is a hot path too.
+                values = [getattr(run, field.attname) for field in Workflow._meta.concrete_fields]
+                run_statement(self.db, _enqueue_sql(self.db), values)
+                run._state.adding, run._state.db = False, self.db
+            else:
+                run.save(using=self.db, force_insert=True)
+
         if connections[self.db].in_atomic_block:
             # A savepoint: a taken id must not break the caller's transaction.
             with transaction.atomic(using=self.db):
-                run.save(using=self.db, force_insert=True)
+                insert()
         else:
-            run.save(using=self.db, force_insert=True)
+            insert()
         announce([queue_topic(run.queue)], self.db)
 
     def history(self, workflow_id: str) -> list[tuple[str, int | None, str, Any, Any, Any]]:
@@ -582,6 +591,15 @@ _STEP_COLUMNS = (
     "started_at",
     "finished_at",
 )
+
+
+@functools.cache
+def _enqueue_sql(using: str) -> str:
+    quote = connections[using].ops.quote_name
+    fields = Workflow._meta.concrete_fields
+    columns = ", ".join(quote(field.column) for field in fields)
+    values = ", ".join(["%s"] * len(fields))
+    return f"INSERT INTO {quote(Workflow._meta.db_table)} ({columns}) VALUES ({values})"
 
 
 @functools.cache
