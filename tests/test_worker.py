@@ -261,34 +261,42 @@ def test_a_worker_that_lost_its_lease_records_nothing_more(
     assert stream_values(wid, "progress") == [0, 1, 2, 3]
 
 
+def held_workflow(label: str, lease_expires_at: Any = None) -> str:
+    """A workflow that the worker "holder" holds, as if it had claimed it."""
+    wid = workflows.cancellable.start(label, 1, 0).workflow_id
+    Workflow.objects.filter(pk=wid).update(
+        status=Status.RUNNING,
+        lease_owner="holder",
+        lease_expires_at=lease_expires_at or timezone.now() + timedelta(minutes=1),
+    )
+    return wid
+
+
+def checkpoint(
+    wid: str, operation: int, worker_id: str = "holder", until: Any = None, **fields: Any
+) -> bool:
+    now = timezone.now()
+    step = Step(
+        workflow_id=wid,
+        operation=operation,
+        name="s",
+        status=Step.Outcome.SUCCESS,
+        output="1",
+        attempts=1,
+        started_at=now,
+        finished_at=now,
+        **fields,
+    )
+    return Step.objects.checkpoint(step, worker_id, until or now + timedelta(minutes=1))
+
+
 def test_a_checkpoint_is_stored_only_while_its_worker_holds_the_lease(
     transactional_db: None,
 ) -> None:
-    handle = workflows.cancellable.start("direct", 1, 0)
-    wid = handle.workflow_id
-    before = timezone.now() + timedelta(minutes=1)
-    Workflow.objects.filter(pk=wid).update(
-        status=Status.RUNNING, lease_owner="holder", lease_expires_at=before
-    )
-    now = timezone.now()
-
-    def checkpoint(operation: int, worker_id: str, until: Any) -> bool:
-        step = Step(
-            workflow_id=wid,
-            operation=operation,
-            name="s",
-            status=Step.Outcome.SUCCESS,
-            output="[1, null]",
-            error=None,
-            attempts=2,
-            started_at=now,
-            finished_at=now,
-        )
-        return Step.objects.checkpoint(step, worker_id, until)
-
+    wid = held_workflow("direct")
     later = timezone.now() + timedelta(minutes=5)
-    assert checkpoint(0, "holder", later)
-    assert handle.get().lease_expires_at == later
+    assert checkpoint(wid, 0, "holder", later, output="[1, null]", attempts=2)
+    assert Workflow.objects.get(pk=wid).lease_expires_at == later
     stored = Step.objects.get(workflow_id=wid, operation=0)
     assert (stored.name, stored.output, stored.error, stored.attempts) == (
         "s",
@@ -296,11 +304,11 @@ def test_a_checkpoint_is_stored_only_while_its_worker_holds_the_lease(
         None,
         2,
     )
-    assert not checkpoint(1, "someone-else", later + timedelta(minutes=1))
+    assert not checkpoint(wid, 1, "someone-else", later + timedelta(minutes=1))
     Workflow.objects.filter(pk=wid).update(status=Status.CANCELLED)
-    assert not checkpoint(2, "holder", later + timedelta(minutes=1))
+    assert not checkpoint(wid, 2, "holder", later + timedelta(minutes=1))
     assert list(Step.objects.filter(workflow_id=wid).values_list("operation", flat=True)) == [0]
-    assert handle.get().lease_expires_at == later
+    assert Workflow.objects.get(pk=wid).lease_expires_at == later
 
 
 def wal_flushes() -> int:
@@ -320,30 +328,13 @@ def test_checkpoints_wait_for_the_disk_only_when_asked(
     connection.ensure_connection()
     if connection.pg_version < 150000:
         pytest.skip("pg_stat_force_next_flush: PostgreSQL 15 or later")
-    handle = workflows.cancellable.start("flushes", 1, 0)
-    wid = handle.workflow_id
-    Workflow.objects.filter(pk=wid).update(
-        status=Status.RUNNING,
-        lease_owner="holder",
-        lease_expires_at=timezone.now() + timedelta(minutes=1),
-    )
+    wid = held_workflow("flushes")
     count = 40
     config = {**settings.DURABLE_STREAMS, "FLUSH_EACH_CHECKPOINT": flush_each}
     with override_settings(DURABLE_STREAMS=config):
         before = wal_flushes()
         for operation in range(count):
-            now = timezone.now()
-            step = Step(
-                workflow_id=wid,
-                operation=operation,
-                name="s",
-                status=Step.Outcome.SUCCESS,
-                output="1",
-                attempts=1,
-                started_at=now,
-                finished_at=now,
-            )
-            assert Step.objects.checkpoint(step, "holder", now + timedelta(minutes=1))
+            assert checkpoint(wid, operation)
         flushes = wal_flushes() - before
     assert Step.objects.filter(workflow_id=wid).count() == count
     if flush_each:
@@ -359,29 +350,12 @@ def test_the_per_step_statements_are_prepared_and_django_queries_are_not(
 ) -> None:
     if connection.vendor != "postgresql":
         pytest.skip("prepared statements: PostgreSQL only")
-    handle = workflows.cancellable.start("prepared", 1, 0)
-    wid = handle.workflow_id
+    wid = held_workflow("prepared")
     connection.close()  # a new session: no statement prepared yet
     config = {**settings.DURABLE_STREAMS, "PREPARED_STATEMENTS": prepared}
     with override_settings(DURABLE_STREAMS=config):
-        Workflow.objects.filter(pk=wid).update(
-            status=Status.RUNNING,
-            lease_owner="holder",
-            lease_expires_at=timezone.now() + timedelta(minutes=1),
-        )
         for operation in range(3):
-            now = timezone.now()
-            step = Step(
-                workflow_id=wid,
-                operation=operation,
-                name="s",
-                status=Step.Outcome.SUCCESS,
-                output="1",
-                attempts=1,
-                started_at=now,
-                finished_at=now,
-            )
-            assert Step.objects.checkpoint(step, "holder", now + timedelta(minutes=1))
+            assert checkpoint(wid, operation)
             assert Workflow.objects.filter(pk=wid).exists()  # a query of Django's own
         threshold = connection.connection.prepare_threshold
         with connection.cursor() as cursor:
