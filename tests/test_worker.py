@@ -276,16 +276,13 @@ def checkpoint(
     wid: str, operation: int, worker_id: str = "holder", until: Any = None, **fields: Any
 ) -> bool:
     now = timezone.now()
+    values = {"name": "s", "status": Step.Outcome.SUCCESS, "output": "1", "attempts": 1}
     step = Step(
         workflow_id=wid,
         operation=operation,
-        name="s",
-        status=Step.Outcome.SUCCESS,
-        output="1",
-        attempts=1,
         started_at=now,
         finished_at=now,
-        **fields,
+        **{**values, **fields},
     )
     return Step.objects.checkpoint(step, worker_id, until or now + timedelta(minutes=1))
 
