@@ -147,10 +147,15 @@ class Execution:
     def lease_until(self) -> datetime:
         return timezone.now() + timedelta(seconds=get_config().LEASE_SECONDS)
 
+    def lease_lost_error(self) -> LeaseLost:
+        return LeaseLost(
+            f"Worker {self.worker_id!r} no longer holds workflow {self.workflow_id!r}."
+        )
+
     def lease_lost(self) -> NoReturn:
         self.stop_reason = "the workflow was cancelled or reclaimed by another worker"
         self.stop.set()
-        raise LeaseLost(f"Worker {self.worker_id!r} no longer holds workflow {self.workflow_id!r}.")
+        raise self.lease_lost_error()
 
 
 def _describe(kind: str, name: str) -> str:

@@ -28,7 +28,7 @@ from . import delivery
 from .conf import get_config
 from .db import ConnectionKeeper, run_statement, take_write_lock
 from .exceptions import LeaseLost
-from .models import Step, Stream, StreamEntry, Workflow
+from .models import Step, Stream, StreamEntry, Workflow, on_postgresql
 from .notify import announce, stream_topic
 
 if TYPE_CHECKING:
@@ -222,15 +222,10 @@ def _plan(batch: dict[Execution, list[Pending]]) -> _Plan:
     return plan
 
 
-def _lease_lost(execution: Execution) -> LeaseLost:
-    return LeaseLost(
-        f"Worker {execution.worker_id!r} no longer holds workflow {execution.workflow_id!r}."
-    )
-
-
 def _store(using: str, batch: dict[Execution, list[Pending]]) -> _Stored:
-    """Store ``batch`` in the current transaction, or as one statement outside of one."""
-    if connections[using].vendor == "postgresql":
+    """Store ``batch``: on PostgreSQL in one statement (which commits on its own outside a
+    transaction), elsewhere in a transaction (a savepoint inside one)."""
+    if on_postgresql(using):
         return _store_in_one_statement(using, batch)
     with transaction.atomic(using=using):
         return _store_with_the_orm(using, batch)
@@ -241,7 +236,7 @@ def _store_with_the_orm(using: str, batch: dict[Execution, list[Pending]]) -> _S
     take_write_lock(using)
     held = _fence(using, batch)
     stored = _Stored(
-        {e: _lease_lost(e) for e in batch if e.workflow_id not in held},
+        {e: e.lease_lost_error() for e in batch if e.workflow_id not in held},
         [],
         [],
     )
@@ -404,7 +399,7 @@ def _store_in_one_statement(using: str, batch: dict[Execution, list[Pending]]) -
     )
     rows, _ = run_statement(using, sql, params)
     held = {workflow_id for workflow_id, key, _ in rows if workflow_id is not None and key is None}
-    stored = _Stored({e: _lease_lost(e) for e in batch if e.workflow_id not in held}, [], [])
+    stored = _Stored({e: e.lease_lost_error() for e in batch if e.workflow_id not in held}, [], [])
     for workflow_id, key, stream_id in rows:
         if key is not None:
             execution = plan.streams[workflow_id, key].execution
