@@ -15,7 +15,7 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
-from .db import run_statement
+from .db import run_statement, take_write_lock
 
 if TYPE_CHECKING:
     from collections.abc import Collection, Iterator
@@ -188,7 +188,8 @@ class WorkflowQuerySet(models.QuerySet["Workflow"]):
 
         Oldest first, skipping rows that other workers are claiming at the same moment,
         and counting an attempt for each. Returns what the worker needs to run them.
-        On PostgreSQL this is one statement; elsewhere a transaction of three.
+        On PostgreSQL this is one statement over the whole table (call it on the
+        manager); elsewhere a transaction of three.
         """
         if limit < 1 or not names:
             return []
@@ -205,8 +206,6 @@ class WorkflowQuerySet(models.QuerySet["Workflow"]):
             }
             rows, _ = run_statement(self.db, _claim_sql(self.db), params)
             return [Claim(*row) for row in rows]
-        from .db import take_write_lock
-
         with transaction.atomic(using=self.db):
             take_write_lock(self.db)
             picked_rows = list(
@@ -338,7 +337,6 @@ class WorkflowQuerySet(models.QuerySet["Workflow"]):
 
         Their queues are announced, so that idle workers take them over at once.
         """
-        from .db import take_write_lock
         from .notify import announce, queue_topic
 
         with transaction.atomic(using=self.db):
@@ -370,7 +368,6 @@ class WorkflowQuerySet(models.QuerySet["Workflow"]):
         closed reopen, and a failed step that was the last thing the run recorded is
         forgotten so that it runs again (kept, it would fail the replay the same way).
         """
-        from .db import take_write_lock
         from .notify import announce, queue_topic
 
         now = timezone.now()
@@ -408,7 +405,6 @@ class WorkflowQuerySet(models.QuerySet["Workflow"]):
         visibility, and ``retry_of`` pointing at the original; it starts from scratch.
         Return (original id, new id) pairs.
         """
-        from .db import take_write_lock
         from .notify import announce, queue_topic
 
         now = timezone.now()
