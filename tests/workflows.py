@@ -361,6 +361,9 @@ def graceful(label: str, seconds: float) -> str:
 
 @workflow
 def claim_race(label: str) -> str:
+    # Hold the slot a moment, off any lock: one worker must not drain the queue while
+    # the other is still waiting for SQLite's write lock.
+    time.sleep(0.05)
     return counted_worker(label)
 
 
