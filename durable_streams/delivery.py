@@ -729,7 +729,7 @@ class _Hub:
 
     def _close(self) -> None:
         for task in self._background:
-            task.cancel()
+            _cancel_until_done(task)
         self._background = []
         self.channel = None
         with _hubs_lock:
@@ -739,9 +739,18 @@ class _Hub:
 
     async def _receive(self, channel: str) -> None:
         delay = RETRY_FIRST
-        while True:
+        while not _cancel_requested():
+            # The layer's receive runs as a task of its own, so that this one stops at
+            # once when cancelled, even where the layer's client would let a
+            # cancellation go by (see _cancel_until_done).
+            receiving = asyncio.ensure_future(self.layer.receive(channel))
             try:
-                message = await self.layer.receive(channel)
+                await asyncio.wait({receiving})
+            except asyncio.CancelledError:
+                _cancel_until_done(receiving)
+                raise
+            try:
+                message = receiving.result()
             except Exception as exc:
                 _receive_failures.warning("Could not receive stream messages", exc)
                 await asyncio.sleep(delay)
@@ -778,9 +787,10 @@ class _Hub:
         every = max(float(getattr(self.layer, "group_expiry", 86400) or 86400) / 4, 1.0)
         delay = RETRY_FIRST
         wait = every
-        while True:
+        while not _cancel_requested():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._rejoin_now.wait(), wait)
+                async with asyncio.timeout(wait):
+                    await self._rejoin_now.wait()
             self._rejoin_now.clear()
             failed = False
             for name in list(self._members):
@@ -802,6 +812,26 @@ class _Hub:
                 wait, delay = delay, min(delay * 2, RETRY_CEILING)
             else:
                 wait, delay = every, RETRY_FIRST
+
+
+def _cancel_requested() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+def _cancel_until_done(task: asyncio.Task[Any], every: float = 0.1) -> None:
+    """Cancel ``task``, and again every ``every`` seconds until it has ended.
+
+    On Python 3.11, ``asyncio.wait_for`` drops a cancellation that arrives as its
+    inner operation completes, and the Redis client awaits its socket writes that way:
+    cancelled once, a receive can carry on, retrying, for as long as its retries last.
+    A loop that is closing would wait for it all that time.
+    """
+    if task.done():
+        return
+    task.cancel()
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nothing left to stop
+        task.get_loop().call_later(every, _cancel_until_done, task, every)
 
 
 _hubs: dict[tuple[asyncio.AbstractEventLoop, Any], _Hub] = {}

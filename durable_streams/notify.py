@@ -81,7 +81,8 @@ class Waiter:
     async def async_wait(self, timeout: float) -> bool:
         assert self._async_event is not None
         try:
-            await asyncio.wait_for(self._async_event.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._async_event.wait()
         except TimeoutError:
             return False
         return True

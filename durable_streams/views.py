@@ -80,7 +80,8 @@ async def _event_stream(feed: delivery.StreamFeed) -> AsyncIterator[bytes]:
         pump = asyncio.create_task(_pump(feed, out))
         while True:
             try:
-                item = await asyncio.wait_for(out.get(), KEEPALIVE_SECONDS)
+                async with asyncio.timeout(KEEPALIVE_SECONDS):
+                    item = await out.get()
             except TimeoutError:
                 yield b": keep-alive\n\n"
                 continue

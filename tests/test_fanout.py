@@ -323,3 +323,74 @@ async def test_a_failing_join_neither_stalls_the_sockets_nor_stays_unjoined(
             assert entries(frames) == [(1, "b")] and code == 1000
     finally:
         await close_all(sockets)
+
+
+class _CarryOnLayer:
+    """A channel layer whose receive lets its first cancellation go by and carries on.
+
+    The Redis client can do this on Python 3.11 (``asyncio.wait_for`` drops a
+    cancellation that arrives as its operation completes).
+    """
+
+    def __init__(self) -> None:
+        self.cancellations = 0
+        self.receive_ended = asyncio.Event()
+
+    async def new_channel(self) -> str:
+        return "hub-test!1"
+
+    async def group_add(self, group: str, channel: str) -> None:
+        pass
+
+    async def group_discard(self, group: str, channel: str) -> None:
+        pass
+
+    async def receive(self, channel: str) -> dict[str, Any]:
+        try:
+            while True:
+                try:
+                    await asyncio.sleep(3600)
+                except asyncio.CancelledError:
+                    self.cancellations += 1
+                    if self.cancellations > 1:
+                        raise
+        finally:
+            self.receive_ended.set()
+
+
+class _Feed:
+    def __init__(self, workflow_id: str, key: str) -> None:
+        self.workflow_id, self.key = workflow_id, key
+        self.groups = [
+            delivery.stream_group(workflow_id, key),
+            delivery.workflow_group(workflow_id),
+        ]
+
+
+async def test_the_last_feed_leaving_ends_the_receive_even_if_a_cancellation_is_lost() -> None:
+    layer = _CarryOnLayer()
+    hub = delivery._Hub(layer)
+    feed = _Feed("wf-carry-on", "out")
+    await hub.subscribe(feed)  # type: ignore[arg-type]
+    background = list(hub._background)
+    assert len(background) == 2 and not any(task.done() for task in background)
+    await hub.unsubscribe(feed)  # type: ignore[arg-type]
+    await asyncio.wait_for(layer.receive_ended.wait(), 2)
+    await asyncio.wait_for(asyncio.wait(background), 2)
+    assert layer.cancellations == 2
+    assert all(task.cancelled() for task in background)
+
+
+async def test_a_cancelled_hub_stops_at_once_even_if_the_layer_carries_on() -> None:
+    # What a closing event loop does: cancel every task once.
+    layer = _CarryOnLayer()
+    hub = delivery._Hub(layer)
+    feed = _Feed("wf-carry-on-2", "out")
+    await hub.subscribe(feed)  # type: ignore[arg-type]
+    receiving, keeping = hub._background
+    for task in (receiving, keeping):
+        task.cancel()
+    await asyncio.wait_for(asyncio.wait({receiving, keeping}), 1)
+    await asyncio.wait_for(layer.receive_ended.wait(), 2)
+    assert receiving.cancelled() and keeping.cancelled()
+    assert layer.cancellations == 2
