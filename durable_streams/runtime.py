@@ -30,7 +30,7 @@ from .exceptions import (
     StepFailed,
     StreamClosed,
 )
-from .models import Step, Workflow
+from .models import Step, Workflow, on_postgresql
 
 WRITE = "write_stream"
 CLOSE = "close_stream"
@@ -231,11 +231,20 @@ def run_step(
                 # checkpoint commit together, or not at all.
                 saved = {key: replace(state) for key, state in execution.streams.items()}
                 execution.in_transaction = True
+                # On SQLite the fence comes first: its UPDATE takes the write lock before
+                # the step reads, so the step never has to upgrade a read lock (which
+                # fails at once rather than waiting). On PostgreSQL it comes last, so the
+                # workflow's row stays unlocked while the step runs: the heartbeat renews
+                # the lease and a cancel does not wait for the step.
+                fence_last = on_postgresql(execution.using)
                 try:
                     with transaction.atomic(using=execution.using):
-                        execution.fence()
+                        if not fence_last:
+                            execution.fence()
                         result = fn(*args, **kwargs)
                         output = encoding.encode(result, f"The result of step {name!r}")
+                        if fence_last:
+                            execution.fence()
                         _record_step(
                             execution,
                             operation,
@@ -323,7 +332,7 @@ def _record_step(
     )
     steps = Step.objects.using(execution.using)
     if execution.in_transaction:
-        # An atomic step's transaction already holds the fence.
+        # An atomic step's transaction holds the fence (see run_step).
         step.save(using=execution.using, force_insert=True)
     elif execution.stored < execution.submitted:
         # Values the step wrote are still queued: the checkpoint joins them in the

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 from durable_streams import step, workflow, write_stream
 
 from .models import Effect
@@ -31,3 +33,23 @@ def atomic_stream_writer(label: str, fail_first: bool) -> int:
 
 def attempts(label: str) -> int:
     return _attempts.get(label, 0)
+
+
+# For a worker thread in the test's process: the step waits, inside its transaction,
+# until the test lets it end.
+step_running = threading.Event()
+step_may_end = threading.Event()
+
+
+@step(atomic=True)
+def atomic_waiting(label: str) -> str:
+    Effect.objects.create(workflow_id="", label=label)
+    step_running.set()
+    if not step_may_end.wait(30):
+        raise TimeoutError("the test never let the step end")
+    return label
+
+
+@workflow
+def waits_in_an_atomic_step(label: str) -> str:
+    return atomic_waiting(label)
