@@ -18,7 +18,7 @@ from django.utils.translation import gettext_lazy as _
 from .db import run_statement, take_write_lock
 
 if TYPE_CHECKING:
-    from collections.abc import Collection, Iterator
+    from collections.abc import Collection, Iterator, Sequence
 
 
 def new_workflow_id() -> str:
@@ -48,6 +48,8 @@ class Claim(NamedTuple):
     attempts: int  # counting this one
     previous_status: str  # RUNNING: taken over from a worker whose lease expired
     previous_owner: str | None
+    # False only when no earlier run can have recorded anything: nothing to replay.
+    recorded: bool = True
 
 
 # WorkflowQuerySet.claimable() with attempts left, expired leases first, locked and
@@ -55,6 +57,10 @@ class Claim(NamedTuple):
 # prepared once). Each SELECT goes through its own partial index in created_at order:
 # one SELECT with an OR of both would sort every enqueued row on every claim. Rows
 # the second SELECT locks beyond the limit are let go when the statement commits.
+# The last column says whether to load what earlier runs recorded: a queued row was
+# queued again only after those runs' writes committed, so this snapshot sees them;
+# a reclaimed row is always loaded, since its last holder may have committed a write
+# between this statement's snapshot and its lock.
 _CLAIM = """
 WITH expired AS (
     SELECT id, status, lease_owner FROM {workflow}
@@ -78,7 +84,10 @@ SET status = 'RUNNING', lease_owner = %(worker)s, lease_expires_at = %(until)s,
     attempts = w.attempts + 1, updated_at = %(now)s, started_at = COALESCE(w.started_at, %(now)s)
 FROM picked
 WHERE w.id = picked.id
-RETURNING w.id, w.name, w.inputs, w.attempts, picked.status, picked.lease_owner
+RETURNING w.id, w.name, w.inputs, w.attempts, picked.status, picked.lease_owner,
+    picked.status = 'RUNNING'
+    OR EXISTS (SELECT FROM {step} s WHERE s.workflow_id = w.id)
+    OR EXISTS (SELECT FROM {stream} s WHERE s.workflow_id = w.id)
 """
 
 
@@ -232,7 +241,22 @@ class WorkflowQuerySet(models.QuerySet["Workflow"]):
                     "pk", "name", "inputs", "attempts"
                 )
             }
-        return [Claim(pk, *details[pk], status, owner) for pk, status, owner in picked_rows]
+            recorded = set(
+                Step.objects.using(self.db)
+                .filter(workflow_id__in=ids)
+                .order_by()
+                .values_list("workflow_id", flat=True)
+                .union(
+                    Stream.objects.using(self.db)
+                    .filter(workflow_id__in=ids)
+                    .order_by()
+                    .values_list("workflow_id", flat=True)
+                )
+            )
+        return [
+            Claim(pk, *details[pk], status, owner, status == Status.RUNNING or pk in recorded)
+            for pk, status, owner in picked_rows
+        ]
 
     def held_by(self, worker_id: str) -> WorkflowQuerySet:
         return self.filter(status=Status.RUNNING, lease_owner=worker_id)
@@ -314,14 +338,43 @@ class WorkflowQuerySet(models.QuerySet["Workflow"]):
                 transaction.on_commit(lambda: delivery.workflow_ended(workflow_id), using=self.db)
         return bool(changed)
 
+    def finish_held(
+        self,
+        worker_id: str,
+        workflow_id: str,
+        status: str,
+        *,
+        output: str | None = None,
+        error: str | None = None,
+    ) -> bool:
+        """``held_by(worker_id).finish(...)``: how a worker ends the runs it holds.
+
+        On PostgreSQL its statement is written once, not compiled from a queryset
+        at every end. Call it on the manager (or an unfiltered queryset).
+        """
+        if not on_postgresql(self.db):
+            return self.held_by(worker_id).finish(workflow_id, status, output=output, error=error)
+        target = (_held_target_sql(self.db), [workflow_id, worker_id])
+        return self._finish_in_one_statement(
+            workflow_id, status, output, error, timezone.now(), target
+        )
+
     def _finish_in_one_statement(
-        self, workflow_id: str, status: str, output: str | None, error: str | None, now: datetime
+        self,
+        workflow_id: str,
+        status: str,
+        output: str | None,
+        error: str | None,
+        now: datetime,
+        target: tuple[str, Sequence[Any]] | None = None,
     ) -> bool:
         from . import delivery
         from .notify import announce, workflow_topic
 
-        target = self.filter(pk=workflow_id).order_by().values("pk")
-        target_sql, params = target.query.get_compiler(self.db).as_sql()
+        if target is None:
+            query = self.filter(pk=workflow_id).order_by().values("pk").query
+            target = query.get_compiler(self.db).as_sql()
+        target_sql, params = target
         sql = _FINISH.format(**_tables(self.db), target=target_sql)
         rows, _ = run_statement(self.db, sql, [*params, status, output, error, now, now, now])
         changed = bool(rows and rows[0][0])
@@ -596,6 +649,15 @@ def _enqueue_sql(using: str) -> str:
     columns = ", ".join(quote(field.column) for field in fields)
     values = ", ".join(["%s"] * len(fields))
     return f"INSERT INTO {quote(Workflow._meta.db_table)} ({columns}) VALUES ({values})"
+
+
+@functools.cache
+def _held_target_sql(using: str) -> str:
+    # WorkflowQuerySet.held_by(worker).filter(pk=...) for _FINISH: (workflow id, worker).
+    workflow = _tables(using)["workflow"]
+    return (
+        f"SELECT id AS pk FROM {workflow} WHERE id = %s AND status = 'RUNNING' AND lease_owner = %s"
+    )
 
 
 @functools.cache

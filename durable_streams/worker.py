@@ -324,18 +324,21 @@ class Worker:
     def _run_workflow(self, claim: Claim, log: WorkflowAdapter) -> None:
         workflow_id = claim.workflow_id
         runs = Workflow.objects.using(self.using)
-        held = runs.held_by(self.worker_id)
         try:
             wf = registry.get(claim.name)
         except WorkflowNotRegistered as exc:
-            held.finish(
+            runs.finish_held(
+                self.worker_id,
                 workflow_id,
                 Status.ERROR,
                 error=encoding.dumps(runtime.error_record(exc)),
             )
             log.error("%s", exc)
             return
-        execution = runtime.Execution.load(workflow_id, self.worker_id, self.using)
+        if claim.recorded:
+            execution = runtime.Execution.load(workflow_id, self.worker_id, self.using)
+        else:
+            execution = runtime.Execution(workflow_id, self.worker_id, self.using)
         with self._lock:
             if self._stopping.is_set():
                 execution.stop_reason = "the worker is shutting down"
@@ -377,7 +380,7 @@ class Worker:
         if execution.fatal is not None:
             status, output = Status.ERROR, None
             error = encoding.dumps(runtime.error_record(execution.fatal))
-        if held.finish(workflow_id, status, output=output, error=error):
+        if runs.finish_held(self.worker_id, workflow_id, status, output=output, error=error):
             self.completed += 1
             log.info("%s in %.3fs.", status, time.monotonic() - started)
         else:

@@ -74,7 +74,11 @@ class WriteFailed(Exception):
 class GroupCommitter:
     def __init__(self, using: str) -> None:
         self.using = using
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
+        # Two conditions on one lock: a submit wakes the writer thread only, a stored
+        # batch wakes the workflow threads waiting for their writes.
+        self._queued = threading.Condition(self._lock)
+        self._stored = threading.Condition(self._lock)
         self._queue: dict[Execution, list[Pending]] = {}
         self._release_requested = False
         self._released = threading.Event()
@@ -85,7 +89,7 @@ class GroupCommitter:
 
     def submit(self, execution: Execution, write: Pending) -> None:
         size = write.size
-        with self._cond:
+        with self._lock:
             while execution.write_error is None and (
                 execution.submitted - execution.stored >= MAX_PENDING_VALUES
                 or (
@@ -93,38 +97,38 @@ class GroupCommitter:
                     and execution.submitted > execution.stored
                 )
             ):
-                self._cond.wait(1.0)
+                self._stored.wait(1.0)
             _raise_write_error(execution)
             self._queue.setdefault(execution, []).append(write)
             execution.submitted += 1
             execution.pending_bytes += size
-            self._cond.notify_all()
+            self._queued.notify()
 
     def flush(self, execution: Execution) -> None:
         """Wait until everything ``execution`` queued is stored; raise if it could not be."""
-        with self._cond:
+        with self._lock:
             while execution.stored < execution.submitted and execution.write_error is None:
-                self._cond.wait(1.0)
+                self._stored.wait(1.0)
             _raise_write_error(execution)
 
     def release_connection(self, timeout: float = 5.0) -> None:
         """Close the writer thread's connection once its queue is empty."""
-        with self._cond:
+        with self._lock:
             self._released.clear()
             self._release_requested = True
-            self._cond.notify_all()
+            self._queued.notify()
         self._released.wait(timeout)
 
     def _run(self) -> None:
         keeper = ConnectionKeeper(self.using)
         while True:
-            with self._cond:
+            with self._lock:
                 while not self._queue:
                     if self._release_requested:
                         keeper.broken()
                         self._release_requested = False
                         self._released.set()
-                    self._cond.wait()
+                    self._queued.wait()
                 batch, self._queue = self._queue, {}
             failures: dict[Execution, BaseException] = {}
             try:
@@ -140,7 +144,7 @@ class GroupCommitter:
                 )
                 # A broken connection must not poison the next batch.
                 keeper.broken()
-            with self._cond:
+            with self._lock:
                 for execution, writes in batch.items():
                     execution.stored += len(writes)
                     execution.pending_bytes -= sum(w.size for w in writes)
@@ -148,7 +152,7 @@ class GroupCommitter:
                         execution.write_error = failures[execution]
                         execution.stop_reason = str(failures[execution])
                         execution.stop.set()
-                self._cond.notify_all()
+                self._stored.notify_all()
 
 
 @dataclass

@@ -287,6 +287,60 @@ def checkpoint(
     return Step.objects.checkpoint(step, worker_id, until or now + timedelta(minutes=1))
 
 
+def test_a_claim_says_which_runs_have_a_history_to_replay() -> None:
+    now = timezone.now()
+    fresh = workflows.echo.start("fresh").workflow_id
+    with_steps = workflows.echo.start("released after a step").workflow_id
+    Step.objects.create(
+        workflow_id=with_steps,
+        operation=0,
+        name="s",
+        status=Step.Outcome.SUCCESS,
+        output="1",
+        started_at=now,
+        finished_at=now,
+    )
+    with_stream = workflows.echo.start("released after a write").workflow_id
+    Stream.objects.create(workflow_id=with_stream, key="out", created_at=now)
+    reclaimed = workflows.echo.start("reclaimed").workflow_id
+    Workflow.objects.filter(pk=reclaimed).update(
+        status=Status.RUNNING, attempts=1, lease_owner="dead", lease_expires_at=now
+    )
+    claims = Workflow.objects.claim(
+        "claimer", ["default"], names(), 10, lease_until=now + timedelta(minutes=1)
+    )
+    assert {claim.workflow_id: claim.recorded for claim in claims} == {
+        fresh: False,
+        with_steps: True,
+        with_stream: True,
+        # Always replayed: its last holder may have committed just before the claim.
+        reclaimed: True,
+    }
+
+
+def test_finish_held_ends_only_a_run_that_its_worker_holds() -> None:
+    wid = held_workflow("ending")
+    stream = Stream.objects.create(workflow_id=wid, key="out", created_at=timezone.now())
+    runs = Workflow.objects
+    assert not runs.finish_held("someone-else", wid, Status.SUCCESS, output="1")
+    assert (runs.get(pk=wid).status, Stream.objects.get(pk=stream.pk).closed_at) == (
+        Status.RUNNING,
+        None,
+    )
+    assert runs.finish_held("holder", wid, Status.SUCCESS, output="1")
+    run = runs.get(pk=wid)
+    assert (run.status, run.output, run.lease_owner, run.lease_expires_at) == (
+        Status.SUCCESS,
+        "1",
+        None,
+        None,
+    )
+    assert run.finished_at is not None
+    assert Stream.objects.get(pk=stream.pk).closed_by_end
+    assert not runs.finish_held("holder", wid, Status.ERROR, error="{}")  # ended already
+    assert runs.get(pk=wid).status == Status.SUCCESS
+
+
 def test_a_checkpoint_is_stored_only_while_its_worker_holds_the_lease(
     transactional_db: None,
 ) -> None:
