@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 from django.db import connections
+from django.db.backends.utils import CursorDebugWrapper, CursorWrapper
 
 from .conf import get_config
 
@@ -81,7 +82,7 @@ def run_statement(using: str, sql: str, params: Any) -> tuple[list[tuple[Any, ..
         raw = psycopg.Cursor(connection)
         # Django's wrapper: its error classes, execute_wrapper() hooks and query logging.
         cursor = (
-            wrapper.make_debug_cursor(raw) if wrapper.queries_logged else wrapper.make_cursor(raw)
+            _LoggedStatement(raw, wrapper) if wrapper.queries_logged else wrapper.make_cursor(raw)
         )
         with cursor:
             cursor.execute(sql, params)
@@ -89,3 +90,25 @@ def run_statement(using: str, sql: str, params: Any) -> tuple[list[tuple[Any, ..
             return rows, cursor.rowcount
     finally:
         connection.prepare_threshold = threshold
+
+
+class _LoggedStatement(CursorDebugWrapper):
+    """Logs the statement with its parameters in (``connection.queries``, the
+    ``django.db.backends`` logger), as Django does for its own queries.
+
+    Django reads the logged SQL back from a cursor that binds in the client; these
+    bind on the server, so the text is composed here, for the log only.
+    """
+
+    def execute(self, sql: str, params: Any = None) -> Any:
+        with self.debug_sql(_composed(self.cursor, sql, params), params):
+            return CursorWrapper.execute(self, sql, params)
+
+
+def _composed(cursor: Any, sql: str, params: Any) -> str:
+    import psycopg
+
+    try:
+        return psycopg.ClientCursor(cursor.connection).mogrify(sql, params)
+    except Exception:
+        return sql
