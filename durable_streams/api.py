@@ -489,11 +489,7 @@ class _StreamCursor:
     def _read_values(self, limit: int) -> list[Any]:
         """Decode up to ``limit`` stored values from ``offset`` on, and move past them."""
         assert self._stream_id is not None
-        rows = (
-            StreamEntry.objects.using(self.using)
-            .from_offset(self._stream_id, self.offset, limit)
-            .values_list("offset", "value")
-        )
+        rows = StreamEntry.objects.using(self.using).texts_from(self._stream_id, self.offset, limit)
         texts = []
         for offset, text in rows:
             if offset != self.offset + len(texts):

@@ -396,11 +396,8 @@ def read_batch(workflow_id: str, key: str, offset: int) -> Batch:
     texts: list[str] = []
     if length > offset:
         limit = min(get_config().READ_BATCH_SIZE, length - offset)
-        texts = list(
-            StreamEntry.objects.using(using)
-            .from_offset(stream_id, offset, limit)
-            .values_list("value", flat=True)
-        )
+        rows = StreamEntry.objects.using(using).texts_from(stream_id, offset, limit)
+        texts = [text for _, text in rows]
     return Batch(offset, texts, length, closed)
 
 

@@ -102,6 +102,21 @@ FROM {entry} e JOIN {stream} s ON e.stream_id = s.id
 WHERE s.workflow_id = %s AND e.operation IS NOT NULL
 """
 
+# Stream.objects.position(): the stream's row and its workflow's status, or no row when
+# the workflow does not exist. (key, workflow id)
+_POSITION = """
+SELECT s.id, s."length", s.closed_at IS NOT NULL, w.status
+FROM {workflow} w LEFT JOIN {stream} s ON s.workflow_id = w.id AND s."key" = %s
+WHERE w.id = %s
+"""
+
+# StreamEntry.objects.texts_from(): (stream id, first offset, offset past the last)
+_ENTRIES = """
+SELECT "offset", "value" FROM {entry}
+WHERE stream_id = %s AND "offset" >= %s AND "offset" < %s
+ORDER BY "offset"
+"""
+
 # Lock the row if this queryset still matches it (the fence), record the end, and close
 # the open streams.
 _FINISH = """
@@ -171,13 +186,7 @@ class WorkflowQuerySet(models.QuerySet["Workflow"]):
         body wrote, and ``("stream", close operation, key, id, length, closed)`` for
         each stream.
         """
-        sql = _HISTORY.format(**_tables(self.db))
-        if on_postgresql(self.db):
-            rows, _ = run_statement(self.db, sql, [workflow_id] * 3)
-            return rows
-        with connections[self.db].cursor() as cursor:
-            cursor.execute(sql, [workflow_id] * 3)
-            return cursor.fetchall()
+        return _fetch(self.db, _sql(self.db, _HISTORY), [workflow_id] * 3)
 
     def exhausted(self, queues: Collection[str], names: Collection[str]) -> WorkflowQuerySet:
         """Claimable workflows that used all their attempts: nobody runs them again."""
@@ -652,6 +661,20 @@ def _enqueue_sql(using: str) -> str:
 
 
 @functools.cache
+def _sql(using: str, template: str) -> str:
+    return template.format(**_tables(using))
+
+
+def _fetch(using: str, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+    """The rows of one of the statements written here; prepared on PostgreSQL."""
+    if on_postgresql(using):
+        return run_statement(using, sql, params)[0]
+    with connections[using].cursor() as cursor:
+        cursor.execute(sql, params)
+        return cursor.fetchall()
+
+
+@functools.cache
 def _held_target_sql(using: str) -> str:
     # WorkflowQuerySet.held_by(worker).filter(pk=...) for _FINISH: (workflow id, worker).
     workflow = _tables(using)["workflow"]
@@ -776,26 +799,12 @@ class StreamQuerySet(models.QuerySet["Stream"]):
         A stream has ended once it is closed or its workflow is no longer active; a
         stream never written to is empty and ends with its workflow.
         """
-        row = (
-            self.filter(workflow_id=workflow_id, key=key)
-            .order_by()
-            .values_list("pk", "length", "closed_at", "workflow__status")[:1]
-        )
-        found = list(row)
-        if found:
-            stream_id, length, closed_at, status = found[0]
-            return StreamPosition(
-                stream_id, length, closed_at is not None or status not in ACTIVE_STATUSES
-            )
-        status = (
-            Workflow.objects.using(self.db)
-            .filter(pk=workflow_id)
-            .values_list("status", flat=True)
-            .first()
-        )
-        if status is None:
+        rows = _fetch(self.db, _sql(self.db, _POSITION), [key, workflow_id])
+        if not rows:
             return None
-        return StreamPosition(None, 0, status not in ACTIVE_STATUSES)
+        stream_id, length, closed, status = rows[0]
+        ended = bool(closed) or status not in ACTIVE_STATUSES
+        return StreamPosition(stream_id, length or 0, ended)
 
 
 class Stream(models.Model):
@@ -838,6 +847,14 @@ class StreamEntryQuerySet(models.QuerySet["StreamEntry"]):
         return self.filter(
             stream_id=stream_id, offset__gte=offset, offset__lt=offset + limit
         ).order_by("offset")
+
+    def texts_from(self, stream_id: int, offset: int, limit: int) -> list[tuple[int, str]]:
+        """``from_offset()`` as (offset, stored JSON text) rows: readers' hot path.
+
+        A statement written once (prepared on PostgreSQL), not a queryset compiled at
+        every read. Call it on the manager.
+        """
+        return _fetch(self.db, _sql(self.db, _ENTRIES), [stream_id, offset, offset + limit])
 
 
 class StreamEntry(models.Model):

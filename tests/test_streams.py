@@ -14,6 +14,7 @@ from django.conf import settings
 from django.db import connection
 from django.test import override_settings
 from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
 
 from durable_streams import (
     Status,
@@ -492,3 +493,36 @@ async def test_aread_stream_works_the_same_from_async_code(
     with pytest.raises(StreamTimeout):
         async for _ in aread_stream(waiting.workflow_id, "out", timeout=0.2):
             pass
+
+
+def test_a_stream_position_and_its_values_take_one_query_each() -> None:
+    def one_query(call: Callable[[], Any]) -> Any:
+        with CaptureQueriesContext(connection) as queries:
+            result = call()
+        assert len(queries) == 1, queries.captured_queries
+        # Logged with its text, as Django logs its own queries, on every database.
+        assert "durable_streams_" in queries.captured_queries[0]["sql"]
+        return result
+
+    assert one_query(lambda: Stream.objects.position("no-such-workflow", "out")) is None
+    wid = workflows.echo.start().workflow_id
+    # No row before the first write: empty, and open while the workflow is active.
+    assert one_query(lambda: Stream.objects.position(wid, "out")) == (None, 0, False)
+    now = timezone.now()
+    stream = Stream.objects.create(workflow_id=wid, key="out", length=3, created_at=now)
+    StreamEntry.objects.bulk_create(
+        StreamEntry(stream=stream, offset=i, value=f'{{"i": {i}}}', created_at=now)
+        for i in range(3)
+    )
+    assert one_query(lambda: Stream.objects.position(wid, "out")) == (stream.pk, 3, False)
+    assert one_query(lambda: StreamEntry.objects.texts_from(stream.pk, 1, 5)) == [
+        (1, '{"i": 1}'),
+        (2, '{"i": 2}'),
+    ]
+    assert StreamEntry.objects.texts_from(stream.pk, 0, 1) == [(0, '{"i": 0}')]
+    assert StreamEntry.objects.texts_from(stream.pk, 3, 5) == []
+    Stream.objects.filter(pk=stream.pk).update(closed_at=now)
+    assert Stream.objects.position(wid, "out") == (stream.pk, 3, True)
+    # Once the workflow has ended, so has every stream of it, written to or not.
+    Workflow.objects.filter(pk=wid).update(status=Status.SUCCESS)
+    assert Stream.objects.position(wid, "never written") == (None, 0, True)
