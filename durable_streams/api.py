@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
 from asgiref.sync import sync_to_async
-from django.db import IntegrityError
 
 from . import encoding, registry, runtime
 from .conf import get_config
@@ -266,21 +265,19 @@ def start_workflow(
     )
     if workflow_id is not None:
         run.id = workflow_id
-    try:
-        WorkflowRun.objects.using(using).enqueue(run)
-    except IntegrityError:
-        existing = (
-            WorkflowRun.objects.using(using)
-            .filter(pk=run.id)
-            .values_list("name", flat=True)
-            .first()
-        )
+    runs = WorkflowRun.objects.using(using)
+    # A taken id is kept; the second try is for a run deleted between the two queries.
+    for _ in range(2):
+        if runs.enqueue(run):
+            break
+        existing = runs.filter(pk=run.id).values_list("name", flat=True).first()
         if existing is None:
-            raise
+            continue
         if existing != wf.name:
             raise WorkflowConflict(
                 f"Workflow id {run.id!r} is already used by a run of {existing!r}, not {wf.name!r}."
-            ) from None
+            )
+        break
     return WorkflowHandle(run.id)
 
 

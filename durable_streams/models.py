@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from django.conf import settings
-from django.db import connections, models, transaction
+from django.db import IntegrityError, connections, models, transaction
 from django.db.models import F, Q, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
@@ -153,30 +153,40 @@ class WorkflowQuerySet(models.QuerySet["Workflow"]):
             name__in=names,
         ).order_by("created_at")
 
-    def enqueue(self, run: Workflow) -> None:
+    def enqueue(self, run: Workflow) -> bool:
         """Insert the new ``run`` and announce its queue to idle workers.
 
-        Raises ``IntegrityError`` if its id is taken, leaving an enclosing transaction
-        usable. Outside a transaction, this is one statement.
+        False, with nothing written, if its id is taken. One statement, inside a
+        transaction too: there a taken id is skipped (``ON CONFLICT DO NOTHING``), not
+        an error that would break the transaction, so no savepoint is needed.
         """
         from .notify import announce, queue_topic
 
-        def insert() -> None:
-            if on_postgresql(self.db):
-                # Prepared, like the worker's statements: starting many is a hot path too.
-                values = [getattr(run, field.attname) for field in Workflow._meta.concrete_fields]
-                run_statement(self.db, _enqueue_sql(self.db), values)
-                run._state.adding, run._state.db = False, self.db
-            else:
-                run.save(using=self.db, force_insert=True)
-
-        if connections[self.db].in_atomic_block:
-            # A savepoint: a taken id must not break the caller's transaction.
-            with transaction.atomic(using=self.db):
-                insert()
+        connection = connections[self.db]
+        fields = Workflow._meta.concrete_fields
+        in_transaction = connection.in_atomic_block
+        if on_postgresql(self.db):
+            # Prepared, like the worker's statements: starting many is a hot path too.
+            values = [getattr(run, field.attname) for field in fields]
+            try:
+                _, inserted = run_statement(self.db, _enqueue_sql(self.db, in_transaction), values)
+            except IntegrityError:
+                # Outside a transaction the plain INSERT, a little cheaper, is used.
+                if in_transaction or not Workflow.objects.using(self.db).filter(pk=run.pk).exists():
+                    raise
+                return False
         else:
-            insert()
+            values = [
+                field.get_db_prep_save(getattr(run, field.attname), connection) for field in fields
+            ]
+            with connection.cursor() as cursor:
+                cursor.execute(_enqueue_sql(self.db, True), values)
+                inserted = cursor.rowcount
+        if inserted != 1:
+            return False
+        run._state.adding, run._state.db = False, self.db
         announce([queue_topic(run.queue)], self.db)
+        return True
 
     def history(self, workflow_id: str) -> list[tuple[str, int | None, str, Any, Any, Any]]:
         """What the runs of a workflow recorded, as rows of one query.
@@ -652,12 +662,15 @@ _STEP_COLUMNS = (
 
 
 @functools.cache
-def _enqueue_sql(using: str) -> str:
+def _enqueue_sql(using: str, skip_taken: bool) -> str:
     quote = connections[using].ops.quote_name
     fields = Workflow._meta.concrete_fields
     columns = ", ".join(quote(field.column) for field in fields)
     values = ", ".join(["%s"] * len(fields))
-    return f"INSERT INTO {quote(Workflow._meta.db_table)} ({columns}) VALUES ({values})"
+    sql = f"INSERT INTO {quote(Workflow._meta.db_table)} ({columns}) VALUES ({values})"
+    if skip_taken:
+        sql += f" ON CONFLICT ({quote(Workflow._meta.pk.column)}) DO NOTHING"
+    return sql
 
 
 @functools.cache

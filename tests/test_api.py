@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 from asgiref.sync import sync_to_async
 from django.contrib.auth import get_user_model
-from django.db import transaction
+from django.db import connection, transaction
 from django.test import override_settings
+from django.test.utils import CaptureQueriesContext
 
 from durable_streams import (
     DurableStreamsError,
@@ -136,6 +137,16 @@ def test_an_existing_id_inside_the_callers_transaction() -> None:
         again = workflows.echo.start(workflow_id="in-atomic")
         assert again.status == Status.ENQUEUED
     assert Workflow.objects.filter(pk="in-atomic").count() == 1
+
+
+def test_a_start_is_one_statement_inside_a_transaction_too() -> None:
+    with transaction.atomic(), CaptureQueriesContext(connection) as queries:
+        workflows.echo.start(workflow_id="one-statement")
+        workflows.echo.start(workflow_id="one-statement")  # taken: then one look at it
+    statements = [q["sql"] for q in queries.captured_queries]
+    assert len(statements) == 3, statements
+    assert not any("SAVEPOINT" in sql.upper() for sql in statements)
+    assert Workflow.objects.filter(pk="one-statement").count() == 1
 
 
 def test_a_different_workflow_under_an_existing_id_conflicts() -> None:
