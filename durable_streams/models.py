@@ -117,6 +117,11 @@ WHERE stream_id = %s AND "offset" >= %s AND "offset" < %s
 ORDER BY "offset"
 """
 
+# WorkflowQuerySet.held_by(worker).filter(pk=...) as a _FINISH target: (workflow id, worker)
+_HELD_TARGET = """
+SELECT id AS pk FROM {workflow} WHERE id = %s AND status = 'RUNNING' AND lease_owner = %s
+"""
+
 # Lock the row if this queryset still matches it (the fence), record the end, and close
 # the open streams.
 _FINISH = """
@@ -196,7 +201,7 @@ class WorkflowQuerySet(models.QuerySet["Workflow"]):
         body wrote, and ``("stream", close operation, key, id, length, closed)`` for
         each stream.
         """
-        return _fetch(self.db, _sql(self.db, _HISTORY), [workflow_id] * 3)
+        return _fetch(self.db, table_sql(self.db, _HISTORY), [workflow_id] * 3)
 
     def exhausted(self, queues: Collection[str], names: Collection[str]) -> WorkflowQuerySet:
         """Claimable workflows that used all their attempts: nobody runs them again."""
@@ -232,7 +237,7 @@ class WorkflowQuerySet(models.QuerySet["Workflow"]):
                 "worker": worker_id,
                 "until": lease_until,
             }
-            rows, _ = run_statement(self.db, _claim_sql(self.db), params)
+            rows, _ = run_statement(self.db, table_sql(self.db, _CLAIM), params)
             return [Claim(*row) for row in rows]
         with transaction.atomic(using=self.db):
             take_write_lock(self.db)
@@ -337,7 +342,11 @@ class WorkflowQuerySet(models.QuerySet["Workflow"]):
 
         now = timezone.now()
         if on_postgresql(self.db):
-            return self._finish_in_one_statement(workflow_id, status, output, error, now)
+            query = self.filter(pk=workflow_id).order_by().values("pk").query
+            target_sql, params = query.get_compiler(self.db).as_sql()
+            return self._finish_in_one_statement(
+                workflow_id, status, output, error, target_sql, params
+            )
         with transaction.atomic(using=self.db):
             # The UPDATE comes first: it is the fence, and it takes the row lock.
             changed = self.filter(pk=workflow_id).update(
@@ -373,9 +382,9 @@ class WorkflowQuerySet(models.QuerySet["Workflow"]):
         """
         if not on_postgresql(self.db):
             return self.held_by(worker_id).finish(workflow_id, status, output=output, error=error)
-        target = (_held_target_sql(self.db), [workflow_id, worker_id])
+        target_sql = table_sql(self.db, _HELD_TARGET)
         return self._finish_in_one_statement(
-            workflow_id, status, output, error, timezone.now(), target
+            workflow_id, status, output, error, target_sql, [workflow_id, worker_id]
         )
 
     def _finish_in_one_statement(
@@ -384,18 +393,17 @@ class WorkflowQuerySet(models.QuerySet["Workflow"]):
         status: str,
         output: str | None,
         error: str | None,
-        now: datetime,
-        target: tuple[str, Sequence[Any]] | None = None,
+        target_sql: str,
+        target_params: Sequence[Any],
     ) -> bool:
+        """``_FINISH`` for the rows that ``target_sql`` selects (as ``pk``)."""
         from . import delivery
         from .notify import announce, workflow_topic
 
-        if target is None:
-            query = self.filter(pk=workflow_id).order_by().values("pk").query
-            target = query.get_compiler(self.db).as_sql()
-        target_sql, params = target
-        sql = _FINISH.format(**_tables(self.db), target=target_sql)
-        rows, _ = run_statement(self.db, sql, [*params, status, output, error, now, now, now])
+        now = timezone.now()
+        sql = table_sql(self.db, _FINISH, target=target_sql)
+        params = [*target_params, status, output, error, now, now, now]
+        rows, _ = run_statement(self.db, sql, params)
         changed = bool(rows and rows[0][0])
         if changed:
             announce([workflow_topic(workflow_id)], self.db)
@@ -674,8 +682,9 @@ def _enqueue_sql(using: str, skip_taken: bool) -> str:
 
 
 @functools.cache
-def _sql(using: str, template: str) -> str:
-    return template.format(**_tables(using))
+def table_sql(using: str, template: str, **fields: str) -> str:
+    """A statement template of this package with its quoted table names (and ``fields``)."""
+    return template.format(**_tables(using), **fields)
 
 
 def _fetch(using: str, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
@@ -685,20 +694,6 @@ def _fetch(using: str, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]
     with connections[using].cursor() as cursor:
         cursor.execute(sql, params)
         return cursor.fetchall()
-
-
-@functools.cache
-def _held_target_sql(using: str) -> str:
-    # WorkflowQuerySet.held_by(worker).filter(pk=...) for _FINISH: (workflow id, worker).
-    workflow = _tables(using)["workflow"]
-    return (
-        f"SELECT id AS pk FROM {workflow} WHERE id = %s AND status = 'RUNNING' AND lease_owner = %s"
-    )
-
-
-@functools.cache
-def _claim_sql(using: str) -> str:
-    return _CLAIM.format(**_tables(using))
 
 
 @functools.cache
@@ -812,7 +807,7 @@ class StreamQuerySet(models.QuerySet["Stream"]):
         A stream has ended once it is closed or its workflow is no longer active; a
         stream never written to is empty and ends with its workflow.
         """
-        rows = _fetch(self.db, _sql(self.db, _POSITION), [key, workflow_id])
+        rows = _fetch(self.db, table_sql(self.db, _POSITION), [key, workflow_id])
         if not rows:
             return None
         stream_id, length, closed, status = rows[0]
@@ -867,7 +862,7 @@ class StreamEntryQuerySet(models.QuerySet["StreamEntry"]):
         A statement written once (prepared on PostgreSQL), not a queryset compiled at
         every read. Call it on the manager.
         """
-        return _fetch(self.db, _sql(self.db, _ENTRIES), [stream_id, offset, offset + limit])
+        return _fetch(self.db, table_sql(self.db, _ENTRIES), [stream_id, offset, offset + limit])
 
 
 class StreamEntry(models.Model):

@@ -21,14 +21,14 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
-from django.db import connections, transaction
+from django.db import transaction
 from django.utils import timezone
 
 from . import delivery
 from .conf import get_config
 from .db import ConnectionKeeper, run_statement, take_write_lock
 from .exceptions import LeaseLost
-from .models import Step, Stream, StreamEntry, Workflow, on_postgresql
+from .models import Step, Stream, StreamEntry, Workflow, on_postgresql, table_sql
 from .notify import announce, stream_topic
 
 if TYPE_CHECKING:
@@ -358,7 +358,6 @@ SELECT c.workflow_id, c.key, c.id FROM created c
 
 
 def _store_in_one_statement(using: str, batch: dict[Execution, list[Pending]]) -> _Stored:
-    connection = connections[using]
     now = timezone.now()
     plan = _plan(batch)
     new = [c for c in plan.streams.values() if c.stream_id is None]
@@ -394,14 +393,7 @@ def _store_in_one_statement(using: str, batch: dict[Execution, list[Pending]]) -
         "step_started": [step.started_at for step in plan.steps],
         "step_finished": [step.finished_at for step in plan.steps],
     }
-    quote = connection.ops.quote_name
-    sql = _ONE_STATEMENT.format(
-        workflow=quote(Workflow._meta.db_table),
-        stream=quote(Stream._meta.db_table),
-        entry=quote(StreamEntry._meta.db_table),
-        step=quote(Step._meta.db_table),
-    )
-    rows, _ = run_statement(using, sql, params)
+    rows, _ = run_statement(using, table_sql(using, _ONE_STATEMENT), params)
     held = {workflow_id for workflow_id, key, _ in rows if workflow_id is not None and key is None}
     stored = _Stored({e: e.lease_lost_error() for e in batch if e.workflow_id not in held}, [], [])
     for workflow_id, key, stream_id in rows:
