@@ -177,6 +177,19 @@ def test_cancel_stops_a_running_workflow_at_its_next_step_boundary(
 # Leases
 
 
+def step_record(wid: str, operation: int, **fields: Any) -> Step:
+    """An unsaved successful step of ``wid``; ``fields`` override its values."""
+    now = timezone.now()
+    values = {"name": "s", "status": Step.Outcome.SUCCESS, "output": "1", "attempts": 1}
+    return Step(
+        workflow_id=wid,
+        operation=operation,
+        started_at=now,
+        finished_at=now,
+        **{**values, **fields},
+    )
+
+
 def test_a_workflow_whose_lease_expired_is_reclaimed_and_replayed(
     run_burst: Callable[..., Worker],
 ) -> None:
@@ -190,15 +203,9 @@ def test_a_workflow_whose_lease_expired_is_reclaimed_and_replayed(
         lease_expires_at=now - timedelta(seconds=1),
         started_at=now - timedelta(seconds=5),
     )
-    Step.objects.create(
-        workflow_id=wid,
-        operation=0,
-        name="tests.workflows.counted_plain",
-        status=Step.Outcome.SUCCESS,
-        output='"done by the dead worker"',
-        started_at=now,
-        finished_at=now,
-    )
+    step_record(
+        wid, 0, name="tests.workflows.counted_plain", output='"done by the dead worker"'
+    ).save()
     held = workflows.echo.start()  # held by a live worker elsewhere: left alone
     Workflow.objects.filter(pk=held.workflow_id).update(
         status=Status.RUNNING,
@@ -275,31 +282,15 @@ def held_workflow(label: str, lease_expires_at: Any = None) -> str:
 def checkpoint(
     wid: str, operation: int, worker_id: str = "holder", until: Any = None, **fields: Any
 ) -> bool:
-    now = timezone.now()
-    values = {"name": "s", "status": Step.Outcome.SUCCESS, "output": "1", "attempts": 1}
-    step = Step(
-        workflow_id=wid,
-        operation=operation,
-        started_at=now,
-        finished_at=now,
-        **{**values, **fields},
-    )
-    return Step.objects.checkpoint(step, worker_id, until or now + timedelta(minutes=1))
+    step = step_record(wid, operation, **fields)
+    return Step.objects.checkpoint(step, worker_id, until or timezone.now() + timedelta(minutes=1))
 
 
 def test_a_claim_says_which_runs_have_a_history_to_replay() -> None:
     now = timezone.now()
     fresh = workflows.echo.start("fresh").workflow_id
     with_steps = workflows.echo.start("released after a step").workflow_id
-    Step.objects.create(
-        workflow_id=with_steps,
-        operation=0,
-        name="s",
-        status=Step.Outcome.SUCCESS,
-        output="1",
-        started_at=now,
-        finished_at=now,
-    )
+    step_record(with_steps, 0).save()
     with_stream = workflows.echo.start("released after a write").workflow_id
     Stream.objects.create(workflow_id=with_stream, key="out", created_at=now)
     reclaimed = workflows.echo.start("reclaimed").workflow_id
