@@ -243,13 +243,8 @@ def start_workflow(
     inputs = encoding.encode_inputs(args, kwargs, wf.name)
     if workflow_id is None:
         workflow_id = runtime.child_workflow_id() or None
-    elif not isinstance(workflow_id, str) or not workflow_id or len(workflow_id) > 255:
-        raise ValueError(
-            "workflow_id must be a non-empty string of at most 255 characters, "
-            f"not {workflow_id!r}."
-        )
     else:
-        encoding.check_text("workflow_id", workflow_id)
+        check_workflow_id(workflow_id)
     queue = _check_name("queue", queue) if queue is not None else wf.queue
     owner_id = None
     if owner is not None and getattr(owner, "is_authenticated", True):
@@ -281,8 +276,19 @@ def start_workflow(
     return WorkflowHandle(run.id)
 
 
+def check_workflow_id(workflow_id: object) -> str:
+    """Refuse an id no workflow can have: PostgreSQL fails a query that holds a NUL."""
+    if not isinstance(workflow_id, str) or not workflow_id or len(workflow_id) > 255:
+        raise ValueError(
+            "workflow_id must be a non-empty string of at most 255 characters, "
+            f"not {workflow_id!r}."
+        )
+    return encoding.check_text("workflow_id", workflow_id)
+
+
 def get_workflow(workflow_id: str) -> WorkflowHandle:
     """Return the handle of an existing run; ``WorkflowNotFound`` if there is none."""
+    check_workflow_id(workflow_id)
     handle = WorkflowHandle(workflow_id)
     handle.status  # noqa: B018 - raises WorkflowNotFound
     return handle
@@ -293,6 +299,7 @@ def cancel_workflow(workflow_id: str) -> bool:
 
     A running workflow stops at its next step boundary; its open streams close now.
     """
+    check_workflow_id(workflow_id)
     using = alias()
     changed = WorkflowRun.objects.using(using).active().finish(workflow_id, Status.CANCELLED)
     if not changed and not WorkflowRun.objects.using(using).filter(pk=workflow_id).exists():
@@ -428,6 +435,7 @@ class _StreamCursor:
     """The reader's position in one stream and the queries that move it forward."""
 
     def __init__(self, workflow_id: str, key: str, offset: int, timeout: float | None) -> None:
+        check_workflow_id(workflow_id)
         encoding.check_key(key)
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
             raise ValueError(f"offset must be a whole number of at least 0, not {offset!r}.")

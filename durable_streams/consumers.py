@@ -11,7 +11,7 @@ right after accepting it (a close before the handshake would reach a browser as
 a bare HTTP 403), with a code and a short reason; some servers, daphne among them,
 drop the reason, so clients go by the code:
 
-    4400  bad parameters (offset not a whole number, bad key)
+    4400  bad parameters (offset not a whole number or given twice, bad key or id)
     4403  the user may not read this stream (``AUTHORIZE_READER``)
     4404  no such workflow
     1011  an error on the server (logged there, never sent to the client)
@@ -124,3 +124,20 @@ class StreamConsumer(AsyncWebsocketConsumer):
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         """Clients have nothing to say; what they send is ignored."""
+
+
+class BadAddressConsumer(AsyncWebsocketConsumer):
+    """Answers a path under the stream prefix that is no stream's address: 4400.
+
+    Without it the router finds no route and raises, and the server logs a traceback
+    and fails the handshake.
+    """
+
+    channel_layer_alias = None  # type: ignore[assignment]
+
+    async def connect(self) -> None:
+        await self.accept()
+        await self.close(
+            code=BAD_REQUEST,
+            reason="Not a stream address: use ws/durable-streams/<workflow_id>/<key>/.",
+        )

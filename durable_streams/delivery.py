@@ -880,6 +880,8 @@ def parse_address(workflow_id: Any, key: Any) -> tuple[str, str]:
     if not isinstance(workflow_id, str) or not workflow_id or len(workflow_id) > 255:
         raise BadParameters("The workflow id must be 1 to 255 characters.")
     try:
+        # A NUL reaching PostgreSQL would fail the query (DataError), not find nothing.
+        encoding.check_text("The workflow id", workflow_id)
         encoding.check_key(key)
     except (TypeError, ValueError) as exc:
         raise BadParameters(str(exc)) from None

@@ -43,7 +43,11 @@ def _start_offset(request: HttpRequest) -> int:
     last_event_id = request.headers.get("Last-Event-ID")
     if last_event_id is not None:
         return parse_offset(last_event_id.strip(), "Last-Event-ID") + 1
-    return parse_offset(request.GET.get("offset"))
+    # As on the socket: which of two offsets was meant is anyone's guess.
+    offsets = request.GET.getlist("offset")
+    if len(offsets) > 1:
+        raise BadParameters("Give offset once.")
+    return parse_offset(offsets[0] if offsets else None)
 
 
 def _plain(response_class: type[HttpResponse], message: str) -> HttpResponse:

@@ -26,6 +26,7 @@ from durable_streams import (
     cancel_workflow,
     current_workflow_id,
     get_workflow,
+    read_stream,
     start_workflow,
     step,
     workflow,
@@ -100,6 +101,15 @@ def test_bad_workflow_ids_are_refused(workflow_id: Any, problem: str) -> None:
     with pytest.raises(ValueError, match=problem):
         start_workflow(workflows.echo, workflow_id=workflow_id)
     assert not Workflow.objects.exists()
+
+
+def test_ids_no_workflow_can_have_are_refused_before_any_query() -> None:
+    # On PostgreSQL a NUL in a query fails it with a DataError.
+    for call in (get_workflow, cancel_workflow, lambda wid: read_stream(wid, "out")):
+        with pytest.raises(ValueError, match="workflow_id must not contain NUL"):
+            call("a\x00")
+    with pytest.raises(ValueError, match="workflow_id must be a non-empty string"):
+        get_workflow("")
 
 
 def test_a_queue_longer_than_its_column_is_refused() -> None:

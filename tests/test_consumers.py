@@ -328,6 +328,37 @@ async def test_offset_too_large_and_key_too_long_are_4400(run_burst: Any) -> Non
     assert code == 4400 and "at most 255" in reason
 
 
+@pytest.mark.parametrize("workflow_id", ["a%00", "%00"])
+async def test_a_workflow_id_no_database_can_hold_is_4400(db: None, workflow_id: str) -> None:
+    # On PostgreSQL a NUL in the query failed it (DataError): the socket closed 1011.
+    code, reason = await close_code(path(workflow_id, "out"))
+    assert code == 4400 and "workflow id" in reason
+
+
+async def test_the_trailing_slash_is_optional(run_burst: Any) -> None:
+    wid = await start(many, "out", 2)
+    await run_all(run_burst)
+    communicator = await open_socket(f"/ws/durable-streams/{wid}/out?offset=1")
+    frames, code = await read_until_closed(communicator)
+    assert entries(frames) == [(1, {"i": 1, "text": "value 1"})] and code == 1000
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "/ws/durable-streams/",
+        "/ws/durable-streams",
+        "/ws/durable-streams/only-an-id",
+        "/ws/durable-streams/only-an-id/",
+        "/ws/durable-streams//out/",
+    ],
+)
+async def test_a_path_under_the_prefix_that_is_no_address_is_4400(db: None, url: str) -> None:
+    # The router found no route: HTTP 500 and a traceback.
+    code, reason = await close_code(url)
+    assert code == 4400 and "Not a stream address" in reason
+
+
 async def test_private_workflow_refuses_anonymous_and_strangers(run_burst: Any) -> None:
     owner = await make_user("owner")
     stranger = await make_user("stranger")

@@ -191,6 +191,8 @@ async def test_disconnect_mid_stream_releases_the_subscription(live_worker: Any)
         ("offset=-1", [], "offset must be a whole number"),
         ("offset=x", [], "offset must be a whole number"),
         ("", [(b"last-event-id", b"two")], "Last-Event-ID must be a whole number"),
+        ("offset=1&offset=2", [], "Give offset once."),
+        ("offset=0&offset=0", [], "Give offset once."),
     ],
 )
 async def test_bad_offsets_are_400(
@@ -200,6 +202,14 @@ async def test_bad_offsets_are_400(
     response = await get(url(wid, "out", query), headers)
     assert response.status == 400
     assert fragment in await response.body()
+
+
+@pytest.mark.parametrize("workflow_id", ["a\x00", "\x00b"])
+async def test_a_workflow_id_with_nul_is_400(db: None, workflow_id: str) -> None:
+    # On PostgreSQL the NUL reached the query and failed it: HTTP 500.
+    response = await get(url(workflow_id, "out"))
+    assert response.status == 400
+    assert "NUL" in await response.body()
 
 
 async def test_unknown_workflow_is_404_and_head_is_405(db: None) -> None:
