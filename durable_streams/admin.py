@@ -10,6 +10,7 @@ table itself) is ever loaded or counted whole.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -301,11 +302,17 @@ class Pager:
         }
 
 
+# ASCII digits only ("²".isdigit() is true, and int() refuses it), and few enough of
+# them for int(), which refuses more than 4,300.
+_OFFSET_DIGITS = re.compile(r"[0-9]{1,18}")
+
+
 def offset_param(request: HttpRequest, total: int) -> int | HttpResponse:
     raw = request.GET.get("offset", "0").strip() or "0"
-    if not raw.isdigit() or int(raw) > max(total - 1, 0):
+    if not _OFFSET_DIGITS.fullmatch(raw) or int(raw) > max(total - 1, 0):
+        shown = raw if len(raw) <= 40 else f"{raw[:40]}…"
         return HttpResponseBadRequest(
-            f"offset must be a whole number from 0 to {max(total - 1, 0)}, not {raw!r}.",
+            f"offset must be a whole number from 0 to {max(total - 1, 0)}, not {shown!r}.",
             content_type="text/plain; charset=utf-8",
         )
     return int(raw)
@@ -525,6 +532,14 @@ class WorkflowAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     def get_queryset(self, request: HttpRequest) -> QuerySet[Workflow]:
         return super().get_queryset(request).using(alias())
 
+    def get_object(
+        self, request: HttpRequest, object_id: str, from_field: str | None = None
+    ) -> Workflow | None:
+        # No workflow's id holds a NUL, and PostgreSQL fails the query that looks for one.
+        if "\x00" in object_id:
+            return None
+        return super().get_object(request, object_id, from_field)
+
     def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[ChangeList]:
         return WorkflowChangeList
 
@@ -736,6 +751,15 @@ class WorkflowAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     def changelist_view(
         self, request: HttpRequest, extra_context: dict[str, Any] | None = None
     ) -> HttpResponse:
+        # Filters and the search put these values into queries, and PostgreSQL fails a
+        # query holding a NUL (a DataError, so a 500) where no row could match anyway.
+        for name, values in request.GET.lists():
+            if any("\x00" in value for value in [name, *values]):
+                return HttpResponseBadRequest(
+                    gettext("The parameter %(name)r must not contain NUL characters.")
+                    % {"name": name.replace("\x00", "")},
+                    content_type="text/plain; charset=utf-8",
+                )
         return super().changelist_view(
             request, {"title": self.opts.verbose_name_plural.capitalize(), **(extra_context or {})}
         )

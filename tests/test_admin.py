@@ -344,13 +344,57 @@ def test_stream_entries_show_big_values_cut(admin_client: Client) -> None:
     assert "6,002 more characters" in response.content.decode()
 
 
-@pytest.mark.parametrize("offset", ["-1", "abc", "1000"])
+@pytest.mark.parametrize("offset", ["-1", "abc", "1000", "²", "١", "1²"])
 def test_stream_entries_refuse_a_bad_offset(admin_client: Client, offset: str) -> None:
     workflow = make_workflow()
     stream = make_stream(workflow, "out", 10)
     response = admin_client.get(stream_url(workflow, stream), {"offset": offset})
     assert response.status_code == 400
     assert f"offset must be a whole number from 0 to 9, not {offset!r}" in response.content.decode()
+
+
+@pytest.mark.parametrize("offset", ["²", "9" * 5000, "0" * 5000])
+def test_both_history_pages_refuse_offsets_int_cannot_read(
+    admin_client: Client, offset: str
+) -> None:
+    # "²" passes str.isdigit() and 5,000 digits pass it too: int() then raised, a 500.
+    workflow = make_workflow()
+    stream = make_stream(workflow, "out", 10)
+    make_steps(workflow, 3)
+    steps_url = reverse("admin:durable_streams_workflow_steps", args=[workflow.pk])
+    for url in (stream_url(workflow, stream), steps_url):
+        response = admin_client.get(url, {"offset": offset})
+        assert response.status_code == 400
+        text = response.content.decode()
+        assert "offset must be a whole number from 0 to" in text
+        assert len(text) < 200  # the refusal does not echo 5,000 digits
+
+
+@pytest.mark.parametrize(
+    "params",
+    [{"q": "a\x00"}, {"name": "a\x00"}, {"queue": "\x00"}, {"status": "x\x00"}, {"id": "\x00"}],
+)
+def test_changelist_refuses_parameters_holding_nul(
+    admin_client: Client, params: dict[str, str]
+) -> None:
+    # PostgreSQL failed the filter's query with a DataError: a 500.
+    make_workflow()
+    response = admin_client.get(CHANGELIST, params)
+    assert response.status_code == 400
+    assert "must not contain NUL characters" in response.content.decode()
+    assert admin_client.get(CHANGELIST, {"q": "a"}).status_code == 200
+
+
+def test_an_id_holding_nul_is_no_workflow(admin_client: Client) -> None:
+    make_workflow()
+    base = "/admin/durable_streams/workflow/a%00/"
+    for suffix in ("steps/", "streams/1/"):
+        assert admin_client.get(base + suffix).status_code == 404, suffix
+    # Django's own pages send a missing object back to the index.
+    for suffix in ("change/", "history/"):
+        assert admin_client.get(base + suffix).status_code == 302, suffix
+    assert admin_client.get(base + "delete/").status_code == 403  # nothing is deleted here
+    assert admin_client.post(base + "act/cancel/").status_code == 404
 
 
 def test_stream_of_another_workflow_is_not_found(admin_client: Client) -> None:
