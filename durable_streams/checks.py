@@ -72,7 +72,22 @@ def check_live_delivery(app_configs: Any = None, **kwargs: Any) -> list[CheckMes
     if not apps.is_installed("channels"):
         return []
     layers = getattr(settings, "CHANNEL_LAYERS", None) or {}
-    backend = layers.get("default", {}).get("BACKEND")
+    default = layers.get("default", {}) if isinstance(layers, dict) else None
+    if not isinstance(default, dict):
+        # Channels fails on it only when a socket first asks for the layer.
+        wrong = layers if default is None else default
+        where = "CHANNEL_LAYERS" if default is None else "CHANNEL_LAYERS['default']"
+        return [
+            Error(
+                f"settings.{where} must be a dict, not {type(wrong).__name__}.",
+                hint=(
+                    'Write CHANNEL_LAYERS = {"default": {"BACKEND": '
+                    '"channels_redis.core.RedisChannelLayer", "CONFIG": {...}}}.'
+                ),
+                id="durable_streams.E004",
+            )
+        ]
+    backend = default.get("BACKEND")
     if backend not in (None, "channels.layers.InMemoryChannelLayer"):
         return []
     try:

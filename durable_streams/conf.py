@@ -48,6 +48,8 @@ DEFAULTS: dict[str, Any] = {
     "DATABASE": "default",
 }
 
+# Inclusive lower bounds; beyond the maxima below a value is a mistake (a day-long poll)
+# or overflows the arithmetic it meets (timedelta, float) far from where it was set.
 _NUMBERS = {
     "LEASE_SECONDS": (float, 0.5),
     "POLL_INTERVAL": (float, 0.001),
@@ -56,6 +58,17 @@ _NUMBERS = {
     "READ_BATCH_SIZE": (int, 1),
     "MAX_ATTEMPTS": (int, 1),
     "SHUTDOWN_GRACE_SECONDS": (float, 0.0),
+}
+
+DAY = 86_400
+MAXIMA: dict[str, int] = {
+    "LEASE_SECONDS": DAY,
+    "POLL_INTERVAL": 60,
+    "NOTIFY_FALLBACK_POLL": 3_600,
+    "MAX_VALUE_BYTES": 64 * 1024 * 1024,
+    "READ_BATCH_SIZE": 10_000,
+    "MAX_ATTEMPTS": 1_000_000,
+    "SHUTDOWN_GRACE_SECONDS": DAY,
 }
 
 
@@ -80,6 +93,29 @@ def _invalid(name: str, problem: str) -> ConfigurationError:
     return ConfigurationError(f"settings.DURABLE_STREAMS[{name!r}] {problem}.")
 
 
+def _shown(value: float) -> str:
+    # repr() of an int of more than 4,300 digits raises ValueError.
+    if isinstance(value, int) and not -(10**30) < value < 10**30:
+        return f"a number of about {int(value.bit_length() * math.log10(2)) + 1} digits"
+    return repr(value)
+
+
+def _check_number(name: str, value: Any, kind: type, minimum: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _invalid(name, f"must be a number, not {type(value).__name__}")
+    # math.isfinite() of a huge int raises OverflowError: only floats can be inf or nan.
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _invalid(name, f"must be a finite number, not {value!r}")
+    if kind is int and not isinstance(value, int):
+        raise _invalid(name, f"must be a whole number, not {value!r}")
+    if value < minimum:
+        raise _invalid(name, f"must be at least {minimum}, not {_shown(value)}")
+    maximum = MAXIMA.get(name)
+    if maximum is not None and value > maximum:
+        raise _invalid(name, f"must be at most {maximum}, not {_shown(value)}")
+    return kind(value)
+
+
 @cache
 def get_config() -> Config:
     """Return the validated settings, merged over the defaults; cached until they change."""
@@ -93,30 +129,23 @@ def get_config() -> Config:
         raise _invalid(unknown[0], f"is not a known setting (known: {', '.join(sorted(DEFAULTS))})")
     values = {**DEFAULTS, **user}
     for name, (kind, minimum) in _NUMBERS.items():
-        value = values[name]
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _invalid(name, f"must be a number, not {type(value).__name__}")
-        if not math.isfinite(value):
-            raise _invalid(name, f"must be a finite number, not {value!r}")
-        if kind is int and not isinstance(value, int):
-            raise _invalid(name, f"must be a whole number, not {value!r}")
-        if value < minimum:
-            raise _invalid(name, f"must be at least {minimum}, not {value!r}")
-        values[name] = kind(value)
+        values[name] = _check_number(name, values[name], kind, minimum)
     heartbeat = values["HEARTBEAT_SECONDS"]
     if heartbeat is None:
         heartbeat = values["LEASE_SECONDS"] / 3
     elif (
         isinstance(heartbeat, bool)
         or not isinstance(heartbeat, (int, float))
-        or not math.isfinite(heartbeat)
+        or (isinstance(heartbeat, float) and not math.isfinite(heartbeat))
         or heartbeat <= 0
     ):
-        raise _invalid("HEARTBEAT_SECONDS", f"must be a positive number or None, not {heartbeat!r}")
+        raise _invalid(
+            "HEARTBEAT_SECONDS", f"must be a positive number or None, not {_shown(heartbeat)}"
+        )
     if heartbeat >= values["LEASE_SECONDS"]:
         raise _invalid(
             "HEARTBEAT_SECONDS",
-            f"({heartbeat}) must be shorter than LEASE_SECONDS ({values['LEASE_SECONDS']})",
+            f"({_shown(heartbeat)}) must be shorter than LEASE_SECONDS ({values['LEASE_SECONDS']})",
         )
     values["HEARTBEAT_SECONDS"] = float(heartbeat)
     for name in ("AUTHORIZE_READER", "DATABASE"):

@@ -1,4 +1,4 @@
-"""The DURABLE_STREAMS setting and the system checks E001, E002, E003 and W001."""
+"""The DURABLE_STREAMS setting and the system checks E001 to E004 and W001."""
 
 from __future__ import annotations
 
@@ -61,6 +61,21 @@ def ids(messages: list[CheckMessage]) -> list[str]:
         ({"AUTHORIZE_READER": ""}, "['AUTHORIZE_READER'] must be a non-empty string"),
         ({"DATABASE": None}, "['DATABASE'] must be a non-empty string, not None"),
         ({"LEASE_SECOND": 3}, "['LEASE_SECOND'] is not a known setting (known: AUTHORIZE_READER"),
+        # Huge ints made math.isfinite() raise OverflowError; huge floats passed and then
+        # overflowed timedelta() in the worker and the readers.
+        ({"LEASE_SECONDS": 10**400}, "['LEASE_SECONDS'] must be at most 86400, not a number of"),
+        ({"LEASE_SECONDS": 10**5000}, "must be at most 86400, not a number of about 5001 digits"),
+        ({"LEASE_SECONDS": 1e300}, "['LEASE_SECONDS'] must be at most 86400, not 1e+300"),
+        ({"LEASE_SECONDS": -(10**400)}, "['LEASE_SECONDS'] must be at least 0.5, not a number"),
+        ({"POLL_INTERVAL": 1e300}, "['POLL_INTERVAL'] must be at most 60, not 1e+300"),
+        ({"POLL_INTERVAL": 61}, "['POLL_INTERVAL'] must be at most 60, not 61"),
+        ({"NOTIFY_FALLBACK_POLL": 3601}, "['NOTIFY_FALLBACK_POLL'] must be at most 3600"),
+        ({"SHUTDOWN_GRACE_SECONDS": 1e20}, "['SHUTDOWN_GRACE_SECONDS'] must be at most 86400"),
+        ({"MAX_VALUE_BYTES": 2**40}, "['MAX_VALUE_BYTES'] must be at most 67108864"),
+        ({"READ_BATCH_SIZE": 10**6}, "['READ_BATCH_SIZE'] must be at most 10000, not 1000000"),
+        ({"MAX_ATTEMPTS": 2**31}, "['MAX_ATTEMPTS'] must be at most 1000000"),
+        ({"HEARTBEAT_SECONDS": 10**400}, "['HEARTBEAT_SECONDS'] (a number of about 401 digits)"),
+        ({"HEARTBEAT_SECONDS": 1e300}, "['HEARTBEAT_SECONDS'] (1e+300) must be shorter than"),
     ],
 )
 def test_invalid_settings_name_the_setting(value: dict[str, Any], problem: str) -> None:
@@ -71,6 +86,36 @@ def test_invalid_settings_name_the_setting(value: dict[str, Any], problem: str) 
     # Callers may catch it as Django's own configuration error, or as ours.
     assert isinstance(info.value, ImproperlyConfigured)
     assert isinstance(info.value, DurableStreamsError)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [{"LEASE_SECONDS": 10**400}, {"LEASE_SECONDS": 1e300}, {"POLL_INTERVAL": 1e300}],
+)
+def test_manage_py_check_reports_out_of_range_settings(value: dict[str, Any]) -> None:
+    # An OverflowError traceback before; now the check names the setting.
+    with (
+        override_settings(DURABLE_STREAMS=value),
+        pytest.raises(SystemCheckError, match=r"durable_streams\.E001.*must be at most"),
+    ):
+        call_command("check")
+
+
+def test_the_largest_values_in_range_are_usable() -> None:
+    largest = {
+        "LEASE_SECONDS": 86_400,
+        "HEARTBEAT_SECONDS": 86_399.5,
+        "POLL_INTERVAL": 60,
+        "NOTIFY_FALLBACK_POLL": 3_600,
+        "SHUTDOWN_GRACE_SECONDS": 86_400,
+        "MAX_VALUE_BYTES": 64 * 1024 * 1024,
+        "READ_BATCH_SIZE": 10_000,
+        "MAX_ATTEMPTS": 1_000_000,
+    }
+    with override_settings(DURABLE_STREAMS=largest):
+        config = get_config()
+        assert ids(checks.check_settings()) == []
+    assert (config.LEASE_SECONDS, config.POLL_INTERVAL) == (86_400.0, 60.0)
 
 
 def test_the_setting_must_be_a_dict() -> None:
@@ -205,3 +250,22 @@ def test_no_w001_with_psycopg_installed() -> None:
     pytest.importorskip("psycopg")
     with databases(pg=POSTGRES), override_settings(DURABLE_STREAMS={"DATABASE": "pg"}):
         assert ids(checks.check_settings()) == []
+
+
+@pytest.mark.parametrize(
+    ("layers", "where"),
+    [
+        ({"default": "redis"}, "settings.CHANNEL_LAYERS['default'] must be a dict, not str"),
+        ("redis", "settings.CHANNEL_LAYERS must be a dict, not str"),
+        ([("default", {})], "settings.CHANNEL_LAYERS must be a dict, not list"),
+    ],
+)
+def test_e004_channel_layers_of_the_wrong_shape(layers: Any, where: str) -> None:
+    # check_live_delivery called .get() on the str: a traceback from manage.py check.
+    with override_settings(CHANNEL_LAYERS=layers):
+        (message,) = checks.check_live_delivery()
+        assert message.id == "durable_streams.E004"
+        assert message.msg == where + "."
+        assert "RedisChannelLayer" in message.hint
+        with pytest.raises(SystemCheckError, match=r"durable_streams\.E004"):
+            call_command("check")
