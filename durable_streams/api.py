@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import math
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
@@ -229,10 +231,12 @@ def start_workflow(
 ) -> WorkflowHandle:
     """Enqueue a run of ``wf`` and return its handle.
 
-    With a ``workflow_id`` that already exists, return that run's handle: a run is
-    never started twice. ``owner`` (a user) and ``public`` decide who may read its
-    streams. Called from a workflow body, the child's id defaults to one derived
-    from the parent, so a replay finds the same child.
+    With a ``workflow_id`` that already exists, return that run's handle if this
+    start repeats it (same workflow, owner, public and inputs), else raise
+    ``WorkflowConflict``: a run is never started twice, nor handed to another
+    caller. ``owner`` (a user) and ``public`` decide who may read its streams.
+    Called from a workflow body, the child's id defaults to one derived from the
+    parent, so a replay finds the same child.
     """
     if isinstance(wf, str):
         wf = registry.get(wf)
@@ -240,15 +244,23 @@ def start_workflow(
         raise TypeError(
             f"start_workflow() takes a @workflow function or its name, not {type(wf).__name__}."
         )
+    if not isinstance(public, bool):
+        # bool("no") is True: anything but a bool would guess at who may read.
+        raise TypeError(f"public must be True or False, not {public!r}.")
+    owner_id = _owner_id(owner)
     inputs = encoding.encode_inputs(args, kwargs, wf.name)
+    size = len(inputs.encode("utf-8"))
+    limit = get_config().MAX_INPUT_BYTES
+    if size > limit:
+        raise ValueError(
+            f"The inputs of workflow {wf.name!r} are {size} bytes once encoded; the limit is "
+            f"{limit} (settings.DURABLE_STREAMS['MAX_INPUT_BYTES'])."
+        )
     if workflow_id is None:
         workflow_id = runtime.child_workflow_id() or None
     else:
         check_workflow_id(workflow_id)
     queue = _check_name("queue", queue) if queue is not None else wf.queue
-    owner_id = None
-    if owner is not None and getattr(owner, "is_authenticated", True):
-        owner_id = getattr(owner, "pk", owner)
     using = alias()
     run = WorkflowRun(
         name=wf.name,
@@ -256,7 +268,7 @@ def start_workflow(
         inputs=inputs,
         max_attempts=wf.max_attempts,
         owner_id=owner_id,
-        is_public=bool(public),
+        is_public=public,
     )
     if workflow_id is not None:
         run.id = workflow_id
@@ -265,15 +277,82 @@ def start_workflow(
     for _ in range(2):
         if runs.enqueue(run):
             break
-        existing = runs.filter(pk=run.id).values_list("name", flat=True).first()
+        existing = (
+            runs.filter(pk=run.id).values_list("name", "owner_id", "is_public", "inputs").first()
+        )
         if existing is None:
             continue
-        if existing != wf.name:
-            raise WorkflowConflict(
-                f"Workflow id {run.id!r} is already used by a run of {existing!r}, not {wf.name!r}."
-            )
+        _check_same_run(run, *existing)
         break
     return WorkflowHandle(run.id)
+
+
+def _owner_id(owner: Any) -> Any:
+    """The primary key of the user ``owner``, checked here rather than by the database.
+
+    The foreign key is checked at commit, so a bad owner would fail the caller's
+    transaction far from this call, with a raw IntegrityError.
+    """
+    from django.contrib.auth import get_user_model
+    from django.core.exceptions import ValidationError
+    from django.db.models import Model
+
+    if owner is None:
+        return None
+    user_model = get_user_model()
+    label = f"{user_model._meta.label} (settings.AUTH_USER_MODEL)"
+    if isinstance(owner, Model):
+        if not isinstance(owner, user_model):
+            raise TypeError(
+                f"owner must be a {label} or its primary key, not a {owner._meta.label}."
+            )
+        if owner.pk is None or owner._state.adding:
+            raise ValueError(f"owner must be a saved user; this {label} was never saved.")
+        return owner.pk
+    if getattr(owner, "is_authenticated", True) is False:
+        return None  # AnonymousUser, say request.user of a visitor: no owner
+    if isinstance(owner, (bool, float)) or not isinstance(owner, (int, str, uuid.UUID)):
+        raise TypeError(f"owner must be a {label} or its primary key, not {type(owner).__name__}.")
+    try:
+        pk = user_model._meta.pk.to_python(owner)
+    except ValidationError:
+        raise TypeError(
+            f"owner must be a {label} or its primary key; {owner!r} cannot be one."
+        ) from None
+    if not user_model._default_manager.filter(pk=pk).exists():
+        raise ValueError(f"owner is {owner!r}, but no {label} has that primary key.")
+    return pk
+
+
+def _check_same_run(
+    run: WorkflowRun, name: str, owner_id: Any, is_public: bool, inputs: str
+) -> None:
+    """Refuse a start whose id is taken by a run it does not repeat.
+
+    Ids may be built from user input: returning whatever run has the id would hand
+    one user's run to another. Only an identical start is idempotent.
+    """
+    if name != run.name:
+        raise WorkflowConflict(
+            f"Workflow id {run.id!r} is already used by a run of {name!r}, not {run.name!r}."
+        )
+    differs = []
+    if owner_id != run.owner_id:
+        differs.append("owner")
+    if is_public != run.is_public:
+        differs.append("public")
+    if inputs != run.inputs and _canonical(inputs) != _canonical(run.inputs):
+        differs.append("inputs")
+    if differs:
+        raise WorkflowConflict(
+            f"Workflow id {run.id!r} is already used by a run of {name!r} with a different "
+            f"{', '.join(differs)}; a start with an existing id must repeat it exactly."
+        )
+
+
+def _canonical(text: str) -> str:
+    # Keyword arguments in another order are the same inputs; 1 and 1.0 and true are not.
+    return json.dumps(json.loads(text), sort_keys=True, separators=(",", ":"))
 
 
 def check_workflow_id(workflow_id: object) -> str:

@@ -36,6 +36,8 @@ DEFAULTS: dict[str, Any] = {
     "PREPARED_STATEMENTS": True,
     # Largest encoded size of one stream value, in bytes.
     "MAX_VALUE_BYTES": 1024 * 1024,
+    # Largest encoded size of the inputs (arguments) of one start, in bytes.
+    "MAX_INPUT_BYTES": 1024 * 1024,
     # How many entries one catch-up query reads.
     "READ_BATCH_SIZE": 500,
     # Claims per workflow before it ends in ERROR; the default for @workflow.
@@ -55,6 +57,7 @@ _NUMBERS = {
     "POLL_INTERVAL": (float, 0.001),
     "NOTIFY_FALLBACK_POLL": (float, 0.01),
     "MAX_VALUE_BYTES": (int, 1),
+    "MAX_INPUT_BYTES": (int, 1),
     "READ_BATCH_SIZE": (int, 1),
     "MAX_ATTEMPTS": (int, 1),
     "SHUTDOWN_GRACE_SECONDS": (float, 0.0),
@@ -66,6 +69,7 @@ MAXIMA: dict[str, int] = {
     "POLL_INTERVAL": 60,
     "NOTIFY_FALLBACK_POLL": 3_600,
     "MAX_VALUE_BYTES": 64 * 1024 * 1024,
+    "MAX_INPUT_BYTES": 64 * 1024 * 1024,
     "READ_BATCH_SIZE": 10_000,
     "MAX_ATTEMPTS": 1_000_000,
     "SHUTDOWN_GRACE_SECONDS": DAY,
@@ -82,6 +86,7 @@ class Config:
     FLUSH_EACH_CHECKPOINT: bool
     PREPARED_STATEMENTS: bool
     MAX_VALUE_BYTES: int
+    MAX_INPUT_BYTES: int
     READ_BATCH_SIZE: int
     MAX_ATTEMPTS: int
     SHUTDOWN_GRACE_SECONDS: float

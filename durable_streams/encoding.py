@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 from django.core.serializers.json import DjangoJSONEncoder
@@ -56,6 +57,11 @@ def encode(value: Any, what: str) -> str:
     """``dumps`` that turns an unencodable value into a TypeError naming ``what``."""
     try:
         return dumps(value)
+    except RecursionError:
+        raise ValueError(
+            f"{what} is nested too deeply to be encoded as JSON (about "
+            f"{sys.getrecursionlimit()} levels of lists and dicts at most)."
+        ) from None
     except (TypeError, ValueError) as exc:
         raise TypeError(
             f"{what} must be JSON-serializable; a value of type "
@@ -90,11 +96,18 @@ def _culprit_type(value: Any) -> str:
 
 
 def encode_inputs(args: tuple[Any, ...], kwargs: dict[str, Any], workflow_name: str) -> str:
+    inputs = {"args": list(args), "kwargs": kwargs}
+    try:
+        return dumps(inputs)
+    except (TypeError, ValueError, RecursionError):
+        pass
+    # Encoded one by one only to name the argument at fault.
     for index, arg in enumerate(args):
         encode(arg, f"Argument {index} of workflow {workflow_name!r}")
     for name, arg in kwargs.items():
         encode(arg, f"Argument {name!r} of workflow {workflow_name!r}")
-    return dumps({"args": list(args), "kwargs": kwargs})
+    # Each argument alone fits; together they nest two levels deeper.
+    return encode(inputs, f"The arguments of workflow {workflow_name!r}")
 
 
 def check_text(what: str, value: str) -> str:

@@ -38,7 +38,10 @@ class WorkflowNotRegistered(DurableStreamsError, LookupError):
 
 
 class WorkflowConflict(DurableStreamsError):
-    """A workflow id is already used by a run of a different workflow."""
+    """A workflow id is already used by a run that this start does not repeat.
+
+    Another workflow, or the same one with another owner, visibility or inputs.
+    """
 
 
 class WorkflowFailed(DurableStreamsError):

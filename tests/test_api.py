@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from asgiref.sync import sync_to_async
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import connection, transaction
 from django.test import override_settings
@@ -132,7 +133,7 @@ def test_an_existing_id_returns_that_run_and_never_runs_it_twice(
     assert first.result(timeout=5) == "dup"
 
     # Once ended, starting it again still gives the same run, which does not run again.
-    third = workflows.counted_once.start("different args", workflow_id="same")
+    third = workflows.counted_once.start("dup", workflow_id="same")
     assert third == first
     run_burst()
     assert third.result(timeout=5) == "dup"
@@ -167,6 +168,131 @@ def test_a_different_workflow_under_an_existing_id_conflicts() -> None:
     assert ECHO in str(info.value) and "tests.custom-name" in str(info.value)
     assert isinstance(info.value, DurableStreamsError)
     assert Workflow.objects.get(pk="taken").name == ECHO
+
+
+def test_keyword_arguments_in_another_order_repeat_the_start() -> None:
+    first = workflows.echo.start(1, a=1, b=[2.0, True], workflow_id="order")
+    assert workflows.echo.start(1, b=[2.0, True], a=1, workflow_id="order") == first
+    assert Workflow.objects.count() == 1
+
+
+@pytest.mark.parametrize(
+    ("again", "what"),
+    [
+        ({"args": (2,)}, "inputs"),
+        ({"args": (1.0,)}, "inputs"),  # 1 and 1.0 are different JSON
+        ({"args": (True,)}, "inputs"),
+        ({"args": (1,), "kwargs": {"extra": None}}, "inputs"),
+        ({"args": (1,), "public": True}, "public"),
+        ({"args": (1,), "owner": "someone"}, "owner"),
+        ({"args": (2,), "public": True}, "public, inputs"),
+    ],
+)
+def test_an_existing_id_started_differently_conflicts(again: dict[str, Any], what: str) -> None:
+    # An application that builds ids from user input handed one user's run to another.
+    users = get_user_model().objects
+    alice, someone = users.create_user("alice"), users.create_user("someone")
+    first = start_workflow(workflows.echo, 1, workflow_id="shared", owner=alice)
+    options = {"owner": someone if again.pop("owner", None) else alice, **again}
+    args, kwargs = options.pop("args"), options.pop("kwargs", {})
+    for in_transaction in (False, True):
+        with pytest.raises(WorkflowConflict) as info:
+            if in_transaction:
+                with transaction.atomic():
+                    start_workflow(workflows.echo, *args, workflow_id="shared", **options, **kwargs)
+            else:
+                start_workflow(workflows.echo, *args, workflow_id="shared", **options, **kwargs)
+        message = str(info.value)
+        assert f"'shared' is already used by a run of {ECHO!r} with a different {what};" in message
+        assert "alice" not in message and "someone" not in message
+    row = Workflow.objects.get()
+    assert (row.pk, row.owner_id, row.is_public) == (first.workflow_id, alice.pk, False)
+    assert row.decoded_inputs == {"args": [1], "kwargs": {}}
+    # The identical start is still idempotent, by instance or by primary key.
+    assert start_workflow(workflows.echo, 1, workflow_id="shared", owner=alice) == first
+    assert start_workflow(workflows.echo, 1, workflow_id="shared", owner=alice.pk) == first
+
+
+def test_an_anonymous_owner_is_no_owner() -> None:
+    from django.contrib.auth.models import AnonymousUser
+
+    handle = start_workflow(workflows.echo, owner=AnonymousUser(), public=True)
+    assert handle.get().owner_id is None
+
+
+@pytest.mark.parametrize("public", ["no", "yes", 1, 0, None, [], "False"])
+def test_public_must_be_a_bool(public: Any) -> None:
+    # bool("no") is True: the run was stored public.
+    with pytest.raises(TypeError, match=r"public must be True or False, not "):
+        start_workflow(workflows.echo, public=public)
+    assert not Workflow.objects.exists()
+
+
+def _bad_owners() -> list[tuple[Callable[[], Any], type[Exception], str]]:
+    users = get_user_model()
+    return [
+        (lambda: users(username="unsaved"), ValueError, "owner must be a saved user"),
+        (lambda: users(pk=987654, username="unsaved-with-pk"), ValueError, "never saved"),
+        (lambda: 987654, ValueError, "owner is 987654, but no auth.User"),
+        (lambda: "987654", ValueError, "owner is '987654', but no auth.User"),
+        (lambda: "bob", TypeError, "'bob' cannot be one"),
+        (lambda: 1.5, TypeError, "not float"),
+        (lambda: True, TypeError, "not bool"),
+        (lambda: object(), TypeError, "not object"),
+        (lambda: Effect(label="x"), TypeError, "not a tests.Effect"),
+    ]
+
+
+@pytest.mark.parametrize(("make", "error", "fragment"), _bad_owners())
+def test_a_bad_owner_is_refused_naming_owner_and_nothing_is_stored(
+    make: Callable[[], Any], error: type[Exception], fragment: str
+) -> None:
+    # Django raised its own ValueError, or the INSERT failed at commit (IntegrityError).
+    owner = make()
+    for in_transaction in (False, True):
+        with pytest.raises(error) as info:
+            if in_transaction:
+                with transaction.atomic():
+                    start_workflow(workflows.echo, owner=owner)
+            else:
+                start_workflow(workflows.echo, owner=owner)
+        assert str(info.value).startswith("owner ")
+        assert fragment in str(info.value)
+    assert not Workflow.objects.exists()
+
+
+def test_arguments_nested_too_deeply_are_refused_naming_them() -> None:
+    # A bare RecursionError before, naming neither the argument nor the workflow.
+    deep = workflows.nested(100_000)
+    with pytest.raises(ValueError, match=f"Argument 1 of workflow {ECHO!r} is nested too deeply"):
+        workflows.echo.start(1, deep)
+    with pytest.raises(ValueError, match=f"Argument 'tree' of workflow {ECHO!r} is nested too"):
+        workflows.echo.start(tree={"a": deep})
+    assert not Workflow.objects.exists()
+    # Nesting that JSON handles is stored and comes back whole.
+    handle = workflows.echo.start(workflows.nested(200))
+    assert handle.get().decoded_inputs["args"][0] == workflows.nested(200)
+
+
+def test_inputs_over_max_input_bytes_are_refused_and_nothing_is_stored() -> None:
+    limit = 100
+    # {"args":["…"],"kwargs":{}} is 25 bytes around the text.
+    with override_settings(DURABLE_STREAMS={**settings.DURABLE_STREAMS, "MAX_INPUT_BYTES": limit}):
+        handle = workflows.echo.start("x" * (limit - 25))
+        assert len(handle.get().inputs.encode()) == limit
+        with pytest.raises(ValueError) as info:
+            workflows.echo.start("é" * (limit - 25))
+    assert f"The inputs of workflow {ECHO!r} are {2 * limit - 25} bytes once encoded" in str(
+        info.value
+    )
+    assert f"the limit is {limit} (settings.DURABLE_STREAMS['MAX_INPUT_BYTES'])" in str(info.value)
+    assert Workflow.objects.count() == 1
+
+
+def test_the_default_input_limit_is_one_mebibyte() -> None:
+    with pytest.raises(ValueError, match="the limit is 1048576"):
+        workflows.echo.start("x" * (50 * 1024 * 1024))
+    assert not Workflow.objects.exists()
 
 
 def _circular() -> list[Any]:
@@ -451,9 +577,27 @@ def test_a_replayed_parent_finds_its_children_instead_of_starting_new_ones(
 ) -> None:
     parent = workflows.parent.start(2)
     pid = parent.workflow_id
-    # A previous run started the first child, then its worker died.
-    start_workflow(workflows.echo, "from the first run", workflow_id=f"{pid}-0")
+    # A previous run started the first child, with the inputs a replay gives it again,
+    # then its worker died.
+    first = start_workflow(workflows.echo, 0, workflow_id=f"{pid}-0")
+    created = first.get().created_at
     run_burst()
     assert parent.result(timeout=5) == [f"{pid}-0", f"{pid}-1"]
     assert Workflow.objects.filter(name=ECHO).count() == 2
-    assert get_workflow(f"{pid}-0").result() == {"args": ["from the first run"], "kwargs": {}}
+    assert first.get().created_at == created  # the same row, not a new one
+    assert first.result() == {"args": [0], "kwargs": {}}
+
+
+def test_a_parent_whose_child_id_holds_another_run_fails_with_a_conflict(
+    run_burst: Callable[..., Worker],
+) -> None:
+    parent = workflows.parent.start(2)
+    pid = parent.workflow_id
+    # Someone else's run took the id the parent's first child derives.
+    start_workflow(workflows.echo, "not the child", workflow_id=f"{pid}-0")
+    run_burst()
+    with pytest.raises(WorkflowFailed) as info:
+        parent.result(timeout=5)
+    assert info.value.error_type == "WorkflowConflict"
+    assert "with a different inputs" in info.value.message
+    assert get_workflow(f"{pid}-0").result() == {"args": ["not the child"], "kwargs": {}}

@@ -222,6 +222,31 @@ def test_a_step_result_that_is_not_json_fails_clearly(
     assert handle.status == Status.ERROR
 
 
+@pytest.mark.parametrize("atomic", [False, True])
+def test_a_step_result_nested_too_deeply_fails_the_workflow_naming_the_step(
+    run_burst: Callable[..., Worker], atomic: bool
+) -> None:
+    handle = workflows.deep_step_result.start(atomic)
+    run_burst()
+    with pytest.raises(WorkflowFailed) as info:
+        handle.result(timeout=5)
+    name = "tests.workflows.returns_deep_atomic" if atomic else "tests.workflows.returns_deep"
+    # An atomic step's result is encoded inside its attempt: the step fails with it.
+    assert info.value.error_type == ("StepFailed" if atomic else "ValueError")
+    assert f"The result of step {name!r} is nested too deeply" in info.value.message
+    assert not Step.objects.filter(workflow_id=handle.workflow_id, status="SUCCESS").exists()
+
+
+def test_a_workflow_result_nested_too_deeply_fails_it(run_burst: Callable[..., Worker]) -> None:
+    handle = workflows.deep_result.start()
+    run_burst()
+    with pytest.raises(WorkflowFailed) as info:
+        handle.result(timeout=5)
+    assert "The result of workflow 'tests.workflows.deep_result' is nested too deeply" in (
+        info.value.message
+    )
+
+
 def test_an_atomic_step_rolls_back_the_writes_of_failed_attempts(
     run_burst: Callable[..., Worker],
 ) -> None:

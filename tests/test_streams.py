@@ -149,6 +149,20 @@ def test_a_value_that_cannot_be_encoded_raises_type_error_and_writes_nothing(
     assert entries(handle.workflow_id, "k") == [(0, 1), (1, 2)]
 
 
+def test_a_value_nested_too_deeply_raises_value_error_naming_the_key(
+    run_burst: Callable[..., Worker],
+) -> None:
+    # A bare RecursionError before, naming neither the stream nor the value.
+    handle = workflows.probe_writes.start(
+        [{"key": "k", "value": 1}, {"key": "k", "unencodable": "deep"}, {"key": "k", "value": 2}]
+    )
+    run_burst()
+    ok, error, ok_again = handle.result(timeout=5)
+    assert (ok, ok_again) == ("ok", "ok")
+    assert error.startswith("ValueError: A value written to stream 'k' is nested too deeply")
+    assert entries(handle.workflow_id, "k") == [(0, 1), (1, 2)]
+
+
 def test_a_value_over_max_value_bytes_raises_value_error_and_writes_nothing(
     run_burst: Callable[..., Worker],
 ) -> None:

@@ -255,7 +255,17 @@ def _unencodable(kind: str) -> Any:
         return loop
     if kind == "bad_dict_key":
         return {(1, 2): "tuple key"}
+    if kind == "deep":
+        return nested(100_000)
     raise ValueError(kind)
+
+
+def nested(levels: int) -> list[Any]:
+    """A list inside a list, ``levels`` deep: deeper than the interpreter's recursion limit."""
+    value: list[Any] = []
+    for _ in range(levels):
+        value = [value]
+    return value
 
 
 @workflow
@@ -324,6 +334,26 @@ def returns_set_atomic() -> Any:
 @workflow
 def bad_step_result(atomic: bool) -> Any:
     return returns_set_atomic() if atomic else returns_set()
+
+
+@step
+def returns_deep() -> Any:
+    return nested(100_000)
+
+
+@step(atomic=True)
+def returns_deep_atomic() -> Any:
+    return nested(100_000)
+
+
+@workflow
+def deep_step_result(atomic: bool) -> Any:
+    return returns_deep_atomic() if atomic else returns_deep()
+
+
+@workflow
+def deep_result() -> Any:
+    return nested(100_000)
 
 
 @step(retries=2, backoff=0.1)
