@@ -72,6 +72,10 @@ PREVIEW_CHARS = 160
 VALUE_CHARS = 4_000
 # Shorter values stay on one line, as stored; longer ones are indented.
 INLINE_CHARS = 100
+# Characters of a workflow's inputs, output or error shown on its page; the whole is a
+# download away (a 50 MB argument made a 52 MB page).
+DETAIL_CHARS = 16_000
+JSON_FIELDS = ("inputs", "output", "error")
 # Values listed by the name and queue filters, at most.
 FILTER_VALUES = 100
 # Refused workflows named in a message, at most.
@@ -140,6 +144,50 @@ def decode_error(text: str | None) -> dict[str, str] | None:
         "message": str(record.get("message") or ""),
         "traceback": str(record.get("traceback") or ""),
     }
+
+
+# The type that leads an error record, readable from the head of a record cut short.
+_ERROR_TYPE = re.compile(r'\{\s*"type"\s*:\s*("(?:[^"\\]|\\.)*")')
+
+
+@dataclass(frozen=True)
+class Detail:
+    """A JSON column as the workflow page shows it: whole when short, else its head."""
+
+    text: str
+    size: int
+    url: str
+
+    @property
+    def cut(self) -> bool:
+        return self.size > DETAIL_CHARS
+
+    @property
+    def shown_text(self) -> str:
+        return number_format(min(self.size, DETAIL_CHARS), force_grouping=True)
+
+    @property
+    def size_text(self) -> str:
+        return number_format(self.size, force_grouping=True)
+
+    @classmethod
+    def of(cls, head: str | None, size: int | None, url: str) -> Detail | None:
+        if head is None or size is None:
+            return None
+        if size > DETAIL_CHARS:
+            return cls(head[:DETAIL_CHARS], size, url)
+        return cls(pretty_json(head) or "", size, url)
+
+
+def error_type_of(head: str) -> str:
+    """The type named at the start of a stored error record, if it can be read there."""
+    match = _ERROR_TYPE.match(head)
+    if match is not None:
+        try:
+            return str(json.loads(match.group(1))) or "Error"
+        except ValueError:
+            pass
+    return "Error"
 
 
 def clip(head: str | None, limit: int) -> tuple[str, bool]:
@@ -530,7 +578,9 @@ class WorkflowAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     # Queries
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Workflow]:
-        return super().get_queryset(request).using(alias())
+        # The JSON columns can be huge: the page reads their heads (workflow_context),
+        # the download view the whole of one.
+        return super().get_queryset(request).using(alias()).defer(*JSON_FIELDS)
 
     def get_object(
         self, request: HttpRequest, object_id: str, from_field: str | None = None
@@ -721,6 +771,11 @@ class WorkflowAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
                 name=f"{info[0]}_{info[1]}_act",
             ),
             path(
+                "<path:object_id>/json/<str:field>/",
+                wrap(self.json_view),
+                name=f"{info[0]}_{info[1]}_json",
+            ),
+            path(
                 "<path:object_id>/steps/",
                 wrap(self.steps_view),
                 name=f"{info[0]}_{info[1]}_steps",
@@ -800,8 +855,47 @@ class WorkflowAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
             context.update(self.workflow_context(request, obj))
         return super().render_change_form(request, context, add, change, form_url, obj)
 
+    def _details(self, obj: Workflow) -> dict[str, Detail | None]:
+        """The inputs, output and error of ``obj``: at most DETAIL_CHARS + 1 of each."""
+        annotations: dict[str, Any] = {}
+        for name in JSON_FIELDS:
+            annotations[f"{name}_head"] = Substr(name, 1, DETAIL_CHARS + 1)
+            annotations[f"{name}_size"] = Length(name)
+        row = (
+            Workflow.objects.using(alias())
+            .filter(pk=obj.pk)
+            .annotate(**annotations)
+            .values(*annotations)
+            .first()
+        ) or {}
+        return {
+            name: Detail.of(
+                row.get(f"{name}_head"),
+                row.get(f"{name}_size"),
+                self._url("json", quote(obj.pk), name),
+            )
+            for name in JSON_FIELDS
+        }
+
+    def json_view(self, request: HttpRequest, object_id: str, field: str) -> HttpResponse:
+        """One JSON column of a workflow, whole, as stored: what its page shows cut."""
+        if field not in JSON_FIELDS:
+            raise Http404(gettext("No field %(field)r.") % {"field": field})
+        obj = self._viewable(request, object_id)
+        text = (
+            Workflow.objects.using(alias()).filter(pk=obj.pk).values_list(field, flat=True).first()
+        )
+        if text is None:
+            raise Http404(gettext("This workflow has no %(field)s.") % {"field": field})
+        response = HttpResponse(text, content_type="application/json; charset=utf-8")
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", obj.pk)[:100]
+        response["Content-Disposition"] = f'attachment; filename="{name}-{field}.json"'
+        return response
+
     def workflow_context(self, request: HttpRequest, obj: Workflow) -> dict[str, Any]:
         using = alias()
+        details = self._details(obj)
+        error = details["error"]
         steps = list(
             Step.objects.using(using)
             .filter(workflow_id=obj.pk)
@@ -839,9 +933,19 @@ class WorkflowAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
             "finished": format_time(obj.finished_at),
             "lease_expires": format_time(obj.lease_expires_at),
             "duration": format_duration(obj.duration),
-            "inputs_json": pretty_json(obj.inputs),
-            "output_json": pretty_json(obj.output),
-            "error": decode_error(obj.error),
+            "inputs": details["inputs"],
+            "output": details["output"],
+            "inputs_json": details["inputs"].text if details["inputs"] else None,
+            "output_json": details["output"].text if details["output"] else None,
+            # A record cut short is no JSON: its type, and its head as stored.
+            "error": (
+                None
+                if error is None
+                else {"type": error_type_of(error.text), "message": "", "traceback": ""}
+                if error.cut
+                else decode_error(error.text)  # indented, still the same JSON
+            ),
+            "error_detail": error,
             "steps": [StepRow.of(step) for step in steps[:PAGE_STEPS]],
             "steps_url": self._url("steps", quote(obj.pk)) if more_steps else None,
             "streams": self._stream_panels(streams),

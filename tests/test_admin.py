@@ -285,6 +285,69 @@ def test_workflow_page_shows_inputs_output_error_steps_and_streams(admin_client:
     assert stream_url(workflow, opened) in html
 
 
+def json_url(workflow: Workflow, field: str) -> str:
+    return reverse("admin:durable_streams_workflow_json", args=[workflow.pk, field])
+
+
+def test_workflow_page_shows_large_inputs_output_and_error_cut_with_a_download(
+    admin_client: Client, django_assert_max_num_queries: Any
+) -> None:
+    # A 50 MB argument made a 52 MB page: the page now carries a few KB of each.
+    big = "x" * (5 * 1024 * 1024)
+    inputs = json.dumps({"args": [big], "kwargs": {}})
+    output = json.dumps({"answer": big})
+    error = json.dumps({"type": "MemoryError", "message": big, "traceback": "TB"})
+    workflow = make_workflow(Status.ERROR, inputs=inputs, output=output, error=error)
+    with django_assert_max_num_queries(12) as queries:
+        response = admin_client.get(page_url(workflow))
+    assert response.status_code == 200
+    # No query reads a column whole.
+    assert not any(big[:1000] in str(q["sql"]) for q in queries.captured_queries)
+    html = response.content.decode()
+    assert len(html) < 200_000
+    limit = ds_admin.DETAIL_CHARS
+    assert response.context["inputs_json"] == inputs[:limit]
+    assert response.context["output_json"] == output[:limit]
+    assert "<strong>MemoryError</strong>" in html
+    assert html.count("characters, as stored.") == 3
+    assert f"The first {limit:,} of {len(inputs):,} characters" in html
+    for field in ("inputs", "output", "error"):
+        assert f'href="{json_url(workflow, field)}" download' in html
+
+    whole = admin_client.get(json_url(workflow, "inputs"))
+    assert whole.status_code == 200
+    assert whole["Content-Type"] == "application/json; charset=utf-8"
+    assert whole["Content-Disposition"] == f'attachment; filename="{workflow.pk}-inputs.json"'
+    assert whole.content.decode() == inputs
+    assert admin_client.get(json_url(workflow, "error")).content.decode() == error
+
+
+def test_small_inputs_output_and_error_are_shown_whole_without_a_download(
+    admin_client: Client,
+) -> None:
+    workflow = make_workflow(Status.ERROR, output=json.dumps([1, 2]))
+    html = admin_client.get(page_url(workflow)).content.decode()
+    assert "characters, as stored." not in html
+    assert json_url(workflow, "inputs") not in html
+    assert "the disk &lt;is&gt; full" in html
+
+
+def test_the_download_needs_the_view_permission(
+    operator: Callable[..., Client], admin_client: Client
+) -> None:
+    workflow = make_workflow(Status.ENQUEUED)
+    assert operator().get(json_url(workflow, "inputs")).status_code == 403
+    viewer = operator("view_workflow")
+    assert viewer.get(json_url(workflow, "inputs")).status_code == 200
+    # No output yet, a field that is none of the three, a workflow that does not exist.
+    assert viewer.get(json_url(workflow, "output")).status_code == 404
+    assert viewer.get(json_url(workflow, "lease_owner")).status_code == 404
+    missing = reverse("admin:durable_streams_workflow_json", args=["nope", "inputs"])
+    assert viewer.get(missing).status_code == 404
+    logged_out = Client()
+    assert logged_out.get(json_url(workflow, "inputs")).status_code == 302
+
+
 @pytest.mark.parametrize("size", [3, 30])
 def test_workflow_page_queries_do_not_grow_with_history(
     admin_client: Client, django_assert_max_num_queries: Any, size: int
