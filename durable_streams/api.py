@@ -14,7 +14,7 @@ from typing import Any, Generic, ParamSpec, TypeVar, overload
 from asgiref.sync import sync_to_async
 
 from . import encoding, registry, runtime
-from .conf import get_config
+from .conf import MAXIMA, get_config
 from .db import alias
 from .exceptions import (
     StreamTimeout,
@@ -79,10 +79,14 @@ class Workflow(Generic[P, R]):
                 "workflows run in worker threads; write a plain def."
             )
         if max_attempts is not None and (
-            isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1
+            isinstance(max_attempts, bool)
+            or not isinstance(max_attempts, int)
+            or not 1 <= max_attempts <= MAXIMA["MAX_ATTEMPTS"]
         ):
+            # Beyond the bound of the setting it would overflow its column on the first start.
             raise ValueError(
-                f"max_attempts must be a whole number of at least 1, not {max_attempts!r}."
+                "max_attempts must be a whole number from 1 to "
+                f"{MAXIMA['MAX_ATTEMPTS']}, not {max_attempts!r}."
             )
         _check_name("queue", queue)
         self.fn = fn
