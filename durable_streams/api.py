@@ -268,9 +268,10 @@ def start_workflow(
     runs = WorkflowRun.objects.using(using)
     # A taken id is kept; the second try is for a run deleted between the two queries.
     for _ in range(2):
-        if runs.enqueue(run):
-            break
-        existing = runs.filter(pk=run.id).values_list("name", flat=True).first()
+        with runtime.on_behalf_of_body(f"starting workflow {wf.name!r}"):
+            if runs.enqueue(run):
+                break
+            existing = runs.filter(pk=run.id).values_list("name", flat=True).first()
         if existing is None:
             continue
         if existing != wf.name:
@@ -331,18 +332,20 @@ class WorkflowHandle:
     def get(self) -> WorkflowRun:
         """The workflow's row, as stored now."""
         try:
-            return WorkflowRun.objects.using(alias()).get(pk=self.workflow_id)
+            with runtime.on_behalf_of_body(f"reading workflow {self.workflow_id!r}"):
+                return WorkflowRun.objects.using(alias()).get(pk=self.workflow_id)
         except WorkflowRun.DoesNotExist:
             raise WorkflowNotFound(self.workflow_id) from None
 
     @property
     def status(self) -> str:
-        status = (
-            WorkflowRun.objects.using(alias())
-            .filter(pk=self.workflow_id)
-            .values_list("status", flat=True)
-            .first()
-        )
+        with runtime.on_behalf_of_body(f"reading workflow {self.workflow_id!r}"):
+            status = (
+                WorkflowRun.objects.using(alias())
+                .filter(pk=self.workflow_id)
+                .values_list("status", flat=True)
+                .first()
+            )
         if status is None:
             raise WorkflowNotFound(self.workflow_id)
         return status
