@@ -218,3 +218,94 @@ def test_a_checkpoint_that_times_out_on_a_row_lock_is_replayed(
     run = ends_in_success(handle, attempts=2)
     assert run.decoded_output == ["locked-first", "locked-second"]
     assert labels("locked-second") == ["locked-second"]
+
+
+# Readers and result waiters ride out a failing database for READER_RETRY_SECONDS.
+
+
+def flaky_reads(monkeypatch: pytest.MonkeyPatch, failures: int, every: int = 2) -> dict[str, int]:
+    """The readers' queries fail ``failures`` times, one call in ``every``, as in a restart."""
+    from durable_streams.models import StreamEntryQuerySet
+
+    state = {"calls": 0, "failed": 0}
+    original = StreamEntryQuerySet.texts_from
+
+    def texts_from(self: Any, stream_id: int, offset: int, limit: int) -> Any:
+        state["calls"] += 1
+        if state["failed"] < failures and (state["calls"] - 1) % every == 0:
+            state["failed"] += 1
+            raise OperationalError("terminating connection due to administrator command")
+        return original(self, stream_id, offset, min(limit, 2))  # small batches: many reads
+
+    monkeypatch.setattr(StreamEntryQuerySet, "texts_from", texts_from)
+    return state
+
+
+def test_a_reader_reconnects_and_resumes_from_its_offset(
+    run_burst: Callable[..., Worker], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from durable_streams import read_stream
+    from tests import workflows
+
+    handle = workflows.write_values.start("out", list(range(9)))
+    run_burst()
+    state = flaky_reads(monkeypatch, failures=4)
+    assert list(read_stream(handle.workflow_id, "out")) == list(range(9))
+    assert state["failed"] == 4
+
+
+async def test_an_async_reader_reconnects_and_resumes_from_its_offset(
+    async_db: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from asgiref.sync import sync_to_async
+
+    from durable_streams import aread_stream
+    from tests import workflows
+
+    handle = await sync_to_async(workflows.write_values.start)("out", list(range(9)))
+    await sync_to_async(lambda: Worker(burst=True).run())()
+    state = flaky_reads(monkeypatch, failures=4)
+    assert [value async for value in aread_stream(handle.workflow_id, "out")] == list(range(9))
+    assert state["failed"] == 4
+
+
+def test_a_reader_gives_up_after_reader_retry_seconds(
+    run_burst: Callable[..., Worker], monkeypatch: pytest.MonkeyPatch, settings: Any
+) -> None:
+    import time
+
+    from durable_streams import DatabaseUnavailable, DurableStreamsError, read_stream
+    from tests import workflows
+
+    settings.DURABLE_STREAMS = {**settings.DURABLE_STREAMS, "READER_RETRY_SECONDS": 0.5}
+    handle = workflows.write_values.start("out", [1, 2])
+    run_burst()
+    flaky_reads(monkeypatch, failures=10**6, every=1)
+    began = time.monotonic()
+    with pytest.raises(DatabaseUnavailable, match="READER_RETRY_SECONDS") as raised:
+        list(read_stream(handle.workflow_id, "out"))
+    assert 0.5 <= time.monotonic() - began < 5
+    assert isinstance(raised.value, DurableStreamsError)
+    assert isinstance(raised.value.__cause__, OperationalError)
+
+
+def test_a_result_waiter_reconnects(
+    run_burst: Callable[..., Worker], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from durable_streams import WorkflowHandle
+    from tests import workflows
+
+    handle = workflows.echo.start("waited")
+    run_burst()
+    calls = {"failed": 0}
+    outcome = WorkflowHandle._outcome
+
+    def failing(self: WorkflowHandle) -> Any:
+        if calls["failed"] < 3:
+            calls["failed"] += 1
+            raise OperationalError("the database system is starting up")
+        return outcome(self)
+
+    monkeypatch.setattr(WorkflowHandle, "_outcome", failing)
+    assert handle.result(timeout=10) == {"args": ["waited"], "kwargs": {}}
+    assert calls["failed"] == 3
