@@ -300,9 +300,10 @@ def cancel_workflow(workflow_id: str) -> bool:
     A running workflow stops at its next step boundary; its open streams close now.
     """
     using = alias()
-    changed = WorkflowRun.objects.using(using).active().finish(workflow_id, Status.CANCELLED)
-    if not changed and not WorkflowRun.objects.using(using).filter(pk=workflow_id).exists():
-        raise WorkflowNotFound(workflow_id)
+    with runtime.on_behalf_of_body(f"cancelling workflow {workflow_id!r}"):
+        changed = WorkflowRun.objects.using(using).active().finish(workflow_id, Status.CANCELLED)
+        if not changed and not WorkflowRun.objects.using(using).filter(pk=workflow_id).exists():
+            raise WorkflowNotFound(workflow_id)
     return changed
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -155,7 +156,10 @@ class Worker:
                         future.add_done_callback(self._done_callback(claim.workflow_id))
                     if claimed and len(claimed) == free:
                         continue
-                    if self.burst and not claimed and not self._running:
+                    # Only when nothing ran during the claim either: a run that ended
+                    # meanwhile may have gone back to the queue (a database fault).
+                    idle = free == self.concurrency and not self._running
+                    if self.burst and not claimed and idle:
                         break
                     if not self._stopping.is_set():
                         waiter.wait(interval)
@@ -380,6 +384,10 @@ class Worker:
                 # max_attempts instead of looping.
                 if execution.write_error is not None or execution.fault is not None:
                     log.warning("Stopped (%s); replaying from its checkpoints.", stop.reason)
+                    # Values still queued are stored (or fail) before the run is handed
+                    # back: none may land after a replay has read the history.
+                    with contextlib.suppress(runtime.Interrupted, LeaseLost):
+                        execution.flush()
                     self._hand_back(workflow_id, log)
                 elif runs.release(self.worker_id, [workflow_id]):
                     log.info("Stopped at a step boundary (%s); back in the queue.", stop.reason)
