@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 __all__ = [
+    "DatabaseUnavailable",
     "DurableStreamsError",
     "NonDeterministicWorkflow",
     "Status",
@@ -33,6 +34,7 @@ __all__ = [
 ]
 
 from .exceptions import (
+    DatabaseUnavailable,
     DurableStreamsError,
     NonDeterministicWorkflow,
     StepFailed,

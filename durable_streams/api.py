@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import logging
 import math
 import time
 import uuid
@@ -12,11 +13,13 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
 from asgiref.sync import sync_to_async
+from django.db import InterfaceError, OperationalError, connections
 
 from . import encoding, registry, runtime
 from .conf import MAXIMA, get_config
 from .db import alias
 from .exceptions import (
+    DatabaseUnavailable,
     StreamTimeout,
     WorkflowCancelled,
     WorkflowConflict,
@@ -35,6 +38,8 @@ from .notify import (
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+logger = logging.getLogger("durable_streams.api")
 
 __all__ = [
     "Workflow",
@@ -279,11 +284,14 @@ def start_workflow(
     runs = WorkflowRun.objects.using(using)
     # A taken id is kept; the second try is for a run deleted between the two queries.
     for _ in range(2):
-        if runs.enqueue(run):
-            break
-        existing = (
-            runs.filter(pk=run.id).values_list("name", "owner_id", "is_public", "inputs").first()
-        )
+        with runtime.on_behalf_of_body(f"starting workflow {wf.name!r}"):
+            if runs.enqueue(run):
+                break
+            existing = (
+                runs.filter(pk=run.id)
+                .values_list("name", "owner_id", "is_public", "inputs")
+                .first()
+            )
         if existing is None:
             continue
         _check_same_run(run, *existing)
@@ -384,9 +392,10 @@ def cancel_workflow(workflow_id: str) -> bool:
     """
     check_workflow_id(workflow_id)
     using = alias()
-    changed = WorkflowRun.objects.using(using).active().finish(workflow_id, Status.CANCELLED)
-    if not changed and not WorkflowRun.objects.using(using).filter(pk=workflow_id).exists():
-        raise WorkflowNotFound(workflow_id)
+    with runtime.on_behalf_of_body(f"cancelling workflow {workflow_id!r}"):
+        changed = WorkflowRun.objects.using(using).active().finish(workflow_id, Status.CANCELLED)
+        if not changed and not WorkflowRun.objects.using(using).filter(pk=workflow_id).exists():
+            raise WorkflowNotFound(workflow_id)
     return changed
 
 
@@ -401,6 +410,66 @@ def _check_timeout(timeout: object) -> None:
         raise ValueError(
             f"timeout must be None or a number of seconds of at least 0, not {timeout!r}."
         )
+
+
+# What a database that restarts, or a network that blips, raises.
+_TRANSIENT = (OperationalError, InterfaceError)
+
+
+class _Reconnecting:
+    """How a reader or result waiter rides out a failing database.
+
+    After a failed read it drops its connection (the next read opens a new one) and
+    waits a little longer each time, for up to ``READER_RETRY_SECONDS`` from the
+    first failure; then it raises ``DatabaseUnavailable``. A successful read starts
+    the count again. In a workflow body the run stops and replays instead.
+    """
+
+    FIRST_DELAY, MAX_DELAY = 0.1, 2.0
+
+    def __init__(self, using: str, what: str) -> None:
+        self.using = using
+        self.what = what
+        self._since: float | None = None
+        self._delay = self.FIRST_DELAY
+
+    def succeeded(self) -> None:
+        if self._since is not None:
+            logger.info("Database %r is back: %s goes on.", self.using, self.what)
+        self._since = None
+
+    def failed(self, exc: Exception) -> float:
+        """Call in the thread whose read failed; return the seconds to wait before the next."""
+        execution = runtime.current_execution()
+        if execution is not None and execution.step_name is None:
+            raise runtime.database_failed(execution, self.what, exc) from exc
+        connection = connections[self.using]
+        limit = get_config().READER_RETRY_SECONDS
+        if connection.in_atomic_block:
+            # The caller's transaction is lost with its connection: nothing to resume.
+            raise DatabaseUnavailable(
+                f"Database {self.using!r} failed inside a transaction while {self.what}: {exc}"
+            ) from exc
+        connection.close()
+        now = time.monotonic()
+        if self._since is None:
+            self._since, self._delay = now, self.FIRST_DELAY
+            logger.warning(
+                "Database %r failed while %s (%s); reconnecting for up to %ss.",
+                self.using,
+                self.what,
+                exc,
+                limit,
+            )
+        left = self._since + limit - now
+        if left <= 0:
+            raise DatabaseUnavailable(
+                f"Database {self.using!r} could not be reached for {limit} seconds "
+                f"(READER_RETRY_SECONDS) while {self.what}: {exc}"
+            ) from exc
+        delay = min(self._delay, left)
+        self._delay = min(self._delay * 2, self.MAX_DELAY)
+        return delay
 
 
 class WorkflowHandle:
@@ -421,18 +490,20 @@ class WorkflowHandle:
     def get(self) -> WorkflowRun:
         """The workflow's row, as stored now."""
         try:
-            return WorkflowRun.objects.using(alias()).get(pk=self.workflow_id)
+            with runtime.on_behalf_of_body(f"reading workflow {self.workflow_id!r}"):
+                return WorkflowRun.objects.using(alias()).get(pk=self.workflow_id)
         except WorkflowRun.DoesNotExist:
             raise WorkflowNotFound(self.workflow_id) from None
 
     @property
     def status(self) -> str:
-        status = (
-            WorkflowRun.objects.using(alias())
-            .filter(pk=self.workflow_id)
-            .values_list("status", flat=True)
-            .first()
-        )
+        with runtime.on_behalf_of_body(f"reading workflow {self.workflow_id!r}"):
+            status = (
+                WorkflowRun.objects.using(alias())
+                .filter(pk=self.workflow_id)
+                .values_list("status", flat=True)
+                .first()
+            )
         if status is None:
             raise WorkflowNotFound(self.workflow_id)
         return status
@@ -461,19 +532,33 @@ class WorkflowHandle:
             raise WorkflowCancelled(self.workflow_id)
         return False, None
 
+    def _try_outcome(self, reconnecting: _Reconnecting) -> tuple[bool, Any, float | None]:
+        """``_outcome()``, or the seconds to wait before trying again after a database fault."""
+        try:
+            done, value = self._outcome()
+        except _TRANSIENT as exc:
+            return False, None, reconnecting.failed(exc)
+        reconnecting.succeeded()
+        return done, value, None
+
     def result(self, timeout: float | None = None) -> Any:
-        """Wait for the end and return the output, or raise what ended the workflow."""
+        """Wait for the end and return the output, or raise what ended the workflow.
+
+        While the database fails, it reconnects for ``READER_RETRY_SECONDS``, then
+        raises ``DatabaseUnavailable``.
+        """
         using = alias()
         _check_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
+        reconnecting = _Reconnecting(using, f"waiting for workflow {self.workflow_id!r}")
         with subscribe([workflow_topic(self.workflow_id)]) as waiter:
             interval = poll_interval(using)
             while True:
                 waiter.clear()
-                done, value = self._outcome()
+                done, value, retry = self._try_outcome(reconnecting)
                 if done:
                     return value
-                wait = interval
+                wait = interval if retry is None else retry
                 if deadline is not None:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
@@ -490,17 +575,18 @@ class WorkflowHandle:
         using = alias()
         _check_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
-        outcome = sync_to_async(self._outcome)
+        reconnecting = _Reconnecting(using, f"waiting for workflow {self.workflow_id!r}")
+        outcome = sync_to_async(self._try_outcome)
         with subscribe(
             [workflow_topic(self.workflow_id)], loop=asyncio.get_running_loop()
         ) as waiter:
             interval = await sync_to_async(poll_interval)(using)
             while True:
                 waiter.clear()
-                done, value = await outcome()
+                done, value, retry = await outcome(reconnecting)
                 if done:
                     return value
-                wait = interval
+                wait = interval if retry is None else retry
                 if deadline is not None:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
@@ -537,7 +623,22 @@ class _StreamCursor:
         self._length = 0
         self._closed = False
         self._check_row = False
+        self.reconnecting = _Reconnecting(
+            self.using, f"reading stream {key!r} of workflow {workflow_id!r}"
+        )
         self.restart_clock()
+
+    def try_fetch(self) -> tuple[list[Any], bool, float | None]:
+        """``fetch()``, or the seconds to wait before trying again after a database fault.
+
+        A failed read moves nothing: the next one starts from the same offset.
+        """
+        try:
+            values, ended = self.fetch()
+        except _TRANSIENT as exc:
+            return [], False, self.reconnecting.failed(exc)
+        self.reconnecting.succeeded()
+        return values, ended, None
 
     def restart_clock(self) -> None:
         if self.timeout is not None:
@@ -614,7 +715,7 @@ def _read(cursor: _StreamCursor) -> Iterator[Any]:
         interval = poll_interval(cursor.using)
         while True:
             waiter.clear()
-            values, ended = cursor.fetch()
+            values, ended, retry = cursor.try_fetch()
             if values:
                 yield from values
                 cursor.restart_clock()
@@ -623,7 +724,7 @@ def _read(cursor: _StreamCursor) -> Iterator[Any]:
                 continue
             if ended:
                 return
-            waiter.wait(cursor.wait_time(interval))
+            waiter.wait(cursor.wait_time(interval if retry is None else retry))
 
 
 async def aread_stream(
@@ -633,12 +734,13 @@ async def aread_stream(
     import asyncio
 
     cursor = _StreamCursor(workflow_id, key, offset, timeout)
-    fetch = sync_to_async(cursor.fetch)
+    # The failed read's thread drops its connection; the wait happens here, not there.
+    fetch = sync_to_async(cursor.try_fetch)
     with subscribe(cursor.topics, loop=asyncio.get_running_loop()) as waiter:
         interval = await sync_to_async(poll_interval)(cursor.using)
         while True:
             waiter.clear()
-            values, ended = await fetch()
+            values, ended, retry = await fetch()
             if values:
                 for value in values:
                     yield value
@@ -648,4 +750,4 @@ async def aread_stream(
                 continue
             if ended:
                 return
-            await waiter.async_wait(cursor.wait_time(interval))
+            await waiter.async_wait(cursor.wait_time(interval if retry is None else retry))

@@ -40,6 +40,8 @@ DEFAULTS: dict[str, Any] = {
     "MAX_INPUT_BYTES": 1024 * 1024,
     # How many entries one catch-up query reads.
     "READ_BATCH_SIZE": 500,
+    # Seconds read_stream() and result() keep reconnecting to a failing database.
+    "READER_RETRY_SECONDS": 60.0,
     # Claims per workflow before it ends in ERROR; the default for @workflow.
     "MAX_ATTEMPTS": 10,
     # Seconds a stopping worker waits for running steps before it releases leases.
@@ -59,6 +61,7 @@ _NUMBERS = {
     "MAX_VALUE_BYTES": (int, 1),
     "MAX_INPUT_BYTES": (int, 1),
     "READ_BATCH_SIZE": (int, 1),
+    "READER_RETRY_SECONDS": (float, 0.0),
     "MAX_ATTEMPTS": (int, 1),
     "SHUTDOWN_GRACE_SECONDS": (float, 0.0),
 }
@@ -88,6 +91,7 @@ class Config:
     MAX_VALUE_BYTES: int
     MAX_INPUT_BYTES: int
     READ_BATCH_SIZE: int
+    READER_RETRY_SECONDS: float
     MAX_ATTEMPTS: int
     SHUTDOWN_GRACE_SECONDS: float
     AUTHORIZE_READER: str

@@ -62,8 +62,11 @@ MAX_PENDING = 10_000
 # Streams whose final lengths travel in the message announcing a workflow's end.
 MAX_ENDED_LENGTHS = 100
 # After a failure to receive from the channel layer, or to join a group, try again
-# after this many seconds, doubling up to the second figure.
-RETRY_FIRST, RETRY_CEILING = 0.05, 5.0
+# after this many seconds, doubling up to the second figure (short: push resumes
+# within that long once the layer is back).
+RETRY_FIRST, RETRY_CEILING = 0.05, 1.0
+# A receive that has waited this long without failing means the layer is reachable.
+RECEIVE_HEALTHY_AFTER = 0.5
 
 ENTRIES = "durable_streams.entries"
 CLOSED = "durable_streams.closed"
@@ -468,6 +471,12 @@ class StreamFeed:
                 return None
         return self._notes.popleft()
 
+    def wake(self) -> None:
+        """End the current wait as a silence would: the layer failed, read the database now."""
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
     def _silence_timer(self) -> None:
         loop = asyncio.get_running_loop()
         waiter = self._waiter
@@ -553,10 +562,14 @@ class StreamFeed:
                         return
                     if behind:
                         continue
-                    note = await self._next_note(silence)
+                    # Nothing is pushed while the layer fails: poll as without one
+                    # meanwhile (the hub wakes the feeds when it starts failing).
+                    failing = hub is not None and hub.failing
+                    note = await self._next_note(config.POLL_INTERVAL if failing else silence)
                     if note is None:
                         behind = True
-                        silence = min(silence * 2, ceiling)
+                        if not failing:
+                            silence = min(silence * 2, ceiling)
                         continue
                     silence = base
                     entries, behind = self._apply(note)
@@ -615,6 +628,25 @@ class _Hub:
         # After a failed join, subscribers do not try again one after the other (each
         # waiting for the last): _keep_joined retries, with backoff, until one works.
         self._joins_failing = False
+        self._receive_failing = False
+
+    @property
+    def failing(self) -> bool:
+        """Whether the layer fails to deliver: the feeds poll meanwhile."""
+        return self._receive_failing or self._joins_failing
+
+    def _set_failing(self, *, receive: bool | None = None, joins: bool | None = None) -> None:
+        was = self.failing
+        if receive is not None:
+            self._receive_failing = receive
+        if joins is not None:
+            self._joins_failing = joins
+        if self.failing and not was:
+            # Feeds waiting out a long silence read the database now, then poll.
+            for streams in list(self._feeds.values()):
+                for feeds in list(streams.values()):
+                    for feed in list(feeds):
+                        feed.wake()
 
     # The feeds' side
 
@@ -708,7 +740,7 @@ class _Hub:
                     await self.layer.group_add(name, await self._channel())
                 except Exception as exc:
                     _subscribe_failures.warning("Could not join a stream's group", exc)
-                    self._joins_failing = True
+                    self._set_failing(joins=True)
                     self._rejoin_now.set()  # retried, with backoff
                 else:
                     member.joined = True
@@ -741,7 +773,14 @@ class _Hub:
             # once when cancelled, even where the layer's client would let a
             # cancellation go by (see _cancel_until_done).
             receiving = asyncio.ensure_future(self.layer.receive(channel))
+            # Retrieved even when this task stops first (a cancelled receive may still
+            # end with the layer's error): never "exception was never retrieved".
+            receiving.add_done_callback(_retrieve)
             try:
+                if self._receive_failing:
+                    await asyncio.wait({receiving}, timeout=RECEIVE_HEALTHY_AFTER)
+                    if not receiving.done():
+                        self._set_failing(receive=False)  # waiting, not failing: it is back
                 await asyncio.wait({receiving})
             except asyncio.CancelledError:
                 _cancel_until_done(receiving)
@@ -750,10 +789,12 @@ class _Hub:
                 message = receiving.result()
             except Exception as exc:
                 _receive_failures.warning("Could not receive stream messages", exc)
+                self._set_failing(receive=True)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_CEILING)
                 self._rejoin_now.set()  # the layer may have lost the memberships too
                 continue
+            self._set_failing(receive=False)
             delay = RETRY_FIRST
             try:
                 self._deliver(message)
@@ -804,7 +845,7 @@ class _Hub:
                         failed = True
                         break
                     member.joined = True
-            self._joins_failing = failed
+            self._set_failing(joins=failed)
             if failed:
                 wait, delay = delay, min(delay * 2, RETRY_CEILING)
             else:
@@ -814,6 +855,11 @@ class _Hub:
 def _cancel_requested() -> bool:
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def _cancel_until_done(task: asyncio.Task[Any], every: float = 0.1) -> None:

@@ -109,6 +109,13 @@ class StreamTimeout(DurableStreamsError, TimeoutError):
         )
 
 
+class DatabaseUnavailable(DurableStreamsError):
+    """A reader or result waiter could not reach the database for ``READER_RETRY_SECONDS``.
+
+    The database error that it retried last is chained as ``__cause__``.
+    """
+
+
 class NotInWorkflow(DurableStreamsError, RuntimeError):
     """A function that needs a running workflow was called outside one."""
 

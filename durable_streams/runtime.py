@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, NoReturn
 
-from django.db import transaction
+from django.db import Error, connections, transaction
 from django.utils import timezone
 
 from . import encoding, writer
@@ -79,6 +79,8 @@ class Execution:
     write_error: BaseException | None = None
     # True while an atomic step runs: its stream writes join its transaction.
     in_transaction: bool = False
+    # A statement of the library's own (a checkpoint, a history read) that failed.
+    fault: BaseException | None = None
 
     def stream_id(self, key: str) -> int | None:
         state = self.streams.get(key)
@@ -156,6 +158,55 @@ class Execution:
         self.stop_reason = "the workflow was cancelled or reclaimed by another worker"
         self.stop.set()
         raise self.lease_lost_error()
+
+
+def database_failed(execution: Execution, what: str, exc: BaseException) -> Interrupted:
+    """Stop the run because one of the library's own statements failed.
+
+    The workflow's code did nothing wrong: the run stops like one whose stream write
+    failed, and is replayed from its checkpoints (the attempt counts).
+    """
+    if execution.fault is None:
+        execution.fault = exc
+    execution.stop_reason = f"the database failed while {what}: {type(exc).__name__}: {exc}"
+    execution.stop.set()
+    return Interrupted(execution.stop_reason)
+
+
+@contextmanager
+def library_statements(execution: Execution, what: str) -> Iterator[None]:
+    """Turn a database error of the statements in the block into a stop of the run."""
+    try:
+        yield
+    except Error as exc:
+        raise database_failed(execution, what, exc) from exc
+
+
+@contextmanager
+def on_behalf_of_body(what: str) -> Iterator[None]:
+    """``library_statements`` for the current workflow body, if the caller is one.
+
+    Called from a step, or outside a workflow, a database error stays what it is: in a
+    step it is the step's failure, and its retries apply.
+    """
+    execution = _current.get()
+    if execution is None or execution.step_name is not None:
+        yield
+        return
+    with library_statements(execution, what):
+        yield
+
+
+def _heal_connection(using: str) -> None:
+    """Drop a connection that a failed step broke, so that its retry gets a new one."""
+    connection = connections[using]
+    if (
+        connection.connection is not None
+        and connection.errors_occurred
+        and not connection.in_atomic_block
+        and not connection.is_usable()
+    ):
+        connection.close()
 
 
 def _describe(kind: str, name: str) -> str:
@@ -237,12 +288,19 @@ def run_step(
                 # workflow's row stays unlocked while the step runs: the heartbeat renews
                 # the lease and a cancel does not wait for the step.
                 fence_last = on_postgresql(execution.using)
+                # What the step's own code raised, told apart from the errors of the
+                # fence, the checkpoint and the commit (the library's statements).
+                raised: BaseException | None = None
                 try:
                     with transaction.atomic(using=execution.using):
                         if not fence_last:
                             execution.fence()
-                        result = fn(*args, **kwargs)
-                        output = encoding.encode(result, f"The result of step {name!r}")
+                        try:
+                            result = fn(*args, **kwargs)
+                            output = encoding.encode(result, f"The result of step {name!r}")
+                        except BaseException as exc:
+                            raised = exc
+                            raise
                         if fence_last:
                             execution.fence()
                         _record_step(
@@ -255,6 +313,13 @@ def run_step(
                             attempt,
                             started,
                         )
+                except Error as exc:
+                    execution.streams = saved
+                    if exc is raised:
+                        raise
+                    raise database_failed(
+                        execution, f"storing the checkpoint of atomic step {name!r}", exc
+                    ) from exc
                 except BaseException:
                     execution.streams = saved
                     raise
@@ -266,6 +331,7 @@ def run_step(
             raise
         except Exception as exc:
             if attempt <= retries:
+                _heal_connection(execution.using)
                 delay = min(backoff * 2 ** (attempt - 1), 3600.0) * random.uniform(0.9, 1.1)
                 if execution.stop.wait(delay):
                     raise Interrupted(execution.stop_reason) from exc
@@ -300,9 +366,10 @@ def run_step(
 
 
 def _replay_step(execution: Execution, operation: int, name: str) -> Any:
-    step = Step.objects.using(execution.using).get(
-        workflow_id=execution.workflow_id, operation=operation
-    )
+    with library_statements(execution, f"reading the checkpoint of step {name!r}"):
+        step = Step.objects.using(execution.using).get(
+            workflow_id=execution.workflow_id, operation=operation
+        )
     if step.status == Step.Outcome.SUCCESS:
         return None if step.output is None else encoding.loads(step.output)
     record = encoding.loads(step.error or "{}")
@@ -342,7 +409,9 @@ def _record_step(
         committer.flush(execution)
     else:
         execution.flush()  # raises if a value written before could not be stored
-        if not steps.checkpoint(step, execution.worker_id, execution.lease_until()):
+        with library_statements(execution, f"storing the checkpoint of step {name!r}"):
+            held = steps.checkpoint(step, execution.worker_id, execution.lease_until())
+        if not held:
             execution.lease_lost()
     execution.recorded[operation] = (STEP, name)
 
@@ -397,7 +466,9 @@ def _append(execution: Execution, key: str, text: str, operation: int | None) ->
 
 def _store(execution: Execution, write: writer.PendingWrite) -> None:
     if execution.in_transaction:
-        writer.store_in_transaction(execution, write)
+        # The step's transaction fails with it; the run stops and replays.
+        with library_statements(execution, f"storing a value of stream {write.key!r}"):
+            writer.store_in_transaction(execution, write)
     else:
         writer.committer(execution.using).submit(execution, write)
 

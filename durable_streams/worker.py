@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -15,7 +16,7 @@ from datetime import timedelta
 from types import FrameType
 from typing import Any
 
-from django.db import DatabaseError, connections, transaction
+from django.db import DatabaseError, Error, connections, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.utils import timezone
 
@@ -155,7 +156,10 @@ class Worker:
                         future.add_done_callback(self._done_callback(claim.workflow_id))
                     if claimed and len(claimed) == free:
                         continue
-                    if self.burst and not claimed and not self._running:
+                    # Only when nothing ran during the claim either: a run that ended
+                    # meanwhile may have gone back to the queue (a database fault).
+                    idle = free == self.concurrency and not self._running
+                    if self.burst and not claimed and idle:
                         break
                     if not self._stopping.is_set():
                         waiter.wait(interval)
@@ -184,7 +188,11 @@ class Worker:
         with self._lock:
             left = list(self._running)
         if left:
-            released = Workflow.objects.using(self.using).release(self.worker_id, left)
+            try:
+                released = Workflow.objects.using(self.using).release(self.worker_id, left)
+            except Error:
+                logger.exception("Could not release %d workflows; their leases expire.", len(left))
+                released = 0
             logger.warning(
                 "%d workflows still in a step after %ss; released %d of them to other workers.",
                 len(left),
@@ -336,7 +344,12 @@ class Worker:
             log.error("%s", exc)
             return
         if claim.recorded:
-            execution = runtime.Execution.load(workflow_id, self.worker_id, self.using)
+            try:
+                execution = runtime.Execution.load(workflow_id, self.worker_id, self.using)
+            except Error as exc:
+                log.warning("Could not read what earlier runs recorded (%s).", exc)
+                self._hand_back(workflow_id, log)
+                return
         else:
             execution = runtime.Execution(workflow_id, self.worker_id, self.using)
         with self._lock:
@@ -366,10 +379,17 @@ class Worker:
                 # What the body wrote is stored before its end is recorded.
                 execution.flush()
             except runtime.Interrupted as stop:
-                # A shutdown hands the run back uncounted; a failed write counts, so that
-                # a write that keeps failing ends at max_attempts instead of looping.
-                failed = execution.write_error is not None
-                if runs.release(self.worker_id, [workflow_id], count_attempt=failed):
+                # A shutdown hands the run back uncounted; a failed write or statement
+                # counts, so that a database that keeps failing ends the run at
+                # max_attempts instead of looping.
+                if execution.write_error is not None or execution.fault is not None:
+                    log.warning("Stopped (%s); replaying from its checkpoints.", stop.reason)
+                    # Values still queued are stored (or fail) before the run is handed
+                    # back: none may land after a replay has read the history.
+                    with contextlib.suppress(runtime.Interrupted, LeaseLost):
+                        execution.flush()
+                    self._hand_back(workflow_id, log)
+                elif runs.release(self.worker_id, [workflow_id]):
                     log.info("Stopped at a step boundary (%s); back in the queue.", stop.reason)
                 else:
                     log.info("Stopped: %s.", stop.reason)
@@ -380,7 +400,16 @@ class Worker:
         if execution.fatal is not None:
             status, output = Status.ERROR, None
             error = encoding.dumps(runtime.error_record(execution.fatal))
-        if runs.finish_held(self.worker_id, workflow_id, status, output=output, error=error):
+        try:
+            finished = runs.finish_held(
+                self.worker_id, workflow_id, status, output=output, error=error
+            )
+        except Error as exc:
+            # Not recorded: a replay from the checkpoints ends it again.
+            log.warning("Could not record the end (%s); replaying from its checkpoints.", exc)
+            self._hand_back(workflow_id, log)
+            return
+        if finished:
             self.completed += 1
             log.info("%s in %.3fs.", status, time.monotonic() - started)
         else:
@@ -388,3 +417,26 @@ class Worker:
                 "Ended with %s, but it was cancelled or reclaimed meanwhile; nothing recorded.",
                 status,
             )
+
+    def _hand_back(self, workflow_id: str, log: WorkflowAdapter) -> None:
+        """Send a run that a database fault stopped back to the queue, counting the attempt.
+
+        The fault may have broken this thread's connection, and the database may still
+        be failing: a few tries, then the lease expires and a claim resumes the run.
+        """
+        keeper = ConnectionKeeper(self.using)
+        failure: Error | None = None
+        for delay in (0.0, 0.5, 1.0, 2.0):
+            if delay:
+                time.sleep(delay)
+            try:
+                keeper.ready()
+                if Workflow.objects.using(self.using).release(
+                    self.worker_id, [workflow_id], count_attempt=True
+                ):
+                    log.info("Back in the queue.")
+                return
+            except Error as exc:
+                keeper.broken()
+                failure = exc
+        log.warning("Could not hand the run back (%s); it resumes once its lease expires.", failure)

@@ -101,6 +101,7 @@ class WorkerProcesses:
         queues: Sequence[str] = (),
         burst: bool = False,
         wait_started: bool = True,
+        env_overrides: dict[str, str] | None = None,
     ) -> WorkerProcess:
         env = dict(os.environ)
         env.update(
@@ -112,6 +113,7 @@ class WorkerProcesses:
             DS_LEASE_SECONDS=str(lease_seconds),
             DS_GRACE_SECONDS=str(grace_seconds),
         )
+        env.update(env_overrides or {})  # e.g. another database server
         args = ["--concurrency", str(concurrency)]
         for queue in queues:
             args += ["--queue", queue]

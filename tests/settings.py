@@ -89,7 +89,7 @@ ASGI_APPLICATION = "tests.asgi.application"
 
 DURABLE_STREAMS = {
     "LEASE_SECONDS": float(os.environ.get("DS_LEASE_SECONDS", "3")),
-    "POLL_INTERVAL": 0.02,
+    "POLL_INTERVAL": float(os.environ.get("DS_POLL_INTERVAL", "0.02")),
     "SHUTDOWN_GRACE_SECONDS": float(os.environ.get("DS_GRACE_SECONDS", "10")),
 }
 

@@ -42,6 +42,7 @@ def ids(messages: list[CheckMessage]) -> list[str]:
         ({"MAX_VALUE_BYTES": 0}, "['MAX_VALUE_BYTES'] must be at least 1"),
         ({"READ_BATCH_SIZE": "500"}, "['READ_BATCH_SIZE'] must be a number, not str"),
         ({"MAX_ATTEMPTS": 0}, "['MAX_ATTEMPTS'] must be at least 1"),
+        ({"READER_RETRY_SECONDS": -1}, "['READER_RETRY_SECONDS'] must be at least 0.0"),
         ({"SHUTDOWN_GRACE_SECONDS": -1}, "['SHUTDOWN_GRACE_SECONDS'] must be at least 0.0"),
         ({"HEARTBEAT_SECONDS": 0}, "['HEARTBEAT_SECONDS'] must be a positive number or None"),
         ({"HEARTBEAT_SECONDS": float("nan")}, "['HEARTBEAT_SECONDS'] must be a positive number"),
