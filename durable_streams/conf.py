@@ -38,6 +38,13 @@ DEFAULTS: dict[str, Any] = {
     "MAX_VALUE_BYTES": 1024 * 1024,
     # How many entries one catch-up query reads.
     "READ_BATCH_SIZE": 500,
+    # Most entry data, in bytes, one WebSocket may have sent beyond the client's last
+    # acknowledgement, and one SSE response may carry before it ends (the client
+    # reconnects from its offset).
+    "READER_WINDOW_BYTES": 1024 * 1024,
+    # Seconds a WebSocket client may leave a full window unacknowledged before it is
+    # closed with 4408 (it reconnects from its offset).
+    "READER_STALL_SECONDS": 60.0,
     # Claims per workflow before it ends in ERROR; the default for @workflow.
     "MAX_ATTEMPTS": 10,
     # Seconds a stopping worker waits for running steps before it releases leases.
@@ -54,6 +61,8 @@ _NUMBERS = {
     "NOTIFY_FALLBACK_POLL": (float, 0.01),
     "MAX_VALUE_BYTES": (int, 1),
     "READ_BATCH_SIZE": (int, 1),
+    "READER_WINDOW_BYTES": (int, 1),
+    "READER_STALL_SECONDS": (float, 0.01),
     "MAX_ATTEMPTS": (int, 1),
     "SHUTDOWN_GRACE_SECONDS": (float, 0.0),
 }
@@ -70,6 +79,8 @@ class Config:
     PREPARED_STATEMENTS: bool
     MAX_VALUE_BYTES: int
     READ_BATCH_SIZE: int
+    READER_WINDOW_BYTES: int
+    READER_STALL_SECONDS: float
     MAX_ATTEMPTS: int
     SHUTDOWN_GRACE_SECONDS: float
     AUTHORIZE_READER: str
