@@ -573,6 +573,135 @@ def cmd_fanout(args: argparse.Namespace) -> None:
     )
 
 
+# Item 9: readers that never read
+
+
+def start_uvicorn(env: dict[str, str], port: int) -> Child:
+    import socket
+
+    server = Child(
+        ["-m", "uvicorn", "--host", "127.0.0.1", "--port", str(port), "--lifespan", "off"]
+        + ["--log-level", "warning", "bench.asgi:application"],
+        env=env,
+        quiet=True,
+        log=os.environ.get("BENCH_SERVER_LOG"),
+    )
+
+    def listening() -> bool:
+        if server.proc.poll() is not None:
+            raise BenchError(f"uvicorn exited with {server.proc.returncode}")
+        with socket.socket() as sock:
+            return sock.connect_ex(("127.0.0.1", port)) == 0
+
+    wait_until(listening, limit=60, what="uvicorn")
+    return server
+
+
+def settled_rss_mb(pid: int, quiet: float = 1.0, limit: float = 90.0) -> float:
+    """The process's RSS once it has used (almost) no CPU for ``quiet`` seconds."""
+    from bench.common import cpu_seconds, rss_mb
+
+    samples: list[tuple[float, float]] = []
+
+    def idle() -> bool:
+        now, cpu = time.monotonic(), cpu_seconds(pid)
+        samples.append((now, cpu))
+        before = [c for at, c in samples if now - at >= quiet]
+        return bool(before) and cpu - before[-1] <= 0.02
+
+    wait_until(idle, limit=limit, what="the ASGI server to go idle", interval=0.1)
+    return rss_mb(pid)
+
+
+def idle_socket(port: int, request: str) -> Any:
+    """A socket that sends ``request``, reads the response head at most, and then nothing."""
+    import socket
+
+    sock = socket.socket()
+    # A small receive buffer, set before connecting: the kernel holds little of what
+    # the server sends, so what the server itself keeps shows in its RSS.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    sock.settimeout(30)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(request.encode())
+    if "Upgrade: websocket" in request:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = sock.recv(1)  # one byte at a time: nothing past the handshake
+            if not chunk:
+                raise BenchError(f"the handshake failed: {head!r}")
+            head += chunk
+        if b" 101 " not in head.split(b"\r\n", 1)[0]:
+            raise BenchError(f"the handshake failed: {head!r}")
+    return sock
+
+
+def read_whole(port: int, workflow_id: str) -> None:
+    """Read a short stream to its end over both endpoints: every code path is loaded."""
+    import socket
+
+    from websockets.sync.client import connect
+
+    url = f"ws://127.0.0.1:{port}/ws/durable-streams/{workflow_id}/out/"
+    frames = 0
+    with connect(url, origin="http://127.0.0.1", open_timeout=30) as ws:
+        for _ in ws:
+            frames += 1
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(
+            f"GET /durable-streams/{workflow_id}/out/events HTTP/1.1\r\n"
+            "Host: 127.0.0.1\r\nConnection: close\r\n\r\n".encode()
+        )
+        body = b""
+        while chunk := sock.recv(65536):
+            body += chunk
+    if frames < 2 or b"event: closed" not in body:
+        raise BenchError("the warm-up read did not see the whole stream")
+
+
+def cmd_idle_readers(args: argparse.Namespace) -> None:
+    """Item 9: RSS growth of the ASGI server for 1 and N clients that never read."""
+    import importlib.util
+
+    reset()
+    small = start_workflow(workflows.fill_sized, 200, args.chars, public=True)
+    large = start_workflow(workflows.fill_sized, args.count, args.chars, public=True)
+    Worker(queues=[workflows.QUEUE], concurrency=1, burst=True).run()
+    small.result(timeout=5)
+    large.result(timeout=5)
+    servers = {"daphne": start_server, "uvicorn": start_uvicorn}
+    if importlib.util.find_spec("uvicorn") is None:
+        del servers["uvicorn"]
+    ws = (
+        f"GET /ws/durable-streams/{large.workflow_id}/out/ HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: ZHVyYWJsZS1zdHJlYW1zIQ==\r\nSec-WebSocket-Version: 13\r\n"
+        "Origin: http://127.0.0.1\r\n\r\n"
+    )
+    sse = f"GET /durable-streams/{large.workflow_id}/out/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    result: dict[str, Any] = {"values": args.count, "value_chars": args.chars}
+    for name, start in servers.items():
+        for kind, request in (("ws", ws), ("sse", sse)):
+            for clients in (1, args.clients):
+                # A server of its own for each measurement: no memory left from the last.
+                port = free_port()
+                server = start({"BENCH_CONN_MAX_AGE": "60"}, port)
+                sockets: list[Any] = []
+                try:
+                    read_whole(port, small.workflow_id)
+                    baseline = settled_rss_mb(server.pid)
+                    started = time.monotonic()
+                    sockets = [idle_socket(port, request) for _ in range(clients)]
+                    after = settled_rss_mb(server.pid)
+                    result[f"{name}_{kind}_{clients}_mb"] = after - baseline
+                    result[f"{name}_{kind}_{clients}_s"] = time.monotonic() - started
+                finally:
+                    for sock in sockets:
+                        sock.close()
+                    server.stop()
+    emit_result(result)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog=f"python -m {MODULE}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -625,6 +754,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--profile", help="write a py-spy profile of the ASGI server here")
     p.add_argument("--profile-client", help="write a py-spy profile of the client process here")
     p.set_defaults(func=cmd_fanout)
+    p = sub.add_parser("idle-readers")
+    p.add_argument("--count", type=int, default=50_000)
+    p.add_argument("--chars", type=int, default=1000)
+    p.add_argument("--clients", type=int, default=100)
+    p.set_defaults(func=cmd_idle_readers)
     p = sub.add_parser("admin")
     p.add_argument("--count", type=int, default=100_000)
     p.add_argument("--small", type=int, default=1000)

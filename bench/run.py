@@ -59,6 +59,8 @@ class Sizes:
     fanout_clients: int
     fanout_seconds: float
     admin_rows: int
+    idle_values: int
+    idle_clients: int
 
 
 FULL = Sizes(
@@ -78,6 +80,8 @@ FULL = Sizes(
     fanout_clients=1000,
     fanout_seconds=30,
     admin_rows=100_000,
+    idle_values=50_000,
+    idle_clients=100,
 )
 QUICK = Sizes(
     repeats=1,
@@ -96,6 +100,8 @@ QUICK = Sizes(
     fanout_clients=100,
     fanout_seconds=5,
     admin_rows=10_000,
+    idle_values=20_000,
+    idle_clients=100,
 )
 
 
@@ -165,6 +171,16 @@ def _push_unavailable() -> str | None:
         sock.settimeout(1)
         if sock.connect_ex(("127.0.0.1", 6379)) != 0:
             return "needs Redis on 127.0.0.1:6379"
+    return None
+
+
+def _idle_unavailable() -> str | None:
+    try:
+        import websockets  # noqa: F401
+    except ImportError:
+        return "needs the websockets package: pip install -e '.[bench]'"
+    if not Path("/proc/self/status").exists():
+        return "needs Linux /proc for the server's RSS"
     return None
 
 
@@ -268,6 +284,17 @@ WORKLOADS = [
         _simple("admin", "--count", lambda s: s.admin_rows),
         repeats=lambda sizes: 1,
         unavailable=_admin_unavailable,
+    ),
+    Workload(
+        "idle_readers",
+        "9",
+        "Readers that never read",
+        (DS_PG,),
+        lambda system, sizes: (
+            ["-m", "bench.ds_side", "idle-readers"]
+            + ["--count", str(sizes.idle_values), "--clients", str(sizes.idle_clients)]
+        ),
+        unavailable=_idle_unavailable,
     ),
 ]
 
@@ -758,7 +785,28 @@ def build_rows(run: Run) -> list[Row]:
             "0",
             at_most(0),
         ),
+        *idle_rows(sizes),
     ]
+
+
+def idle_rows(sizes: Sizes) -> list[Row]:
+    """Item 9: the server's RSS growth per server, endpoint and number of idle clients."""
+    rows = []
+    for server in ("daphne", "uvicorn"):
+        for kind, label in (("ws", "WebSocket"), ("sse", "SSE")):
+            for clients in (1, sizes.idle_clients):
+                rows.append(
+                    Row(
+                        "9",
+                        f"Never-reading {label} clients on one {sizes.idle_values:,}-value "
+                        f"stream ({server}, {clients}): RSS growth, MB",
+                        "idle_readers",
+                        f"{server}_{kind}_{clients}_mb",
+                        1,
+                        False,
+                    )
+                )
+    return rows
 
 
 def render(run: Run, info: dict[str, Any], load: dict[str, Any]) -> str:
@@ -819,7 +867,8 @@ def render(run: Run, info: dict[str, Any], load: dict[str, Any]) -> str:
         ),
         f"WebSocket items: write-to-browser {sizes.browser_ticks} values 10 ms apart through "
         f"daphne and channels-redis; fan-out {sizes.fanout_clients:,} sockets, 20 values/s for "
-        f"{sizes.fanout_seconds:g} s; admin changelist with {sizes.admin_rows:,} workflows. "
+        f"{sizes.fanout_seconds:g} s; admin changelist with {sizes.admin_rows:,} workflows; "
+        f"idle readers: values of 1 kB, each figure from a fresh server. "
         "Setup of each system: bench/README.md.",
         "",
         f"Machine: {info.get('nproc')} CPUs ({info.get('cpu', '?')}), "

@@ -1,4 +1,8 @@
 from django.contrib import admin
-from django.urls import path
+from django.urls import include, path
 
-urlpatterns = [path("admin/", admin.site.urls)]
+urlpatterns = [
+    path("admin/", admin.site.urls),
+    # Item 9 reads a stream as Server-Sent Events too.
+    path("durable-streams/", include("durable_streams.urls")),
+]

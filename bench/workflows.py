@@ -111,3 +111,13 @@ def fill(count: int) -> int:
         write_stream("out", {"i": i})
     close_stream("out")
     return count
+
+
+@workflow(name="bench.fill_sized", queue=QUEUE)
+def fill_sized(count: int, chars: int) -> int:
+    """Item 9: the closed stream of values of about ``chars`` characters that nobody reads."""
+    pad = "x" * chars
+    for i in range(count):
+        write_stream("out", {"i": i, "pad": pad})
+    close_stream("out")
+    return count

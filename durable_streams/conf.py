@@ -42,6 +42,13 @@ DEFAULTS: dict[str, Any] = {
     "READ_BATCH_SIZE": 500,
     # Seconds read_stream() and result() keep reconnecting to a failing database.
     "READER_RETRY_SECONDS": 60.0,
+    # Most entry data, in bytes, one WebSocket may have sent beyond the client's last
+    # acknowledgement, and one SSE response may carry before it ends (the client
+    # reconnects from its offset).
+    "READER_WINDOW_BYTES": 1024 * 1024,
+    # Seconds a WebSocket client may leave a full window unacknowledged before it is
+    # closed with 4408 (it reconnects from its offset).
+    "READER_STALL_SECONDS": 60.0,
     # Claims per workflow before it ends in ERROR; the default for @workflow.
     "MAX_ATTEMPTS": 10,
     # Seconds a stopping worker waits for running steps before it releases leases.
@@ -62,6 +69,8 @@ _NUMBERS = {
     "MAX_INPUT_BYTES": (int, 1),
     "READ_BATCH_SIZE": (int, 1),
     "READER_RETRY_SECONDS": (float, 0.0),
+    "READER_WINDOW_BYTES": (int, 1),
+    "READER_STALL_SECONDS": (float, 0.01),
     "MAX_ATTEMPTS": (int, 1),
     "SHUTDOWN_GRACE_SECONDS": (float, 0.0),
 }
@@ -76,6 +85,9 @@ MAXIMA: dict[str, int] = {
     "READ_BATCH_SIZE": 10_000,
     "MAX_ATTEMPTS": 1_000_000,
     "SHUTDOWN_GRACE_SECONDS": DAY,
+    "READER_RETRY_SECONDS": DAY,
+    "READER_WINDOW_BYTES": 64 * 1024 * 1024,
+    "READER_STALL_SECONDS": DAY,
 }
 
 
@@ -92,6 +104,8 @@ class Config:
     MAX_INPUT_BYTES: int
     READ_BATCH_SIZE: int
     READER_RETRY_SECONDS: float
+    READER_WINDOW_BYTES: int
+    READER_STALL_SECONDS: float
     MAX_ATTEMPTS: int
     SHUTDOWN_GRACE_SECONDS: float
     AUTHORIZE_READER: str

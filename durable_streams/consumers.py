@@ -6,7 +6,21 @@ Protocol (JSON text frames, server to client)::
     {"type": "closed", "key": K, "length": L}             once the stream has ended
 
 then the server closes the socket with code 1000. The client asks for the first
-offset it still needs with ``?offset=N`` (default 0). Refusals close the socket
+offset it still needs with ``?offset=N`` (default 0).
+
+Flow control (client to server, JSON text frames)::
+
+    {"type": "ack", "offset": N}   N: the next offset the client needs
+
+The server sends at most ``READER_WINDOW_BYTES`` of entry frames beyond the last
+acknowledged offset (at least one frame, however large). With the window full it
+stops reading the stream until an ack frees room; a client that sends no ack for
+``READER_STALL_SECONDS`` meanwhile (a client that does not know acks, or does not
+read) is closed with 4408, and reconnects from its offset. Acks are cumulative;
+one that acknowledges nothing new still counts as a sign of life. Other client
+frames, and malformed acks, are ignored.
+
+Refusals close the socket
 right after accepting it (a close before the handshake would reach a browser as
 a bare HTTP 403), with a code and a short reason; some servers, daphne among them,
 drop the reason, so clients go by the code:
@@ -14,13 +28,16 @@ drop the reason, so clients go by the code:
     4400  bad parameters (offset not a whole number or given twice, bad key or id)
     4403  the user may not read this stream (``AUTHORIZE_READER``)
     4404  no such workflow
+    4408  too slow: the window stayed full without an ack (reconnect from your offset)
     1011  an error on the server (logged there, never sent to the client)
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import json
 import logging
 from typing import Any
 from urllib.parse import parse_qs
@@ -28,14 +45,17 @@ from urllib.parse import parse_qs
 from channels.generic.websocket import AsyncWebsocketConsumer
 
 from . import delivery
+from .conf import get_config
 from .delivery import (
     BAD_REQUEST,
     FORBIDDEN,
     NOT_FOUND,
     SERVER_ERROR,
+    TOO_SLOW,
     BadParameters,
     closed_frame,
     entry_frame,
+    frame_bytes,
     may_read,
     parse_address,
     parse_offset,
@@ -43,10 +63,29 @@ from .delivery import (
 
 logger = logging.getLogger("durable_streams.consumers")
 
+# Client frames longer than this are not acks: ignored without being parsed.
+MAX_ACK_CHARS = 256
+
 
 def _reason(text: str) -> str:
     # A close reason is at most 123 bytes of UTF-8.
     return text.encode("utf-8")[:123].decode("utf-8", "ignore")
+
+
+def ack_offset(text: str | None) -> int | None:
+    """The offset of an ``{"type": "ack", "offset": N}`` frame; None for any other frame."""
+    if text is None or len(text) > MAX_ACK_CHARS:
+        return None
+    try:
+        message = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(message, dict) or message.get("type") != "ack":
+        return None
+    offset = message.get("offset")
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        return None
+    return offset
 
 
 class StreamConsumer(AsyncWebsocketConsumer):
@@ -64,6 +103,13 @@ class StreamConsumer(AsyncWebsocketConsumer):
 
     feed: delivery.StreamFeed | None = None
     _pump: Any = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Entry frames sent and not yet acknowledged, oldest first: (offset, bytes).
+        self._unacked: collections.deque[tuple[int, int]] = collections.deque()
+        self._unacked_bytes = 0
+        self._acked = asyncio.Event()
 
     async def connect(self) -> None:
         try:
@@ -101,12 +147,23 @@ class StreamConsumer(AsyncWebsocketConsumer):
         await self.close(code=code, reason=_reason(reason))
 
     async def _send_feed(self, feed: delivery.StreamFeed) -> None:
+        config = get_config()
+        window, stall = config.READER_WINDOW_BYTES, config.READER_STALL_SECONDS
         try:
             async with contextlib.aclosing(feed.events()) as events:
                 async for event in events:
                     if isinstance(event, delivery.Entry):
                         frame = event.frame or entry_frame(feed.key, event.offset, event.text)
                         await self.send(text_data=frame)
+                        size = frame_bytes(frame)
+                        self._unacked.append((event.offset, size))
+                        self._unacked_bytes += size
+                        # Not pulling from the feed is the pause: it reads nothing meanwhile.
+                        if self._unacked_bytes >= window and not await self._room(window, stall):
+                            await self.close(
+                                code=TOO_SLOW, reason="Too slow: reconnect from your offset."
+                            )
+                            return
                     else:
                         await self.send(text_data=closed_frame(feed.key, event.length))
                         await self.close(code=1000)
@@ -116,6 +173,20 @@ class StreamConsumer(AsyncWebsocketConsumer):
             with contextlib.suppress(Exception):
                 await self.close(code=SERVER_ERROR, reason="Server error.")
 
+    async def _room(self, window: int, stall: float) -> bool:
+        """Wait until acks bring the unacknowledged data under ``window``.
+
+        False once ``stall`` seconds pass without any ack.
+        """
+        while self._unacked_bytes >= window:
+            self._acked.clear()
+            try:
+                async with asyncio.timeout(stall):
+                    await self._acked.wait()
+            except TimeoutError:
+                return False
+        return True
+
     async def disconnect(self, code: int) -> None:
         if self._pump is not None:
             self._pump.cancel()
@@ -123,7 +194,13 @@ class StreamConsumer(AsyncWebsocketConsumer):
                 await self._pump
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
-        """Clients have nothing to say; what they send is ignored."""
+        """Acks free the window; anything else a client sends is ignored."""
+        offset = ack_offset(text_data)
+        if offset is None:
+            return
+        while self._unacked and self._unacked[0][0] < offset:
+            self._unacked_bytes -= self._unacked.popleft()[1]
+        self._acked.set()
 
 
 class BadAddressConsumer(AsyncWebsocketConsumer):

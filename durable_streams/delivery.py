@@ -71,6 +71,11 @@ RECEIVE_HEALTHY_AFTER = 0.5
 ENTRIES = "durable_streams.entries"
 CLOSED = "durable_streams.closed"
 ENDED = "durable_streams.ended"
+# Stands for the messages a feed dropped: it reads the database instead.
+LAGGED = "durable_streams.lagged"
+# Messages a feed keeps while its reader does not pull (a WebSocket with a full
+# window, a slow SSE client); past this it drops them and reads the database later.
+MAX_NOTES = 64
 
 
 def _digest(*parts: str) -> str:
@@ -445,6 +450,10 @@ class StreamFeed:
 
     def notify(self, message: dict[str, Any]) -> None:
         """Hand the feed a channel layer message (on the loop that runs ``events()``)."""
+        if len(self._notes) >= MAX_NOTES:
+            # The reader is not keeping up: remember only that the database has more.
+            self._notes.clear()
+            self._notes.append({"type": LAGGED})
         self._notes.append(message)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
@@ -504,6 +513,8 @@ class StreamFeed:
     def _apply(self, note: dict[str, Any]) -> tuple[list[Entry], bool]:
         """Act on one message: the entries it delivers, and whether to read the database."""
         kind = note.get("type")
+        if kind == LAGGED:
+            return [], True
         if kind == ENTRIES:
             offset, count, values = note["offset"], note["count"], note.get("values")
             if offset + count <= self.next_offset:
@@ -904,6 +915,8 @@ BAD_REQUEST = 4400
 FORBIDDEN = 4403
 NOT_FOUND = 4404
 SERVER_ERROR = 1011
+# A WebSocket client left its window full, unacknowledged, for READER_STALL_SECONDS.
+TOO_SLOW = 4408
 
 # Offsets live in a PositiveIntegerField: at most 2**31 - 1 on every database.
 MAX_OFFSET = 2**31 - 1
@@ -957,6 +970,11 @@ def may_read(user: Any, workflow_id: str, key: str) -> int | None:
 def entry_frame(key: str, offset: int, text: str) -> str:
     # ``text`` is stored JSON: it goes into the frame as is, never decoded.
     return f'{{"type":"entry","key":{json.dumps(key)},"offset":{offset},"value":{text}}}'
+
+
+def frame_bytes(text: str) -> int:
+    """The UTF-8 size of a frame; ASCII frames (the usual case) are not encoded to count."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
 def closed_frame(key: str, length: int) -> str:

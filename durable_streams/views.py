@@ -9,16 +9,29 @@
 for each value, then ``event: closed`` with ``{"type": "closed", "key": K, "length": L}``
 and the end of the response. The ``id`` is the offset: a client that reconnects
 with ``Last-Event-ID: N`` resumes at ``N + 1``. Refusals are plain HTTP answers:
-400 (bad offset or key), 403 (not allowed), 404 (no such workflow).
+400 (bad offset or key), 403 (not allowed), 404 (no such workflow), and 501 when the
+request came through WSGI: a WSGI server would collect the whole (possibly endless)
+stream before sending its first byte, so the events need an ASGI server.
+
+EventSource cannot acknowledge what it has read, and some ASGI servers (daphne) buffer
+whatever the application sends, however slow the client. So one response carries at
+most ``READER_WINDOW_BYTES`` of entries (at least one entry): then it sends
+``retry: 100`` and ends, without ``event: closed``, and the browser reconnects
+with ``Last-Event-ID`` and resumes at the next offset. Between the feed and the
+response, one event at a time is handed over: where the server waits for the client
+to read (uvicorn), the feed waits too, and reads nothing from the database meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
+from django.core.handlers.asgi import ASGIRequest
 from django.http import (
     HttpRequest,
     HttpResponse,
@@ -30,6 +43,7 @@ from django.http import (
 from django.views.decorators.http import require_GET
 
 from . import delivery
+from .conf import get_config
 from .delivery import BadParameters, parse_address, parse_offset
 
 logger = logging.getLogger("durable_streams.views")
@@ -37,6 +51,8 @@ logger = logging.getLogger("durable_streams.views")
 # Seconds of silence after which a comment line keeps proxies from closing the response.
 KEEPALIVE_SECONDS = 15.0
 RETRY_MILLISECONDS = 1000
+# The reconnection delay sent when a response ends early because of its byte budget.
+BUDGET_RETRY_MILLISECONDS = 100
 
 
 def _start_offset(request: HttpRequest) -> int:
@@ -54,7 +70,31 @@ def _plain(response_class: type[HttpResponse], message: str) -> HttpResponse:
     return response_class(message + "\n", content_type="text/plain; charset=utf-8")
 
 
+def _asgi_only(
+    view: Callable[..., Awaitable[HttpResponse]],
+) -> Callable[..., Awaitable[HttpResponse]]:
+    """Refuse (501) requests that came through WSGI.
+
+    Django serves an async iterator under WSGI by collecting all of it first: an open
+    stream would send nothing until it closed, and a long one would sit in memory.
+    """
+
+    @functools.wraps(view)
+    async def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        if not isinstance(request, ASGIRequest):
+            return HttpResponse(
+                "Server-Sent Events need an ASGI server (daphne or uvicorn, for example); "
+                "this request came through WSGI.\n",
+                status=501,
+                content_type="text/plain; charset=utf-8",
+            )
+        return await view(request, *args, **kwargs)
+
+    return wrapper
+
+
 @require_GET
+@_asgi_only
 async def stream_events(request: HttpRequest, workflow_id: str, key: str) -> HttpResponse:
     try:
         workflow_id, key = parse_address(workflow_id, key)
@@ -77,8 +117,10 @@ async def stream_events(request: HttpRequest, workflow_id: str, key: str) -> Htt
 
 async def _event_stream(feed: delivery.StreamFeed) -> AsyncIterator[bytes]:
     # The feed subscribes itself through this process's one subscription per stream.
-    out: asyncio.Queue[delivery.Entry | delivery.Closed | BaseException] = asyncio.Queue()
+    # One event in hand at a time: the feed is pulled only as fast as the client reads.
+    out: asyncio.Queue[delivery.Entry | delivery.Closed | BaseException] = asyncio.Queue(1)
     pump: asyncio.Task[None] | None = None
+    budget = get_config().READER_WINDOW_BYTES
     try:
         yield f"retry: {RETRY_MILLISECONDS}\n\n".encode()
         pump = asyncio.create_task(_pump(feed, out))
@@ -91,7 +133,16 @@ async def _event_stream(feed: delivery.StreamFeed) -> AsyncIterator[bytes]:
                 continue
             if isinstance(item, delivery.Entry):
                 frame = item.frame or delivery.entry_frame(feed.key, item.offset, item.text)
-                yield f"id: {item.offset}\nevent: entry\ndata: {frame}\n\n".encode()
+                event = f"id: {item.offset}\nevent: entry\ndata: {frame}\n\n".encode()
+                yield event
+                budget -= len(event)
+                if budget <= 0:
+                    # EventSource reconnects with Last-Event-ID and resumes after this one.
+                    yield (
+                        ": this response is full; reconnect with Last-Event-ID\n"
+                        f"retry: {BUDGET_RETRY_MILLISECONDS}\n\n"
+                    ).encode()
+                    return
             elif isinstance(item, delivery.Closed):
                 frame = delivery.closed_frame(feed.key, item.length)
                 yield f"event: closed\ndata: {frame}\n\n".encode()
@@ -115,6 +166,6 @@ async def _pump(
     try:
         async with contextlib.aclosing(feed.events()) as events:
             async for event in events:
-                out.put_nowait(event)
+                await out.put(event)
     except Exception as exc:
-        out.put_nowait(exc)
+        await out.put(exc)

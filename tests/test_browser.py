@@ -68,10 +68,13 @@ def alive(pid: int) -> bool:
 
 
 class Demo:
-    def __init__(self, base: str, process: subprocess.Popen[bytes], log: Path) -> None:
+    def __init__(
+        self, base: str, process: subprocess.Popen[bytes], log: Path, env: dict[str, str]
+    ) -> None:
         self.base = base
         self.process = process
         self.log_path = log
+        self.env = env
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -110,7 +113,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
             stdout=out,
             stderr=subprocess.STDOUT,
         )
-    server = Demo(f"http://127.0.0.1:{port}", process, log)
+    server = Demo(f"http://127.0.0.1:{port}", process, log, env)
     children: list[int] = []
     try:
         wait_until(
@@ -303,7 +306,10 @@ async ([moduleUrl, scenario]) => {
   const { subscribe } = await import(moduleUrl);
   const sockets = [];
   class FakeSocket {
-    constructor(url) { this.url = url; sockets.push(this); setTimeout(() => this.onopen?.(), 0); }
+    constructor(url) {
+      this.url = url; this.sent = []; sockets.push(this); setTimeout(() => this.onopen?.(), 0);
+    }
+    send(text) { this.sent.push(JSON.parse(text)); }
     close(code = 1005) {
       if (this.closed) return;
       this.closed = true;
@@ -339,6 +345,13 @@ async ([moduleUrl, scenario]) => {
     sockets[2].frame(entry(5, "f"));
     sockets[2].frame({ type: "closed", key: "answer key", length: 6 });
     await tick();
+  } else if (scenario === "acks") {
+    for (let offset = 2; offset < 302; offset++) sockets[0].frame(entry(offset, offset));
+    const early = sockets[0].sent.slice();    // 256 entries: acknowledged at once
+    await tick(150);                          // the other 44: acknowledged after a short delay
+    sockets[0].close(4408);                   // too slow: reconnect from the offset, at once
+    await tick(15);
+    return { urls: sockets.map((s) => s.url), early, sent: sockets[0].sent, states };
   } else if (scenario === "refused") {
     sockets[0].close(4403);
     await tick(100);
@@ -366,6 +379,74 @@ def test_client_reports_each_value_once_across_drops_and_gaps(page: Any, demo: D
         "wss://example.com/ws/durable-streams/wf%2F1/answer%20key/?offset=4",
     ]
     assert result["states"][:3] == ["open", "waiting", "connecting"]
+
+
+def test_client_acknowledges_and_reconnects_after_4408(page: Any, demo: Demo) -> None:
+    result = run_client(page, demo, "acks")
+    assert result["early"] == [{"type": "ack", "offset": 2 + 256}]
+    assert result["sent"] == [{"type": "ack", "offset": 258}, {"type": "ack", "offset": 302}]
+    # Reconnected without backoff (minDelay is 5 ms here), from the next offset it needs.
+    assert result["urls"][1:] == [
+        "wss://example.com/ws/durable-streams/wf%2F1/answer%20key/?offset=302"
+    ]
+    assert result["states"][-3:] == ["waiting", "connecting", "open"]
+
+
+def stored_stream(demo: Demo, count: int, chars: int) -> str:
+    """A finished public workflow in the demo's database with one closed stream, "big"."""
+    script = f"""
+from django.utils import timezone
+from durable_streams import encoding
+from durable_streams.models import Status, Stream, StreamEntry, Workflow
+now = timezone.now()
+run = Workflow.objects.create(
+    name="tests.big", status=Status.SUCCESS, inputs="{{}}", max_attempts=1, is_public=True,
+    finished_at=now)
+stream = Stream.objects.create(workflow=run, key="big", length={count}, closed_at=now)
+StreamEntry.objects.bulk_create(
+    [StreamEntry(stream=stream, offset=i, value=encoding.dumps(f"{{i:06d}}" + "x" * {chars - 6}))
+     for i in range({count})], batch_size=500)
+print(run.pk)
+"""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "manage.py"), "shell", "-c", script],
+        cwd=ROOT,
+        env=demo.env,
+        check=True,
+        timeout=120,
+        capture_output=True,
+        text=True,
+    )
+    return result.stdout.strip().splitlines()[-1]
+
+
+def test_a_stream_larger_than_the_window_arrives_whole(page: Any, demo: Demo) -> None:
+    count, chars = 3000, 1000  # 3 MB: three times the server's 1 MiB window
+    workflow_id = stored_stream(demo, count, chars)
+    page.goto(demo.base + "/accounts/login/")
+    result = page.evaluate(
+        """async ([moduleUrl, workflowId]) => {
+          const { subscribe } = await import(moduleUrl);
+          const offsets = [];
+          const states = [];
+          let wrong = 0;
+          const sub = subscribe(workflowId, "big", {
+            onEntry: (value, offset) => {
+              offsets.push(offset);
+              if (!value.startsWith(String(offset).padStart(6, "0"))) wrong += 1;
+            },
+            onStatus: (state) => states.push(state),
+          });
+          const length = await sub.done;
+          return { length, count: offsets.length, inOrder: offsets.every((o, i) => o === i),
+                   wrong, states };
+        }""",
+        [demo.base + "/static/durable_streams/durable-streams.js", workflow_id],
+    )
+    assert result["length"] == count and result["count"] == count, result
+    assert result["inOrder"] and result["wrong"] == 0
+    # The acks kept the window open: one connection carried it all, no 4408 reconnection.
+    assert result["states"] == ["open", "closed"], result["states"]
 
 
 def test_client_gives_up_on_a_refusal(page: Any, demo: Demo) -> None:

@@ -5,6 +5,10 @@
  * dropped connections: the client counts offsets and, after a drop, reconnects
  * with a growing delay and asks the server for the next offset it needs.
  *
+ * It acknowledges what it has received ({"type": "ack", "offset": next offset}) after
+ * every 64 KiB or 256 entries, and 100 ms after an entry when fewer came: the server
+ * sends only so much beyond the last acknowledgement (READER_WINDOW_BYTES).
+ *
  *   import { subscribe } from "/static/durable_streams/durable-streams.js";
  *
  *   const sub = subscribe(workflowId, "answer", {
@@ -21,6 +25,14 @@ export const REFUSALS = Object.freeze({
   4403: "not allowed to read this stream",
   4404: "no such workflow",
 });
+
+/** Close code of a client that left the server's window full: it reconnects from its offset. */
+export const TOO_SLOW = 4408;
+
+/** An acknowledgement goes out after this many bytes or entries, or this many ms after an entry. */
+export const ACK_BYTES = 64 * 1024;
+export const ACK_ENTRIES = 256;
+export const ACK_DELAY = 100;
 
 /** The error reported when the server refuses a subscription. */
 export class StreamRefused extends Error {
@@ -89,6 +101,9 @@ export class Subscription {
     this._failures = 0;
     this._openedAt = 0;
     this._ended = false;
+    this._ackTimer = null;
+    this._unackedBytes = 0;
+    this._unackedEntries = 0;
     this.done = new Promise((resolve, reject) => {
       this._resolve = resolve;
       this._reject = reject;
@@ -138,6 +153,7 @@ export class Subscription {
     this._timer = null;
     if (this._ended) return;
     this._setState("connecting");
+    this._resetAcks();
     const WebSocketClass = this.options.WebSocket || globalThis.WebSocket;
     const url = streamUrl(this.workflowId, this.key, { ...this.options, offset: this._offset });
     let socket;
@@ -174,14 +190,16 @@ export class Subscription {
       return;
     }
     if (message.type === "entry") {
-      if (message.offset < this._offset) return; // reported already
       if (message.offset > this._offset) {
         this._drop(socket); // a gap: ask again from the offset we need
         return;
       }
-      this._offset = message.offset + 1;
-      this._failures = 0;
-      this._call("onEntry", message.value, message.offset);
+      if (message.offset === this._offset) {
+        this._offset = message.offset + 1;
+        this._failures = 0;
+        this._call("onEntry", message.value, message.offset);
+      } // else reported already
+      this._received(socket, data.length);
     } else if (message.type === "closed") {
       if (message.length > this._offset) {
         this._drop(socket);
@@ -189,6 +207,34 @@ export class Subscription {
       }
       this._finish("closed", message.length);
     }
+  }
+
+  _received(socket, size) {
+    if (socket !== this._socket) return; // closed meanwhile, by a callback
+    this._unackedBytes += size;
+    this._unackedEntries += 1;
+    if (this._unackedBytes >= ACK_BYTES || this._unackedEntries >= ACK_ENTRIES) {
+      this._ack(socket);
+    } else if (this._ackTimer === null) {
+      this._ackTimer = setTimeout(() => this._ack(socket), ACK_DELAY);
+    }
+  }
+
+  _ack(socket) {
+    this._resetAcks();
+    if (socket !== this._socket) return;
+    try {
+      socket.send(JSON.stringify({ type: "ack", offset: this._offset }));
+    } catch {
+      // The socket is closing: the reconnection asks for this offset anyway.
+    }
+  }
+
+  _resetAcks() {
+    clearTimeout(this._ackTimer);
+    this._ackTimer = null;
+    this._unackedBytes = 0;
+    this._unackedEntries = 0;
   }
 
   _drop(socket) {
@@ -204,8 +250,11 @@ export class Subscription {
       this._finish("failed", undefined, new StreamRefused(code, reason));
       return;
     }
-    // A connection that stayed up a while was healthy: start the backoff over.
-    if (this._openedAt && Date.now() - this._openedAt > 10000) this._failures = 0;
+    // A connection that stayed up a while was healthy: start the backoff over. So was
+    // one closed for a full window (the page was busy): come back without delay.
+    if (code === TOO_SLOW || (this._openedAt && Date.now() - this._openedAt > 10000)) {
+      this._failures = 0;
+    }
     this._retry();
   }
 
@@ -222,6 +271,7 @@ export class Subscription {
     if (this._ended) return;
     this._ended = true;
     clearTimeout(this._timer);
+    this._resetAcks();
     globalThis.removeEventListener?.("online", this._wake);
     globalThis.document?.removeEventListener?.("visibilitychange", this._wake);
     const socket = this._socket;
