@@ -44,6 +44,8 @@ DEFAULTS: dict[str, Any] = {
     "SHUTDOWN_GRACE_SECONDS": 30.0,
     # Callable (dotted path) deciding who may read a stream: (user, workflow, key) -> bool.
     "AUTHORIZE_READER": "durable_streams.auth.default_authorize_reader",
+    # Seconds between checks, while a reader reads, that AUTHORIZE_READER still lets it.
+    "REAUTHORIZE_SECONDS": 60.0,
     # Database alias holding durable_streams' tables.
     "DATABASE": "default",
 }
@@ -56,6 +58,7 @@ _NUMBERS = {
     "READ_BATCH_SIZE": (int, 1),
     "MAX_ATTEMPTS": (int, 1),
     "SHUTDOWN_GRACE_SECONDS": (float, 0.0),
+    "REAUTHORIZE_SECONDS": (float, 0.01),
 }
 
 
@@ -73,6 +76,7 @@ class Config:
     MAX_ATTEMPTS: int
     SHUTDOWN_GRACE_SECONDS: float
     AUTHORIZE_READER: str
+    REAUTHORIZE_SECONDS: float
     DATABASE: str
 
 

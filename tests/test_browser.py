@@ -293,7 +293,7 @@ def test_a_signed_in_visitor_owns_a_private_answer(browser: Any, page: Any, demo
                })""",
             workflow_id,
         )
-        assert code == 4403
+        assert code == 4404  # answered like a missing workflow
     finally:
         stranger.close()
 
