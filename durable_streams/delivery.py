@@ -32,6 +32,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 import re
 import threading
 import time
@@ -467,9 +468,13 @@ class StreamFeed:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def _arm_recheck(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._recheck = loop.call_later(get_config().REAUTHORIZE_SECONDS, self._recheck_due)
+    def _arm_recheck(self, first: bool = False) -> None:
+        delay = get_config().REAUTHORIZE_SECONDS
+        if first:
+            # Readers that connected together (after a restart, say) would otherwise be
+            # checked together for ever: a first check somewhat early spreads them.
+            delay *= random.uniform(0.5, 1.0)
+        self._recheck = asyncio.get_running_loop().call_later(delay, self._recheck_due)
 
     def _recheck_due(self) -> None:
         self._recheck = None
@@ -578,7 +583,7 @@ class StreamFeed:
                     await hub.subscribe(self)
                     subscribed_at = asyncio.get_running_loop().time()
                 if self.access is not None:
-                    self._arm_recheck()
+                    self._arm_recheck(first=True)
                 while True:
                     if self._check_failed is not None:
                         raise self._check_failed
