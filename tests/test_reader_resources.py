@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 from typing import Any
 
 import pytest
@@ -26,12 +27,19 @@ from django.db import connection
 from durable_streams import start_workflow
 from tests import workflows
 from tests.processes import wait_until
+from tests.test_consumers import (
+    _channel_layer_per_test,  # noqa: F401
+    make_user,
+    session_cookie,
+    wait_for,
+)
 from tests.test_live_processes import (  # the fixtures apply here too
     HOST,
     WebSocketClient,
     _close_thread_connections,  # noqa: F401
     daphne,  # noqa: F401
 )
+from tests.test_sse import get, url
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(120)]
 
@@ -193,3 +201,26 @@ async def test_idle_signed_in_readers_hold_no_connection_and_no_thread(
         for reader in readers:
             reader.close()
     assert "Traceback" not in server.log(), server.log()
+
+
+async def test_open_event_streams_in_this_process_keep_no_request_thread(
+    async_db: None,
+) -> None:
+    # The same through the ASGI application in this process, on any database.
+    owner = await make_user("in-process-reader")
+    cookie = await session_cookie(owner)
+    handle = await sync_to_async(start_workflow)(workflows.echo, owner=owner)
+    responses = [await get(url(handle.workflow_id, "out"), [cookie]) for _ in range(3)]
+    before = threading.active_count()
+    responses += [await get(url(handle.workflow_id, "out"), [cookie]) for _ in range(30)]
+    try:
+        assert {r.status for r in responses} == {200}
+        for response in responses:
+            await response._more(10)
+            assert response.text == "retry: 1000\n\n"
+        # Each request ran its middleware in a thread of its own: all of those are gone.
+        await wait_for(lambda: threading.active_count() <= before + 2)
+    finally:
+        for response in responses:
+            await response.communicator.send_input({"type": "http.disconnect"})
+            await response.communicator.wait(timeout=5)
