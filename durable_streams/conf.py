@@ -55,6 +55,8 @@ DEFAULTS: dict[str, Any] = {
     "SHUTDOWN_GRACE_SECONDS": 30.0,
     # Callable (dotted path) deciding who may read a stream: (user, workflow, key) -> bool.
     "AUTHORIZE_READER": "durable_streams.auth.default_authorize_reader",
+    # Seconds between checks, while a reader reads, that AUTHORIZE_READER still lets it.
+    "REAUTHORIZE_SECONDS": 60.0,
     # Database alias holding durable_streams' tables.
     "DATABASE": "default",
 }
@@ -73,6 +75,7 @@ _NUMBERS = {
     "READER_STALL_SECONDS": (float, 0.01),
     "MAX_ATTEMPTS": (int, 1),
     "SHUTDOWN_GRACE_SECONDS": (float, 0.0),
+    "REAUTHORIZE_SECONDS": (float, 0.01),
 }
 
 DAY = 86_400
@@ -109,6 +112,7 @@ class Config:
     MAX_ATTEMPTS: int
     SHUTDOWN_GRACE_SECONDS: float
     AUTHORIZE_READER: str
+    REAUTHORIZE_SECONDS: float
     DATABASE: str
 
 

@@ -26,8 +26,10 @@ a bare HTTP 403), with a code and a short reason; some servers, daphne among the
 drop the reason, so clients go by the code:
 
     4400  bad parameters (offset not a whole number or given twice, bad key or id)
-    4403  the user may not read this stream (``AUTHORIZE_READER``)
-    4404  no such workflow
+    4404  no such workflow, or the user may not read this stream (``AUTHORIZE_READER``):
+          the same answer for both, so that nobody can probe which ids exist
+    4403  the user could read the stream when it connected, but may no longer: access
+          is checked again every ``REAUTHORIZE_SECONDS`` while the socket is open
     4408  too slow: the window stayed full without an ack (reconnect from your offset)
     1011  an error on the server (logged there, never sent to the client)
 """
@@ -45,11 +47,14 @@ from urllib.parse import parse_qs
 from channels.generic.websocket import AsyncWebsocketConsumer
 
 from . import delivery
+from .auth import ReaderAccess
 from .conf import get_config
 from .delivery import (
     BAD_REQUEST,
     FORBIDDEN,
     NOT_FOUND,
+    NOT_FOUND_REASON,
+    REVOKED_REASON,
     SERVER_ERROR,
     TOO_SLOW,
     BadParameters,
@@ -86,6 +91,13 @@ def ack_offset(text: str | None) -> int | None:
     if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
         return None
     return offset
+
+
+def _session_key(scope: dict[str, Any]) -> str | None:
+    # Channels' SessionMiddleware puts a lazy session store here; AuthMiddleware read
+    # the user from it (a session that was not found has no key any more).
+    session = scope.get("session")
+    return getattr(session, "session_key", None) if session is not None else None
 
 
 class StreamConsumer(AsyncWebsocketConsumer):
@@ -125,20 +137,19 @@ class StreamConsumer(AsyncWebsocketConsumer):
         except BadParameters as exc:
             await self._refuse(BAD_REQUEST, str(exc))
             return
+        user = self.scope.get("user")
         try:
-            refusal = await delivery.run_db(may_read, self.scope.get("user"), workflow_id, key)
+            refusal = await delivery.run_db(may_read, user, workflow_id, key)
         except Exception:
             logger.exception("Could not authorize a reader of stream %r of %r.", key, workflow_id)
             await self._refuse(SERVER_ERROR, "Server error.")
             return
-        if refusal == NOT_FOUND:
-            await self._refuse(NOT_FOUND, "No such workflow.")
-            return
-        if refusal == FORBIDDEN:
-            await self._refuse(FORBIDDEN, "You may not read this stream.")
+        if refusal is not None:
+            await self._refuse(NOT_FOUND, NOT_FOUND_REASON)
             return
         await self.accept()
-        self.feed = delivery.StreamFeed(workflow_id, key, offset)
+        access = ReaderAccess(user, _session_key(self.scope), workflow_id, key)
+        self.feed = delivery.StreamFeed(workflow_id, key, offset, access)
         self._pump = asyncio.create_task(self._send_feed(self.feed))
 
     async def _refuse(self, code: int, reason: str) -> None:
@@ -164,6 +175,9 @@ class StreamConsumer(AsyncWebsocketConsumer):
                                 code=TOO_SLOW, reason="Too slow: reconnect from your offset."
                             )
                             return
+                    elif isinstance(event, delivery.Revoked):
+                        await self.close(code=FORBIDDEN, reason=_reason(REVOKED_REASON))
+                        return
                     else:
                         await self.send(text_data=closed_frame(feed.key, event.length))
                         await self.close(code=1000)

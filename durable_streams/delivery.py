@@ -32,12 +32,13 @@ import hashlib
 import json
 import logging
 import os
+import random
 import re
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from asgiref.sync import sync_to_async
 from django.db import close_old_connections
@@ -45,6 +46,9 @@ from django.db import close_old_connections
 from . import encoding
 from .conf import get_config
 from .db import alias
+
+if TYPE_CHECKING:
+    from .auth import ReaderAccess
 
 logger = logging.getLogger("durable_streams.delivery")
 
@@ -382,6 +386,11 @@ class Closed:
 
 
 @dataclass(frozen=True)
+class Revoked:
+    """The reader may no longer read the stream: its access, checked again, failed."""
+
+
+@dataclass(frozen=True)
 class Batch:
     offset: int
     texts: list[str]
@@ -432,7 +441,9 @@ class StreamFeed:
     stream comes in through ``notify()``.
     """
 
-    def __init__(self, workflow_id: str, key: str, offset: int) -> None:
+    def __init__(
+        self, workflow_id: str, key: str, offset: int, access: ReaderAccess | None = None
+    ) -> None:
         self.workflow_id = workflow_id
         self.key = key
         self.next_offset = offset
@@ -447,6 +458,13 @@ class StreamFeed:
         self._timer: asyncio.TimerHandle | None = None
         self._length: int | None = None  # known once the stream is closed
         self.fetches = 0
+        # Checked again every REAUTHORIZE_SECONDS while events() runs: by a timer and a
+        # short task per check, so that an idle reader is ended too and no value waits.
+        self.access = access
+        self._recheck: asyncio.TimerHandle | None = None
+        self._checking: asyncio.Task[None] | None = None
+        self._revoked = False
+        self._check_failed: BaseException | None = None
 
     def notify(self, message: dict[str, Any]) -> None:
         """Hand the feed a channel layer message (on the loop that runs ``events()``)."""
@@ -455,12 +473,43 @@ class StreamFeed:
             self._notes.clear()
             self._notes.append({"type": LAGGED})
         self._notes.append(message)
+        self._wake()
+
+    def _wake(self) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
+    def _arm_recheck(self, first: bool = False) -> None:
+        delay = get_config().REAUTHORIZE_SECONDS
+        if first:
+            # Readers that connected together (after a restart, say) would otherwise be
+            # checked together for ever: a first check somewhat early spreads them.
+            delay *= random.uniform(0.5, 1.0)
+        self._recheck = asyncio.get_running_loop().call_later(delay, self._recheck_due)
+
+    def _recheck_due(self) -> None:
+        self._recheck = None
+        self._checking = asyncio.ensure_future(self._reauthorize())
+
+    async def _reauthorize(self) -> None:
+        assert self.access is not None
+        try:
+            allowed = await run_db(self.access.still_allowed)
+        except Exception as exc:
+            # Fail closed: the reader ends with a server error, and reconnects.
+            self._check_failed = exc
+        else:
+            if allowed:
+                self._arm_recheck()
+                return
+            self._revoked = True
+        self._wake()
+
     async def _next_note(self, timeout: float) -> dict[str, Any] | None:
         """The next message, or None after ``timeout`` seconds without one."""
+        if self._revoked or self._check_failed is not None:
+            return None  # events() ends the feed now
         if not self._notes:
             loop = asyncio.get_running_loop()
             self._deadline = loop.time() + timeout
@@ -553,7 +602,14 @@ class StreamFeed:
                     # Subscribed before the first read: what commits after it is heard.
                     await hub.subscribe(self)
                     subscribed_at = asyncio.get_running_loop().time()
+                if self.access is not None:
+                    self._arm_recheck(first=True)
                 while True:
+                    if self._check_failed is not None:
+                        raise self._check_failed
+                    if self._revoked:
+                        yield Revoked()
+                        return
                     if behind:
                         self.fetches += 1
                         if hub is not None:
@@ -590,6 +646,12 @@ class StreamFeed:
                 if self._timer is not None:
                     self._timer.cancel()
                     self._timer = None
+                if self._recheck is not None:
+                    self._recheck.cancel()
+                    self._recheck = None
+                if self._checking is not None:
+                    self._checking.cancel()
+                    self._checking = None
                 if hub is not None:
                     await hub.unsubscribe(self)
 
@@ -948,7 +1010,12 @@ def parse_address(workflow_id: Any, key: Any) -> tuple[str, str]:
 
 
 def may_read(user: Any, workflow_id: str, key: str) -> int | None:
-    """None when ``user`` may read the stream, else the refusal code (4404 or 4403)."""
+    """None when ``user`` may read the stream, else NOT_FOUND.
+
+    A reader who may not read a stream is told what it would be told for a missing
+    workflow, so that nobody can probe which ids exist. FORBIDDEN is for a reader
+    whose access was withdrawn while it read (``StreamFeed``'s checks).
+    """
     from .auth import can_read
     from .models import Workflow
 
@@ -963,7 +1030,7 @@ def may_read(user: Any, workflow_id: str, key: str) -> int | None:
     if workflow is None:
         return NOT_FOUND
     if not can_read(user, workflow, key):
-        return FORBIDDEN
+        return NOT_FOUND
     return None
 
 
@@ -975,6 +1042,17 @@ def entry_frame(key: str, offset: int, text: str) -> str:
 def frame_bytes(text: str) -> int:
     """The UTF-8 size of a frame; ASCII frames (the usual case) are not encoded to count."""
     return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+# The reasons the endpoints give, the same over both.
+NOT_FOUND_REASON = "No such workflow, or you may not read it."
+REVOKED_REASON = "You may no longer read this stream."
+
+
+def refused_frame(key: str) -> str:
+    return json.dumps(
+        {"type": "refused", "key": key, "reason": REVOKED_REASON}, separators=(",", ":")
+    )
 
 
 def closed_frame(key: str, length: int) -> str:

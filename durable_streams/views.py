@@ -9,9 +9,20 @@
 for each value, then ``event: closed`` with ``{"type": "closed", "key": K, "length": L}``
 and the end of the response. The ``id`` is the offset: a client that reconnects
 with ``Last-Event-ID: N`` resumes at ``N + 1``. Refusals are plain HTTP answers:
-400 (bad offset or key), 403 (not allowed), 404 (no such workflow), and 501 when the
-request came through WSGI: a WSGI server would collect the whole (possibly endless)
-stream before sending its first byte, so the events need an ASGI server.
+400 (bad offset or key), 404 (no such workflow, or the user may not read it: the
+same answer, so that nobody can probe which ids exist).
+
+Access is checked again every ``REAUTHORIZE_SECONDS`` while the response lasts; once
+it no longer holds, ``event: refused`` with ``{"type": "refused", "key": K, "reason": R}``
+ends the response (an EventSource reconnects, and gets the 404).
+
+An open response holds no thread and no database connection of its own: the user is
+read, and the reader authorized, in ``delivery.run_db``, and the request's own thread
+goes once the response has started (``_release_request_thread``).
+
+A request that came through WSGI is refused with 501: a WSGI server would collect the
+whole (possibly endless) stream before sending its first byte, so the events need an
+ASGI server.
 
 EventSource cannot acknowledge what it has read, and some ASGI servers (daphne) buffer
 whatever the application sends, however slow the client. So one response carries at
@@ -31,18 +42,20 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+from asgiref.sync import SyncToAsync
 from django.core.handlers.asgi import ASGIRequest
+from django.db import connections
 from django.http import (
     HttpRequest,
     HttpResponse,
     HttpResponseBadRequest,
-    HttpResponseForbidden,
     HttpResponseNotFound,
     StreamingHttpResponse,
 )
 from django.views.decorators.http import require_GET
 
 from . import delivery
+from .auth import ReaderAccess
 from .conf import get_config
 from .delivery import BadParameters, parse_address, parse_offset
 
@@ -101,13 +114,11 @@ async def stream_events(request: HttpRequest, workflow_id: str, key: str) -> Htt
         offset = _start_offset(request)
     except BadParameters as exc:
         return _plain(HttpResponseBadRequest, str(exc))
-    user = await request.auser()
-    refusal = await delivery.run_db(delivery.may_read, user, workflow_id, key)
-    if refusal == delivery.NOT_FOUND:
-        return _plain(HttpResponseNotFound, "No such workflow.")
-    if refusal == delivery.FORBIDDEN:
-        return _plain(HttpResponseForbidden, "You may not read this stream.")
-    feed = delivery.StreamFeed(workflow_id, key, offset)
+    # Not request.auser(): it would read the session in the request's own thread.
+    access = await delivery.run_db(_authorize, request, workflow_id, key)
+    if access is None:
+        return _plain(HttpResponseNotFound, delivery.NOT_FOUND_REASON)
+    feed = delivery.StreamFeed(workflow_id, key, offset, access)
     response = StreamingHttpResponse(_event_stream(feed), content_type="text/event-stream")
     response["Cache-Control"] = "no-cache"
     # Tell nginx and its kind not to buffer the events.
@@ -115,13 +126,58 @@ async def stream_events(request: HttpRequest, workflow_id: str, key: str) -> Htt
     return response
 
 
+def _authorize(request: HttpRequest, workflow_id: str, key: str) -> ReaderAccess | None:
+    """The reader's access, or None if it may not read the stream (blocking)."""
+    user: Any = getattr(request, "user", None)
+    if user is not None:
+        user.is_authenticated  # noqa: B018 (resolves the lazy user in this thread)
+    if delivery.may_read(user, workflow_id, key) is not None:
+        return None
+    session_key = getattr(getattr(request, "session", None), "session_key", None)
+    return ReaderAccess(user, session_key, workflow_id, key)
+
+
+async def _release_request_thread() -> None:
+    """Let the request's own thread go, with its database connections.
+
+    Django's ASGIHandler serves each request in an asgiref ThreadSensitiveContext:
+    its sync parts (sync middleware, thread-sensitive sync_to_async) run in a
+    one-thread executor of that context, which is shut down only when the context
+    exits, after the last byte of the response, and whose connections are closed
+    only at request_finished. An event stream lasts as long as its reader, so each
+    would hold a thread and a connection. By now the response has started: the view
+    and the middleware have returned, so nothing is running in that thread or will
+    be queued for it. Its connections are closed there, and the executor is taken
+    out of the context's map and shut down without waiting. A later thread-sensitive
+    call in this request (response.close() sends request_finished) finds no executor
+    and gets a new one, which the context shuts down at its exit.
+    """
+    context = SyncToAsync.thread_sensitive_context.get(None)
+    # No context: not under ASGIHandler. An executor given to the context (newer
+    # asgiref lets a caller pass one) belongs to that caller, not to this request.
+    if context is None or getattr(context, "_executor", None) is not None:
+        return
+    executor = SyncToAsync.context_to_thread_executor.pop(context, None)
+    if executor is None:  # nothing ran in a thread of this request
+        return
+    closed = executor.submit(connections.close_all)
+    executor.shutdown(wait=False)
+    try:
+        await asyncio.wrap_future(closed)
+    except Exception:
+        logger.warning("Could not close the request thread's connections.", exc_info=True)
+
+
 async def _event_stream(feed: delivery.StreamFeed) -> AsyncIterator[bytes]:
     # The feed subscribes itself through this process's one subscription per stream.
     # One event in hand at a time: the feed is pulled only as fast as the client reads.
-    out: asyncio.Queue[delivery.Entry | delivery.Closed | BaseException] = asyncio.Queue(1)
+    out: asyncio.Queue[delivery.Entry | delivery.Closed | delivery.Revoked | BaseException] = (
+        asyncio.Queue(1)
+    )
     pump: asyncio.Task[None] | None = None
     budget = get_config().READER_WINDOW_BYTES
     try:
+        await _release_request_thread()
         yield f"retry: {RETRY_MILLISECONDS}\n\n".encode()
         pump = asyncio.create_task(_pump(feed, out))
         while True:
@@ -147,6 +203,9 @@ async def _event_stream(feed: delivery.StreamFeed) -> AsyncIterator[bytes]:
                 frame = delivery.closed_frame(feed.key, item.length)
                 yield f"event: closed\ndata: {frame}\n\n".encode()
                 return
+            elif isinstance(item, delivery.Revoked):
+                yield f"event: refused\ndata: {delivery.refused_frame(feed.key)}\n\n".encode()
+                return
             else:
                 logger.error(
                     "Stream %r of workflow %r failed.", feed.key, feed.workflow_id, exc_info=item
@@ -161,7 +220,7 @@ async def _event_stream(feed: delivery.StreamFeed) -> AsyncIterator[bytes]:
 
 async def _pump(
     feed: delivery.StreamFeed,
-    out: asyncio.Queue[delivery.Entry | delivery.Closed | BaseException],
+    out: asyncio.Queue[delivery.Entry | delivery.Closed | delivery.Revoked | BaseException],
 ) -> None:
     try:
         async with contextlib.aclosing(feed.events()) as events:

@@ -47,6 +47,7 @@ def ids(messages: list[CheckMessage]) -> list[str]:
         ({"MAX_ATTEMPTS": 0}, "['MAX_ATTEMPTS'] must be at least 1"),
         ({"READER_RETRY_SECONDS": -1}, "['READER_RETRY_SECONDS'] must be at least 0.0"),
         ({"SHUTDOWN_GRACE_SECONDS": -1}, "['SHUTDOWN_GRACE_SECONDS'] must be at least 0.0"),
+        ({"REAUTHORIZE_SECONDS": 0}, "['REAUTHORIZE_SECONDS'] must be at least 0.01, not 0"),
         ({"HEARTBEAT_SECONDS": 0}, "['HEARTBEAT_SECONDS'] must be a positive number or None"),
         ({"HEARTBEAT_SECONDS": float("nan")}, "['HEARTBEAT_SECONDS'] must be a positive number"),
         (

@@ -306,7 +306,7 @@ async def close_code(url: str, **kwargs: Any) -> tuple[int, str]:
 
 async def test_unknown_workflow_is_4404(db: None) -> None:
     code, reason = await close_code(path("no-such-workflow", "out"))
-    assert (code, reason) == (4404, "No such workflow.")
+    assert (code, reason) == (4404, "No such workflow, or you may not read it.")
 
 
 @pytest.mark.parametrize(
@@ -359,16 +359,36 @@ async def test_a_path_under_the_prefix_that_is_no_address_is_4400(db: None, url:
     assert code == 4400 and "Not a stream address" in reason
 
 
-async def test_private_workflow_refuses_anonymous_and_strangers(run_burst: Any) -> None:
+async def grant(user: Any, codename: str) -> Any:
+    """``user`` with the permission ``durable_streams.<codename>``, read afresh."""
+    from django.contrib.auth.models import Permission
+
+    def add() -> Any:
+        user.user_permissions.add(
+            Permission.objects.get(content_type__app_label="durable_streams", codename=codename)
+        )
+        return get_user_model().objects.get(pk=user.pk)
+
+    return await sync_to_async(add)()
+
+
+async def test_private_workflow_answers_anonymous_and_strangers_as_missing(
+    run_burst: Any,
+) -> None:
     owner = await make_user("owner")
     stranger = await make_user("stranger")
+    # Staff without the admin's permission to view workflows read nothing either.
     staff = await make_user("staff", is_staff=True)
+    viewer = await grant(await make_user("viewer"), "view_workflow")
+    superuser = await sync_to_async(get_user_model().objects.create_superuser)("root", "", "pw")
     handle = await sync_to_async(many.start)("out", 2, owner=owner)
     await run_all(run_burst)
     url = path(handle.workflow_id, "out")
-    assert (await close_code(url))[0] == 4403
-    assert (await close_code(url, user=stranger))[0] == 4403
-    for reader in (owner, staff):
+    # The answer for a missing workflow, word for word: ids cannot be probed.
+    missing = await close_code(path("no-such-workflow", "out"))
+    for refused in (None, stranger, staff):
+        assert await close_code(url, user=refused) == missing
+    for reader in (owner, viewer, superuser):
         frames, code = await read_until_closed(await open_socket(url, user=reader))
         assert len(entries(frames)) == 2 and code == 1000
 
@@ -393,7 +413,7 @@ async def test_the_authorization_setting_decides_per_key(run_burst: Any, setting
     await run_all(run_burst)
     frames, code = await read_until_closed(await open_socket(path(handle.workflow_id, "public")))
     assert code == 1000 and len(entries(frames)) == 1
-    assert (await close_code(path(handle.workflow_id, "secret")))[0] == 4403
+    assert (await close_code(path(handle.workflow_id, "secret")))[0] == 4404
 
 
 @pytest.mark.parametrize(

@@ -55,7 +55,12 @@ class WebSocketClient:
 
     @classmethod
     async def connect(
-        cls, port: int, path: str, origin: str | None = None, timeout: float = 10.0
+        cls,
+        port: int,
+        path: str,
+        origin: str | None = None,
+        timeout: float = 10.0,
+        headers: dict[str, str] | None = None,
     ) -> WebSocketClient:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(HOST, port), timeout)
         key = base64.b64encode(os.urandom(16)).decode()
@@ -68,6 +73,7 @@ class WebSocketClient:
             "Sec-WebSocket-Version: 13",
             f"Origin: {origin or f'http://{HOST}:{port}'}",
         ]
+        lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
         writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
         await writer.drain()
         head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)).decode("latin-1")
@@ -341,8 +347,9 @@ async def test_refusals_and_origin_over_a_real_socket(daphne: Any) -> None:
     client = await WebSocketClient.connect(
         server.port, f"/ws/durable-streams/{handle.workflow_id}/out/"
     )
-    # Daphne sends the code but not the reason text: clients go by the code.
-    assert (await client.receive(10))[0] == 4403
+    # Daphne sends the code but not the reason text: clients go by the code. A private
+    # workflow is answered like a missing one.
+    assert (await client.receive(10))[0] == 4404
     client = await WebSocketClient.connect(server.port, "/ws/durable-streams/missing/out/")
     assert (await client.receive(10))[0] == 4404
     client = await WebSocketClient.connect(

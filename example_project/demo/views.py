@@ -5,14 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from django import forms
-from django.core.exceptions import PermissionDenied
 from django.db.models import Q, QuerySet
-from django.http import HttpRequest, HttpResponse
+from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_http_methods
 
 from durable_streams import StreamTimeout, read_stream
-from durable_streams.auth import can_read
+from durable_streams.auth import VIEW_PERMISSIONS, can_read
 from durable_streams.models import Workflow
 
 from .workflows import ANSWER, PROGRESS, answer
@@ -31,14 +30,14 @@ class AskForm(forms.Form):
         widget=forms.Textarea(attrs={"rows": 3, "placeholder": "Ask anything…"}),
     )
     private = forms.BooleanField(
-        required=False, initial=True, label="Only me (and staff) can read the answer"
+        required=False, initial=True, label="Only me (and admins) can read the answer"
     )
 
 
 def visible_runs(user: Any) -> QuerySet[Workflow]:
-    """The demo's runs this user may read: public ones, their own, or all for staff."""
+    """The demo's runs this user may read: public ones, their own, or all for admins."""
     runs = Workflow.objects.filter(name=answer.name).select_related("owner")
-    if getattr(user, "is_staff", False):
+    if any(user.has_perm(name) for name in VIEW_PERMISSIONS):
         return runs
     if user.is_authenticated:
         return runs.filter(Q(is_public=True) | Q(owner=user))
@@ -87,7 +86,8 @@ def index(request: HttpRequest) -> HttpResponse:
 def run(request: HttpRequest, workflow_id: str) -> HttpResponse:
     workflow = get_object_or_404(Workflow, pk=workflow_id, name=answer.name)
     if not can_read(request.user, workflow, ANSWER):
-        raise PermissionDenied("You may not read this answer.")
+        # Answered like a missing run, as the stream endpoints do: ids cannot be probed.
+        raise Http404("No such answer, or you may not read it.")
     tokens = stored(workflow_id, ANSWER)
     progress = stored(workflow_id, PROGRESS)
     context = {

@@ -19,11 +19,15 @@
  *   // later, to stop listening: sub.close();
  */
 
-/** Close codes after which reconnecting cannot help. */
+/**
+ * Close codes after which reconnecting cannot help. A stream the user may not read is
+ * answered like a missing one (4404), so that ids cannot be probed; 4403 means the
+ * user could read it when the socket opened, but may no longer.
+ */
 export const REFUSALS = Object.freeze({
   4400: "bad parameters",
-  4403: "not allowed to read this stream",
-  4404: "no such workflow",
+  4403: "no longer allowed to read this stream",
+  4404: "no such workflow, or not allowed to read it",
 });
 
 /** Close code of a client that left the server's window full: it reconnects from its offset. */
