@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 
 from tests.private_services import (
@@ -25,6 +24,9 @@ from tests.private_services import (
     private_redis,  # noqa: F401 - a fixture
 )
 from tests.processes import ROOT, wait_until, worker_processes
+
+# The cluster is driven through psycopg (the "postgres" extra).
+psycopg = pytest.importorskip("psycopg")
 
 pytestmark = pytest.mark.timeout(240)
 
