@@ -13,9 +13,9 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
 from asgiref.sync import sync_to_async
-from django.db import InterfaceError, OperationalError, connections
+from django.db import DatabaseError, InterfaceError, OperationalError, connections
 
-from . import encoding, registry, runtime
+from . import encoding, registry, runtime, schema
 from .conf import MAXIMA, get_config
 from .db import alias
 from .exceptions import (
@@ -285,18 +285,34 @@ def start_workflow(
     # A taken id is kept; the second try is for a run deleted between the two queries.
     for _ in range(2):
         with runtime.on_behalf_of_body(f"starting workflow {wf.name!r}"):
-            if runs.enqueue(run):
-                break
-            existing = (
-                runs.filter(pk=run.id)
-                .values_list("name", "owner_id", "is_public", "inputs")
-                .first()
-            )
+            try:
+                if runs.enqueue(run):
+                    break
+                existing = (
+                    runs.filter(pk=run.id)
+                    .values_list("name", "owner_id", "is_public", "inputs")
+                    .first()
+                )
+            except DatabaseError as exc:
+                _raise_if_unmigrated(exc, using)
+                raise
         if existing is None:
             continue
         _check_same_run(run, *existing)
         break
     return WorkflowHandle(run.id)
+
+
+def _raise_if_unmigrated(exc: DatabaseError, using: str) -> None:
+    """Turn "no such table" into the error that says to run ``migrate``."""
+    connection = connections[using]
+    if connection.in_atomic_block:
+        # The failed statement may have broken the caller's transaction: asking the
+        # migration recorder now would fail too, and hide the original error.
+        return
+    missing = schema.explain(exc, using)
+    if missing is not None:
+        raise missing from exc
 
 
 def _owner_id(owner: Any) -> Any:
