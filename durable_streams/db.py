@@ -82,7 +82,7 @@ def run_statement(using: str, sql: str, params: Any) -> tuple[list[tuple[Any, ..
         raw = psycopg.Cursor(connection)
         # Django's wrapper: its error classes, execute_wrapper() hooks and query logging.
         cursor = (
-            _LoggedStatement(raw, wrapper) if wrapper.queries_logged else wrapper.make_cursor(raw)
+            _LoggedStatement(raw, wrapper) if wrapper.queries_logged else wrapper.make_cursor(raw)  # type: ignore[arg-type]  # takes the driver's cursor
         )
         with cursor:
             cursor.execute(sql, params)
@@ -100,7 +100,7 @@ class _LoggedStatement(CursorDebugWrapper):
     bind on the server, so the text is composed here, for the log only.
     """
 
-    def execute(self, sql: str, params: Any = None) -> Any:
+    def execute(self, sql: str, params: Any = None) -> Any:  # type: ignore[override]  # text only
         with self.debug_sql(_composed(self.cursor, sql, params), params):
             return CursorWrapper.execute(self, sql, params)
 
