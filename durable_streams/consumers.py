@@ -114,7 +114,7 @@ class StreamConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]  # channels:
     channel_layer_alias = None
 
     feed: delivery.StreamFeed | None = None
-    _pump: Any = None
+    _pump: asyncio.Task[None] | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
