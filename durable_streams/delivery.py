@@ -201,6 +201,10 @@ def _log_failure(task: asyncio.Future[Any]) -> None:
         _send_failures.warning("Could not notify stream subscribers", task.exception())
 
 
+# A message for a group of a layer, waiting for the sender thread.
+_Outgoing = tuple[ChannelLayer, str, dict[str, Any]]
+
+
 class _Sender:
     """Sends messages on a cross-process layer from one thread with its own loop.
 
@@ -211,14 +215,12 @@ class _Sender:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._queue: asyncio.Queue[tuple[ChannelLayer, str, dict[str, Any]]] | None = None
+        self._queue: asyncio.Queue[_Outgoing] | None = None
         self._pid = 0
         self._pending = 0
         self._dropped = 0
 
-    def _ensure(
-        self,
-    ) -> tuple[asyncio.AbstractEventLoop, asyncio.Queue[tuple[ChannelLayer, str, dict[str, Any]]]]:
+    def _ensure(self) -> tuple[asyncio.AbstractEventLoop, asyncio.Queue[_Outgoing]]:
         with self._lock:
             if self._loop is None or self._pid != os.getpid():
                 ready = threading.Event()
@@ -281,10 +283,10 @@ class _Sender:
 
 
 def _coalesce(
-    batch: list[tuple[ChannelLayer, str, dict[str, Any]]],
-) -> list[tuple[ChannelLayer, str, dict[str, Any]]]:
+    batch: list[_Outgoing],
+) -> list[_Outgoing]:
     """Merge back-to-back entries of one stream into one message, keeping each group's order."""
-    out: list[tuple[ChannelLayer, str, dict[str, Any]]] = []
+    out: list[_Outgoing] = []
     last: dict[str, int] = {}
     for layer, group, message in batch:
         index = last.get(group)
