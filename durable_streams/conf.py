@@ -66,7 +66,7 @@ DEFAULTS: dict[str, Any] = {
 
 # Inclusive lower bounds; beyond the maxima below a value is a mistake (a day-long poll)
 # or overflows the arithmetic it meets (timedelta, float) far from where it was set.
-_NUMBERS = {
+_NUMBERS: dict[str, tuple[type[int | float], float]] = {
     "LEASE_SECONDS": (float, 0.5),
     "POLL_INTERVAL": (float, 0.001),
     "NOTIFY_FALLBACK_POLL": (float, 0.01),
@@ -132,7 +132,7 @@ def _shown(value: float) -> str:
     return repr(value)
 
 
-def _check_number(name: str, value: Any, kind: type, minimum: float) -> float:
+def _check_number(name: str, value: Any, kind: type[int | float], minimum: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _invalid(name, f"must be a number, not {type(value).__name__}")
     # math.isfinite() of a huge int raises OverflowError: only floats can be inf or nan.

@@ -81,8 +81,9 @@ def run_statement(using: str, sql: str, params: Any) -> tuple[list[tuple[Any, ..
     try:
         raw = psycopg.Cursor(connection)
         # Django's wrapper: its error classes, execute_wrapper() hooks and query logging.
+        # (make_cursor() takes the driver's cursor; django-stubs say Django's wrapper.)
         cursor = (
-            _LoggedStatement(raw, wrapper) if wrapper.queries_logged else wrapper.make_cursor(raw)
+            _LoggedStatement(raw, wrapper) if wrapper.queries_logged else wrapper.make_cursor(raw)  # type: ignore[arg-type]
         )
         with cursor:
             cursor.execute(sql, params)
@@ -100,7 +101,8 @@ class _LoggedStatement(CursorDebugWrapper):
     bind on the server, so the text is composed here, for the log only.
     """
 
-    def execute(self, sql: str, params: Any = None) -> Any:
+    # Narrower than Django's (SQL text or composed SQL): these statements are text.
+    def execute(self, sql: str, params: Any = None) -> Any:  # type: ignore[override]
         with self.debug_sql(_composed(self.cursor, sql, params), params):
             return CursorWrapper.execute(self, sql, params)
 

@@ -6,7 +6,7 @@ import functools
 import json
 import uuid
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 from django.conf import settings
 from django.db import IntegrityError, connections, models, transaction
@@ -645,7 +645,8 @@ class Workflow(models.Model):
 
     @property
     def decoded_inputs(self) -> dict[str, Any]:
-        return json.loads(self.inputs)
+        inputs: dict[str, Any] = json.loads(self.inputs)
+        return inputs
 
     @property
     def decoded_output(self) -> Any:
@@ -703,11 +704,11 @@ _STEP_COLUMNS = (
 def _enqueue_sql(using: str, skip_taken: bool) -> str:
     quote = connections[using].ops.quote_name
     fields = Workflow._meta.concrete_fields
-    columns = ", ".join(quote(field.column) for field in fields)
+    columns = ", ".join(quote(cast(str, field.column)) for field in fields)
     values = ", ".join(["%s"] * len(fields))
     sql = f"INSERT INTO {quote(Workflow._meta.db_table)} ({columns}) VALUES ({values})"
     if skip_taken:
-        sql += f" ON CONFLICT ({quote(Workflow._meta.pk.column)}) DO NOTHING"
+        sql += f" ON CONFLICT ({quote(cast(str, Workflow._meta.pk.column))}) DO NOTHING"
     return sql
 
 
@@ -723,7 +724,8 @@ def _fetch(using: str, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]
         return run_statement(using, sql, params)[0]
     with connections[using].cursor() as cursor:
         cursor.execute(sql, params)
-        return cursor.fetchall()
+        rows: list[tuple[Any, ...]] = cursor.fetchall()
+        return rows
 
 
 @functools.cache

@@ -94,7 +94,8 @@ class Command(BaseCommand):
         logger = logging.getLogger("durable_streams")
         logger.setLevel(VERBOSITY_TO_LEVEL.get(verbosity, logging.DEBUG))
         if not logger.handlers and not logging.getLogger().handlers:
-            handler = logging.StreamHandler(self.stderr._out)
+            # The wrapped stream; django-stubs do not declare OutputWrapper._out.
+            handler = logging.StreamHandler(self.stderr._out)  # type: ignore[call-overload]
             handler.setFormatter(
                 logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
             )
