@@ -90,12 +90,17 @@ def fails(message: str) -> None:
 _attempts: dict[str, int] = {}
 
 
-@step(retries=2, backoff=0.01)
-def flaky(label: str, failures: int) -> str:
+def _fails_at_first(label: str, failures: int) -> str:
+    """Fails its first ``failures`` tries (counted as Effect rows), then succeeds."""
     effect(label)
     if Effect.objects.filter(label=label).count() <= failures:
         raise ConnectionError(f"attempt failed for {label}")
     return f"{label} ok"
+
+
+@step(retries=2, backoff=0.01)
+def flaky(label: str, failures: int) -> str:
+    return _fails_at_first(label, failures)
 
 
 @workflow
@@ -358,10 +363,7 @@ def deep_result() -> Any:
 
 @step(retries=2, backoff=0.1)
 def flaky_backoff(label: str, failures: int) -> str:
-    effect(label)
-    if Effect.objects.filter(label=label).count() <= failures:
-        raise ConnectionError(f"attempt failed for {label}")
-    return f"{label} ok"
+    return _fails_at_first(label, failures)
 
 
 @workflow
@@ -383,6 +385,26 @@ def cancellable(label: str, count: int, delay: float) -> int:
 def graceful(label: str, seconds: float) -> str:
     write_stream("progress", "started")
     sleepy_effect(f"{label}-1", seconds)
+    write_stream("progress", "between")
+    sleepy_effect(f"{label}-2", 0)
+    close_stream("progress")
+    return "done"
+
+
+@step
+def released_effect(label: str) -> str:
+    """Wait for the test's release (an Effect ``<label>-release``), then record the effect."""
+    if not wait_for_effect(f"{label}-release", 60):
+        raise TimeoutError(f"{label} was never released")
+    worker_effect(label)
+    return label
+
+
+@workflow
+def graceful_released(label: str) -> str:
+    """``graceful`` whose first step runs until the test releases it."""
+    write_stream("progress", "started")
+    released_effect(f"{label}-1")
     write_stream("progress", "between")
     sleepy_effect(f"{label}-2", 0)
     close_stream("progress")
