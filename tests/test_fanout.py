@@ -11,7 +11,7 @@ import pytest
 from channels.testing import WebsocketCommunicator
 
 from durable_streams import delivery
-from tests.layers import CarryOnLayer, FeedStub, members, wait_members
+from tests.layers import members, wait_members
 from tests.sockets import (
     _channel_layer_per_test,  # noqa: F401  (autouse: applies here)
     _close_thread_connections,  # noqa: F401  (autouse: applies here)
@@ -293,32 +293,3 @@ async def test_a_failing_join_neither_stalls_the_sockets_nor_stays_unjoined(
             assert entries(frames) == [(1, "b")] and code == 1000
     finally:
         await close_all(sockets)
-
-
-async def test_the_last_feed_leaving_ends_the_receive_even_if_a_cancellation_is_lost() -> None:
-    layer = CarryOnLayer()
-    hub = delivery._Hub(layer)
-    feed = FeedStub("wf-carry-on", "out")
-    await hub.subscribe(feed)  # type: ignore[arg-type]
-    background = list(hub._background)
-    assert len(background) == 2 and not any(task.done() for task in background)
-    await hub.unsubscribe(feed)  # type: ignore[arg-type]
-    await asyncio.wait_for(layer.receive_ended.wait(), 2)
-    await asyncio.wait_for(asyncio.wait(background), 2)
-    assert layer.cancellations == 2
-    assert all(task.cancelled() for task in background)
-
-
-async def test_a_cancelled_hub_stops_at_once_even_if_the_layer_carries_on() -> None:
-    # What a closing event loop does: cancel every task once.
-    layer = CarryOnLayer()
-    hub = delivery._Hub(layer)
-    feed = FeedStub("wf-carry-on-2", "out")
-    await hub.subscribe(feed)  # type: ignore[arg-type]
-    receiving, keeping = hub._background
-    for task in (receiving, keeping):
-        task.cancel()
-    await asyncio.wait_for(asyncio.wait({receiving, keeping}), 1)
-    await asyncio.wait_for(layer.receive_ended.wait(), 2)
-    assert receiving.cancelled() and keeping.cancelled()
-    assert layer.cancellations == 2
