@@ -77,7 +77,7 @@ def test_sigterm_finishes_the_step_then_hands_the_workflow_over_at_once(
     processes: WorkerProcesses,
 ) -> None:
     lease = 30.0
-    handle = workflows.graceful_released.start("term")
+    handle = workflows.graceful.start("term", None)
     wid = handle.workflow_id
     terminated = processes.start("terminated", lease_seconds=lease)
     wait_until(lambda: stream_length(wid, "progress") >= 1, timeout=30, what="the step to start")

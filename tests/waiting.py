@@ -17,6 +17,17 @@ def _give_up(timeout: float, what: str, condition: object, last: object) -> Asse
     return AssertionError(f"Waited {timeout}s in vain for {what or condition!r} (last: {last!r}).")
 
 
+def poll(condition: Callable[[], T], *, timeout: float, interval: float = 0.02) -> T:
+    """Call ``condition`` until it returns something truthy, for ``timeout`` seconds at most;
+    return its last value (falsy after the timeout)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value or time.monotonic() >= deadline:
+            return value
+        time.sleep(interval)
+
+
 def wait_until(
     condition: Callable[[], T], *, timeout: float, interval: float = 0.02, what: str = ""
 ) -> T:
@@ -24,14 +35,10 @@ def wait_until(
 
     Fails after ``timeout`` seconds with ``what`` (what was awaited) in the message.
     """
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise _give_up(timeout, what, condition, value)
-        time.sleep(interval)
+    value = poll(condition, timeout=timeout, interval=interval)
+    if not value:
+        raise _give_up(timeout, what, condition, value)
+    return value
 
 
 async def wait_until_async(

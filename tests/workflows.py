@@ -15,6 +15,7 @@ from durable_streams import (
 )
 
 from .models import Effect
+from .waiting import poll
 
 
 def effect(label: str) -> None:
@@ -209,12 +210,7 @@ def worker_effect(label: str) -> None:
 
 def wait_for_effect(label: str, timeout: float = 20.0) -> bool:
     """Block until the test creates an Effect with ``label`` (a release signal); bounded."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if Effect.objects.filter(label=label).exists():
-            return True
-        time.sleep(0.02)
-    return False
+    return poll(Effect.objects.filter(label=label).exists, timeout=timeout)
 
 
 @step
@@ -382,9 +378,13 @@ def cancellable(label: str, count: int, delay: float) -> int:
 
 
 @workflow
-def graceful(label: str, seconds: float) -> str:
+def graceful(label: str, seconds: float | None) -> str:
+    """Two steps; the first one takes ``seconds``, or with None runs until the test releases it."""
     write_stream("progress", "started")
-    sleepy_effect(f"{label}-1", seconds)
+    if seconds is None:
+        released_effect(f"{label}-1")
+    else:
+        sleepy_effect(f"{label}-1", seconds)
     write_stream("progress", "between")
     sleepy_effect(f"{label}-2", 0)
     close_stream("progress")
@@ -398,17 +398,6 @@ def released_effect(label: str) -> str:
         raise TimeoutError(f"{label} was never released")
     worker_effect(label)
     return label
-
-
-@workflow
-def graceful_released(label: str) -> str:
-    """``graceful`` whose first step runs until the test releases it."""
-    write_stream("progress", "started")
-    released_effect(f"{label}-1")
-    write_stream("progress", "between")
-    sleepy_effect(f"{label}-2", 0)
-    close_stream("progress")
-    return "done"
 
 
 @workflow
