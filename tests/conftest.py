@@ -2,12 +2,16 @@ from __future__ import annotations
 
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 from asgiref.sync import sync_to_async
 from django.db import connection, connections
 
 from durable_streams.worker import Worker
+from tests.processes import process_env
+from tests.servers import Daphne
 
 
 @pytest.fixture
@@ -81,3 +85,20 @@ async def async_db(transactional_db: None) -> AsyncIterator[None]:
     """
     yield
     await sync_to_async(connections.close_all)()
+
+
+@pytest.fixture
+def daphne(tmp_path: Path) -> Iterator[Any]:
+    """Start ``daphne`` processes (``daphne(**env_changes)``); each is stopped after the test."""
+    started: list[Daphne] = []
+
+    def start(**env_changes: str | None) -> Daphne:
+        server = Daphne(tmp_path / f"daphne-{len(started)}.log", process_env(**env_changes))
+        started.append(server)
+        return server
+
+    try:
+        yield start
+    finally:
+        for server in started:
+            server.stop()

@@ -18,13 +18,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.processes import ROOT, wait_until
+from tests.processes import ROOT, process_env
+from tests.waiting import wait_until
 
 PG_VERSION = "15"
-PG_CLUSTER = "dsfaults"
-PG_PORT = 5441
+# Other ports (and so another cluster) for test runs side by side on one machine.
+PG_PORT = int(os.environ.get("DS_PRIVATE_PG_PORT", "5441"))
+PG_CLUSTER = "dsfaults" if PG_PORT == 5441 else f"dsfaults{PG_PORT}"
 PG_DATABASE = "ds_faults"
-REDIS_PORT = 6391
+REDIS_PORT = int(os.environ.get("DS_PRIVATE_REDIS_PORT", "6391"))
 
 _TRUST = """\
 local   all all              trust
@@ -102,16 +104,11 @@ class PrivatePostgres:
 
 def django_env(database_url: str, redis_url: str = "") -> dict[str, str]:
     """The environment of a process of the test project that uses the private servers."""
-    env = dict(os.environ)
-    env.update(
-        DJANGO_SETTINGS_MODULE="tests.settings",
-        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
-        PYTHONUNBUFFERED="1",
+    return process_env(
         DATABASE_URL=database_url,
         DS_TEST_DB_NAME=database_url.rsplit("/", 1)[1],
         REDIS_URL=redis_url,
     )
-    return env
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Real ``runworkers`` processes against the test database, and bounded waiting."""
+"""Real ``runworkers`` processes against the test database, and their environment."""
 
 from __future__ import annotations
 
@@ -6,30 +6,36 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
 
 from django.db import connection
 
+from tests.waiting import wait_until
+
 ROOT = Path(__file__).resolve().parent.parent
-T = TypeVar("T")
 
 
-def wait_until(
-    predicate: Callable[[], T], *, timeout: float, interval: float = 0.02, what: str = ""
-) -> T:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"Waited {timeout}s in vain for {what or predicate!r}.")
-        time.sleep(interval)
+def process_env(**changes: str | None) -> dict[str, str]:
+    """The environment of a process of the test project on the test run's database.
+
+    ``changes`` set variables, or remove them where the value is ``None``.
+    """
+    env = dict(os.environ)
+    env.update(
+        DJANGO_SETTINGS_MODULE="tests.settings",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
+        PYTHONUNBUFFERED="1",
+        # The database the test run created, not the one named in the settings.
+        DS_TEST_DB_NAME=str(connection.settings_dict["NAME"]),
+    )
+    for name, value in changes.items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
+    return env
 
 
 class WorkerProcess:
@@ -103,16 +109,7 @@ class WorkerProcesses:
         wait_started: bool = True,
         env_overrides: dict[str, str] | None = None,
     ) -> WorkerProcess:
-        env = dict(os.environ)
-        env.update(
-            DJANGO_SETTINGS_MODULE="tests.settings",
-            PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
-            PYTHONUNBUFFERED="1",
-            # The database the test run created, not the one named in the settings.
-            DS_TEST_DB_NAME=str(connection.settings_dict["NAME"]),
-            DS_LEASE_SECONDS=str(lease_seconds),
-            DS_GRACE_SECONDS=str(grace_seconds),
-        )
+        env = process_env(DS_LEASE_SECONDS=str(lease_seconds), DS_GRACE_SECONDS=str(grace_seconds))
         env.update(env_overrides or {})  # e.g. another database server
         args = ["--concurrency", str(concurrency)]
         for queue in queues:

@@ -24,7 +24,8 @@ from django.urls import reverse
 from durable_streams import admin as ds_admin
 from durable_streams.models import Status, StreamEntry
 from tests import workflows
-from tests.processes import ROOT, wait_until
+from tests.processes import ROOT
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.browser
 

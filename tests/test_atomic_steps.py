@@ -18,7 +18,7 @@ from durable_streams.models import Step, Workflow
 from durable_streams.worker import Worker
 from tests import workflows_atomic
 from tests.models import Effect
-from tests.processes import wait_until
+from tests.waiting import wait_until
 
 postgres_only = pytest.mark.skipif(
     not os.environ.get("DATABASE_URL"), reason="row locks: PostgreSQL only"

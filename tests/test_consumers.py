@@ -3,199 +3,40 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 from asgiref.sync import sync_to_async
 from channels.testing import WebsocketCommunicator
 from django.contrib.auth import get_user_model
-from django.db import connections
-from django.test import Client
 
-from durable_streams import delivery, start_workflow, step, workflow, write_stream
-from durable_streams.api import close_stream
-from durable_streams.models import Stream
+from durable_streams import delivery
 from tests.asgi import application
-from tests.models import Effect
+from tests.layers import wait_members
+from tests.sockets import (
+    _channel_layer_per_test,  # noqa: F401  (autouse: applies here)
+    _close_thread_connections,  # noqa: F401  (autouse: applies here)
+    entries,
+    grant,
+    make_user,
+    no_polling,
+    open_gate,
+    open_socket,
+    path,
+    read_entries,
+    read_until_closed,
+    record_reads,
+    run_all,
+    start,
+)
+from tests.stored import stream_length
+from tests.waiting import wait_until_async
+from tests.workflows_readers import gated, keys, many, paced
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@pytest.fixture(autouse=True)
-async def _close_thread_connections() -> AsyncIterator[None]:
-    # sync_to_async() runs the test's database calls in a thread of its own, and Django
-    # leaves the connections of its per-request threads to the garbage collector: close
-    # them all, or PostgreSQL refuses to drop the test database at the end.
-    yield
-    await sync_to_async(connections.close_all)()
-    gc.collect()
-
-
-@pytest.fixture(autouse=True)
-def _channel_layer_per_test() -> Iterator[None]:
-    # Each test runs its own event loop; a Redis layer keeps loop-bound state, so every
-    # test gets a layer of its own.
-    from channels.layers import channel_layers
-
-    channel_layers.backends = {}
-    yield
-    channel_layers.backends = {}
-
-
-ORIGIN = (b"origin", b"http://testserver")
-
-
-# Workflows these tests drive; a gate is an Effect row the test creates.
-
-
-@step
-def wait_for_gate(label: str, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if Effect.objects.filter(label=label).exists():
-            return True
-        time.sleep(0.01)
-    return False
-
-
-@workflow(name="tests.consumers.gated")
-def gated(key: str, before: list[Any], after: list[Any], gate: str) -> int:
-    for value in before:
-        write_stream(key, value)
-    wait_for_gate(gate, 20.0)
-    for value in after:
-        write_stream(key, value)
-    close_stream(key)
-    return len(before) + len(after)
-
-
-@step
-def pause(seconds: float) -> None:
-    time.sleep(seconds)
-
-
-@workflow(name="tests.consumers.paced")
-def paced(key: str, values: list[Any], gate: str, delay: float) -> None:
-    """One commit per value: a step between writes makes the writer store each at once."""
-    wait_for_gate(gate, 20.0)
-    for value in values:
-        write_stream(key, value)
-        pause(delay)
-    close_stream(key)
-
-
-@workflow(name="tests.consumers.many")
-def many(key: str, count: int) -> int:
-    for i in range(count):
-        write_stream(key, {"i": i, "text": f"value {i}"})
-    close_stream(key)
-    return count
-
-
-@workflow(name="tests.consumers.keys")
-def keys(names: list[str], count: int, gate: str) -> None:
-    wait_for_gate(gate, 20.0)
-    for i in range(count):
-        for name in names:
-            write_stream(name, f"{name}:{i}")
-    # No close_stream: the end of the workflow closes them.
-
-
-# Helpers
-
-
-def path(workflow_id: str, key: str, query: str = "") -> str:
-    return f"/ws/durable-streams/{workflow_id}/{key}/" + (f"?{query}" if query else "")
-
-
-async def session_cookie(user: Any) -> tuple[bytes, bytes]:
-    def login() -> str:
-        client = Client()
-        client.force_login(user)
-        return client.cookies["sessionid"].value
-
-    value = await sync_to_async(login)()
-    return (b"cookie", f"sessionid={value}".encode())
-
-
-async def make_user(username: str, **fields: Any) -> Any:
-    return await sync_to_async(get_user_model().objects.create_user)(
-        username, password="pw-" + username, **fields
-    )
-
-
-async def open_socket(
-    url: str, *, user: Any = None, headers: list[tuple[bytes, bytes]] | None = None
-) -> WebsocketCommunicator:
-    sent = [ORIGIN] if headers is None else headers
-    if user is not None:
-        sent = [*sent, await session_cookie(user)]
-    communicator = WebsocketCommunicator(application, url, headers=sent)
-    connected, _ = await communicator.connect(timeout=10)
-    assert connected, f"{url} refused the handshake"
-    return communicator
-
-
-async def read_until_closed(
-    communicator: WebsocketCommunicator, timeout: float = 20.0
-) -> tuple[list[dict[str, Any]], int]:
-    """Every frame up to the server's close, and the close code."""
-    frames: list[dict[str, Any]] = []
-    deadline = time.monotonic() + timeout
-    while True:
-        remaining = deadline - time.monotonic()
-        assert remaining > 0, f"no close within {timeout}s; got {frames[-3:]}"
-        message = await communicator.receive_output(timeout=remaining)
-        if message["type"] == "websocket.close":
-            return frames, message.get("code", 1000)
-        frames.append(json.loads(message["text"]))
-
-
-async def read_entries(communicator: WebsocketCommunicator, count: int) -> list[dict[str, Any]]:
-    frames = []
-    for _ in range(count):
-        frames.append(await communicator.receive_json_from(timeout=10))
-    return frames
-
-
-async def wait_for(predicate: Callable[[], Any], timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await sync_to_async(predicate)()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"waited {timeout}s in vain"
-        await asyncio.sleep(0.02)
-
-
-def stream_length(workflow_id: str, key: str) -> int:
-    return (
-        Stream.objects.filter(workflow_id=workflow_id, key=key)
-        .values_list("length", flat=True)
-        .first()
-        or 0
-    )
-
-
-async def open_gate(label: str) -> None:
-    await sync_to_async(Effect.objects.create)(workflow_id="", label=label)
-
-
-async def start(wf: Any, *args: Any, **kwargs: Any) -> str:
-    handle = await sync_to_async(start_workflow)(wf, *args, public=True, **kwargs)
-    return handle.workflow_id
-
-
-async def run_all(run_burst: Callable[..., Any], **options: Any) -> None:
-    await sync_to_async(run_burst, thread_sensitive=False)(**options)
-
-
-def entries(frames: list[dict[str, Any]]) -> list[tuple[int, Any]]:
-    return [(f["offset"], f["value"]) for f in frames if f["type"] == "entry"]
 
 
 @pytest.fixture
@@ -218,7 +59,7 @@ async def background() -> AsyncIterator[Callable[..., asyncio.Task[Any]]]:
 
 async def test_backlog_then_live_then_closed(live_worker: Any) -> None:
     wid = await start(gated, "out", ["a", "b", "c"], ["d", "e"], "gate-live")
-    await wait_for(lambda: stream_length(wid, "out") == 3)
+    await wait_until_async(lambda: stream_length(wid, "out") == 3)
     communicator = await open_socket(path(wid, "out"))
     backlog = await read_entries(communicator, 3)
     assert backlog == [
@@ -267,7 +108,7 @@ async def test_values_round_trip_on_both_paths(live_worker: Any) -> None:
         {"quote": 'he said "hi"\n', "nested": {"a": []}},
     ]
     wid = await start(gated, "out", values, values, "gate-values")
-    await wait_for(lambda: stream_length(wid, "out") == len(values))
+    await wait_until_async(lambda: stream_length(wid, "out") == len(values))
     communicator = await open_socket(path(wid, "out"))
     await read_entries(communicator, len(values))  # the stored backlog
     await open_gate("gate-values")
@@ -357,19 +198,6 @@ async def test_a_path_under_the_prefix_that_is_no_address_is_4400(db: None, url:
     # The router found no route: HTTP 500 and a traceback.
     code, reason = await close_code(url)
     assert code == 4400 and "Not a stream address" in reason
-
-
-async def grant(user: Any, codename: str) -> Any:
-    """``user`` with the permission ``durable_streams.<codename>``, read afresh."""
-    from django.contrib.auth.models import Permission
-
-    def add() -> Any:
-        user.user_permissions.add(
-            Permission.objects.get(content_type__app_label="durable_streams", codename=codename)
-        )
-        return get_user_model().objects.get(pk=user.pk)
-
-    return await sync_to_async(add)()
 
 
 async def test_private_workflow_answers_anonymous_and_strangers_as_missing(
@@ -469,7 +297,7 @@ async def test_stream_grows_while_the_reader_catches_up(
     count = 400
     wid = await start(many, "out", count)
     background(run_burst)
-    await wait_for(lambda: stream_length(wid, "out") >= 30)
+    await wait_until_async(lambda: stream_length(wid, "out") >= 30)
     readers = [await open_socket(path(wid, "out", f"offset={n}")) for n in (0, 3)]
     for first, communicator in zip((0, 3), readers):
         frames, code = await read_until_closed(communicator, timeout=60)
@@ -482,11 +310,7 @@ async def test_lost_notifications_are_filled_from_the_database(
     settings: Any, monkeypatch: pytest.MonkeyPatch, live_worker: Any
 ) -> None:
     # No silence poll within the test: only gap detection can recover the lost values.
-    settings.DURABLE_STREAMS = {
-        **settings.DURABLE_STREAMS,
-        "POLL_INTERVAL": 30.0,
-        "NOTIFY_FALLBACK_POLL": 30.0,
-    }
+    no_polling(settings)
     publish = delivery.publish
     seen = {"entries": 0}
 
@@ -501,7 +325,7 @@ async def test_lost_notifications_are_filled_from_the_database(
     values = list(range(12))
     wid = await start(paced, "out", values, "gate-lossy", 0.01)
     communicator = await open_socket(path(wid, "out"))
-    await asyncio.sleep(0.2)
+    await wait_members(delivery.stream_group(wid, "out"), 1)  # what commits now is heard
     await open_gate("gate-lossy")
     frames, code = await read_until_closed(communicator, timeout=10)
     assert entries(frames) == list(enumerate(values))
@@ -513,24 +337,13 @@ async def test_lost_notifications_are_filled_from_the_database(
 async def test_one_value_to_many_sockets_costs_no_query_per_socket(
     settings: Any, monkeypatch: pytest.MonkeyPatch, live_worker: Any
 ) -> None:
-    settings.DURABLE_STREAMS = {
-        **settings.DURABLE_STREAMS,
-        "POLL_INTERVAL": 30.0,
-        "NOTIFY_FALLBACK_POLL": 30.0,
-    }
-    reads: list[int] = []
-    read_batch = delivery.read_batch
-
-    def counted(workflow_id: str, key: str, offset: int) -> delivery.Batch:
-        reads.append(offset)
-        return read_batch(workflow_id, key, offset)
-
-    monkeypatch.setattr(delivery, "read_batch", counted)
+    no_polling(settings)
+    reads = record_reads(monkeypatch)
     readers = 100
     values = [f"token {i}" for i in range(10)]
     wid = await start(paced, "out", values, "gate-fanout", 0.005)
     sockets = [await open_socket(path(wid, "out")) for _ in range(readers)]
-    await wait_for(lambda: len(reads) >= readers)  # each socket's first look at the stream
+    await wait_until_async(lambda: len(reads) >= readers)  # each socket's first look at the stream
     await open_gate("gate-fanout")
     for communicator in sockets:
         frames, code = await read_until_closed(communicator)
@@ -568,7 +381,7 @@ async def test_values_too_big_to_travel_are_read_from_the_database(live_worker: 
     big = "x" * (delivery.INLINE_LIMIT + 1)
     wid = await start(paced, "out", ["small", big, "after"], "gate-big", 0.01)
     communicator = await open_socket(path(wid, "out"))
-    await asyncio.sleep(0.1)
+    await wait_members(delivery.stream_group(wid, "out"), 1)  # what commits now is heard
     await open_gate("gate-big")
     frames, code = await read_until_closed(communicator)
     assert entries(frames) == [(0, "small"), (1, big), (2, "after")]

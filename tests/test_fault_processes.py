@@ -23,7 +23,8 @@ from tests.private_services import (
     private_postgres,  # noqa: F401 - a fixture
     private_redis,  # noqa: F401 - a fixture
 )
-from tests.processes import ROOT, wait_until, worker_processes
+from tests.processes import ROOT, worker_processes
+from tests.waiting import wait_until
 
 # The cluster is driven through psycopg (the "postgres" extra).
 psycopg = pytest.importorskip("psycopg")
@@ -137,7 +138,8 @@ async def test_a_redis_outage_under_websocket_readers_polls_then_pushes_again(
 
     from durable_streams import start_workflow
     from tests import workflows
-    from tests.test_live_processes import Daphne, WebSocketClient, process_env
+    from tests.processes import process_env
+    from tests.servers import Daphne, WebSocketClient
 
     poll = 0.5  # the daphne process's POLL_INTERVAL: slow enough to tell polls from pushes
     env = process_env(REDIS_URL=private_redis.url, DS_POLL_INTERVAL=str(poll))

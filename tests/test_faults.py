@@ -48,6 +48,21 @@ def ends_in_success(handle: Any, attempts: int) -> Workflow:
     return run
 
 
+def replayed_once(
+    run_burst: Callable[..., Worker],
+    monkeypatch: pytest.MonkeyPatch,
+    handle: Any,
+    owner: Any,
+    name: str,
+) -> Workflow:
+    """Run ``handle``'s workflow with ``owner.name`` failing once: the failed attempt is
+    replayed, and the second one succeeds."""
+    calls = fail_once(monkeypatch, owner, name)
+    run_burst()
+    assert calls["failed"] == 1
+    return ends_in_success(handle, attempts=2)
+
+
 @pytest.fixture
 def no_gate(monkeypatch: pytest.MonkeyPatch) -> None:
     # held_step waits for the test only in the lock test.
@@ -57,11 +72,8 @@ def no_gate(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_a_failed_checkpoint_replays_the_run_instead_of_ending_it(
     run_burst: Callable[..., Worker], monkeypatch: pytest.MonkeyPatch, no_gate: None
 ) -> None:
-    calls = fail_once(monkeypatch, StepQuerySet, "checkpoint")
     handle = workflows_faults.two_steps.start("ckpt")
-    run_burst()
-    assert calls["failed"] == 1
-    run = ends_in_success(handle, attempts=2)
+    run = replayed_once(run_burst, monkeypatch, handle, StepQuerySet, "checkpoint")
     assert run.decoded_output == ["ckpt-first", "ckpt-second"]
     # Step 0 ran again (its checkpoint was lost), step 1 once.
     assert labels("ckpt-") == [
@@ -92,10 +104,7 @@ def test_a_failed_history_load_replays_the_run(
 ) -> None:
     handle = workflows_faults.two_steps.start("hist")
     recorded_first_step(handle)
-    calls = fail_once(monkeypatch, WorkflowQuerySet, "history")
-    run_burst()
-    assert calls["failed"] == 1
-    run = ends_in_success(handle, attempts=2)
+    run = replayed_once(run_burst, monkeypatch, handle, WorkflowQuerySet, "history")
     assert run.decoded_output == ["recorded", "hist-second"]
     assert labels("hist-") == ["hist-second"]
 
@@ -106,20 +115,14 @@ def test_a_failed_replay_read_replays_the_run(
     handle = workflows_faults.two_steps.start("replay")
     recorded_first_step(handle)
     manager = type(Step.objects.using("default"))
-    calls = fail_once(monkeypatch, manager, "get")
-    run_burst()
-    assert calls["failed"] == 1
-    ends_in_success(handle, attempts=2)
+    replayed_once(run_burst, monkeypatch, handle, manager, "get")
 
 
 def test_a_failed_end_replays_the_run(
     run_burst: Callable[..., Worker], monkeypatch: pytest.MonkeyPatch, no_gate: None
 ) -> None:
-    calls = fail_once(monkeypatch, WorkflowQuerySet, "finish_held")
     handle = workflows_faults.two_steps.start("end")
-    run_burst()
-    assert calls["failed"] == 1
-    run = ends_in_success(handle, attempts=2)
+    run = replayed_once(run_burst, monkeypatch, handle, WorkflowQuerySet, "finish_held")
     assert run.decoded_output == ["end-first", "end-second"]
     # The replay met both checkpoints: no step ran twice.
     assert labels("end-") == ["end-returned", "end-second", "end-started"]
@@ -128,11 +131,8 @@ def test_a_failed_end_replays_the_run(
 def test_a_failed_fence_of_an_atomic_step_replays_the_run(
     run_burst: Callable[..., Worker], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    calls = fail_once(monkeypatch, Execution, "fence")
     handle = workflows_faults.atomic_then_step.start("atomic")
-    run_burst()
-    assert calls["failed"] == 1
-    ends_in_success(handle, attempts=2)
+    replayed_once(run_burst, monkeypatch, handle, Execution, "fence")
     # The failed attempt's transaction rolled back its effect and its stream value.
     assert labels("atomic") == ["atomic", "atomic-second"]
     assert list(
@@ -146,10 +146,7 @@ def test_a_failed_child_start_replays_the_parent(
     run_burst: Callable[..., Worker], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     handle = workflows_faults.starts_a_child.start("parent")
-    calls = fail_once(monkeypatch, WorkflowQuerySet, "enqueue")
-    run_burst()
-    assert calls["failed"] == 1
-    run = ends_in_success(handle, attempts=2)
+    run = replayed_once(run_burst, monkeypatch, handle, WorkflowQuerySet, "enqueue")
     child_id = run.decoded_output[0]
     assert Workflow.objects.get(pk=child_id).status == Status.SUCCESS
 
@@ -197,7 +194,7 @@ def test_a_checkpoint_that_times_out_on_a_row_lock_is_replayed(
     import psycopg
     from django.db import connection
 
-    from tests.processes import wait_until
+    from tests.waiting import wait_until
 
     handle = workflows_faults.two_steps.start("locked")
     wid = handle.workflow_id

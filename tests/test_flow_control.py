@@ -13,34 +13,22 @@ import pytest
 from channels.testing import WebsocketCommunicator
 from django.test import Client
 
-from durable_streams import close_stream, delivery, start_workflow, workflow, write_stream
+from durable_streams import delivery, start_workflow
 from durable_streams.views import _event_stream
-from tests.test_consumers import (  # the fixtures apply here too
-    _channel_layer_per_test,  # noqa: F401
-    _close_thread_connections,  # noqa: F401
+from tests.sockets import (
+    _channel_layer_per_test,  # noqa: F401  (autouse: applies here)
+    _close_thread_connections,  # noqa: F401  (autouse: applies here)
     open_socket,
     path,
     read_until_closed,
+    record_reads,
     run_all,
     start,
 )
 from tests.test_sse import get, url
+from tests.workflows_readers import sized, value
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-VALUE_CHARS = 1000
-
-
-def value(i: int) -> str:
-    return f"{i:06d}" + "x" * (VALUE_CHARS - 6)
-
-
-@workflow(name="tests.flow.sized")
-def sized(key: str, count: int) -> int:
-    for i in range(count):
-        write_stream(key, value(i))
-    close_stream(key)
-    return count
 
 
 def frame_size(offset: int) -> int:
@@ -50,15 +38,7 @@ def frame_size(offset: int) -> int:
 @pytest.fixture
 def reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The offset of every database read of a stream's values, as it happens."""
-    seen: list[int] = []
-    original = delivery.read_batch
-
-    def counted(workflow_id: str, key: str, offset: int) -> delivery.Batch:
-        seen.append(offset)
-        return original(workflow_id, key, offset)
-
-    monkeypatch.setattr(delivery, "read_batch", counted)
-    return seen
+    return record_reads(monkeypatch)
 
 
 @pytest.fixture
@@ -303,7 +283,8 @@ async def test_the_sse_feed_is_pulled_only_as_fast_as_the_response_is_read(
         assert (await anext(stream)).startswith(b"retry:")
         for offset in range(3):
             assert (await anext(stream)).startswith(f"id: {offset}\n".encode())
-        # The response is not read on: the feed waits with the next event in hand.
+        # The response is not read on: the feed waits with the next event in hand (and
+        # nothing is to happen for a while: a deliberate wait).
         await asyncio.sleep(0.5)
         assert reads == [0], reads
     finally:

@@ -59,6 +59,7 @@ from durable_streams import Status
 from durable_streams.models import TERMINAL_STATUSES, Step, Stream, StreamEntry, Workflow
 from tests.models import Effect
 from tests.processes import WorkerProcess, WorkerProcesses, worker_processes
+from tests.waiting import poll
 from tests.workflows_storm import ATOMIC_STEP, STREAM, STREAM_STEP, has_atomic, storm
 
 ON_POSTGRES = bool(os.environ.get("DATABASE_URL"))
@@ -431,9 +432,7 @@ def test_kill_storm_loses_and_duplicates_nothing(
     live = run_storm(processes, result, path)
 
     drain_began = time.monotonic()
-    deadline = drain_began + DRAIN_SECONDS
-    while unfinished() and time.monotonic() < deadline:
-        time.sleep(0.25)
+    poll(lambda: not unfinished(), timeout=DRAIN_SECONDS, interval=0.25)
     result.drain_seconds = time.monotonic() - drain_began
     stuck = list(
         Workflow.objects.filter(name=storm.name)

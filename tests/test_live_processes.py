@@ -5,202 +5,27 @@ and this test reads over real sockets on 127.0.0.1.
 from __future__ import annotations
 
 import asyncio
-import base64
-import gc
-import hashlib
-import json
 import os
 import re
-import signal
 import socket
-import struct
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from asgiref.sync import sync_to_async
-from django.db import connection, connections
+from django.db import connection
 
 from durable_streams import start_workflow
 from durable_streams.models import StreamEntry
 from tests import workflows
-from tests.processes import ROOT, wait_until, worker_processes
+from tests.processes import ROOT, worker_processes
+from tests.servers import HOST, WebSocketClient
+from tests.sockets import _close_thread_connections  # noqa: F401  (applies here too)
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(180)]
-
-
-@pytest.fixture(autouse=True)
-async def _close_thread_connections() -> AsyncIterator[None]:
-    # sync_to_async() runs the test's database calls in a thread of its own: close its
-    # connection, or PostgreSQL refuses to drop the test database at the end.
-    yield
-    await sync_to_async(connections.close_all)()
-    gc.collect()
-
-
-HOST = "127.0.0.1"
-_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-
-
-class WebSocketClient:
-    """Just enough of RFC 6455 to read a stream: text frames, ping, close."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-
-    @classmethod
-    async def connect(
-        cls,
-        port: int,
-        path: str,
-        origin: str | None = None,
-        timeout: float = 10.0,
-        headers: dict[str, str] | None = None,
-    ) -> WebSocketClient:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(HOST, port), timeout)
-        key = base64.b64encode(os.urandom(16)).decode()
-        lines = [
-            f"GET {path} HTTP/1.1",
-            f"Host: {HOST}:{port}",
-            "Upgrade: websocket",
-            "Connection: Upgrade",
-            f"Sec-WebSocket-Key: {key}",
-            "Sec-WebSocket-Version: 13",
-            f"Origin: {origin or f'http://{HOST}:{port}'}",
-        ]
-        lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
-        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
-        await writer.drain()
-        head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)).decode("latin-1")
-        if " 101 " not in head.split("\r\n", 1)[0]:
-            writer.close()
-            raise ConnectionRefusedError(head.split("\r\n", 1)[0])
-        accept = base64.b64encode(hashlib.sha1(key.encode() + _GUID).digest()).decode()
-        fields = dict(
-            line.split(": ", 1) for line in head.strip().split("\r\n")[1:] if ": " in line
-        )
-        assert {k.lower(): v for k, v in fields.items()}["sec-websocket-accept"] == accept
-        return cls(reader, writer)
-
-    async def _send(self, opcode: int, payload: bytes) -> None:
-        mask = os.urandom(4)
-        header = bytes([0x80 | opcode])
-        if len(payload) < 126:
-            header += bytes([0x80 | len(payload)])
-        else:
-            header += bytes([0x80 | 126]) + struct.pack("!H", len(payload))
-        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-        self.writer.write(header + mask + masked)
-        await self.writer.drain()
-
-    async def _frame(self) -> tuple[bool, int, bytes]:
-        first, second = await self.reader.readexactly(2)
-        length = second & 0x7F
-        if length == 126:
-            (length,) = struct.unpack("!H", await self.reader.readexactly(2))
-        elif length == 127:
-            (length,) = struct.unpack("!Q", await self.reader.readexactly(8))
-        return bool(first & 0x80), first & 0x0F, await self.reader.readexactly(length)
-
-    async def receive(self, timeout: float) -> dict[str, Any] | tuple[int, str]:
-        """The next JSON frame, or (code, reason) once the server closes."""
-        deadline = time.monotonic() + timeout
-        parts: list[bytes] = []
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"no frame within {timeout}s")
-            fin, opcode, payload = await asyncio.wait_for(self._frame(), remaining)
-            if opcode == 0x9:
-                await self._send(0xA, payload)
-            elif opcode == 0x8:
-                code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else 1005
-                await self._send(0x8, payload[:2])
-                self.writer.close()
-                return code, payload[2:].decode()
-            elif opcode in (0x1, 0x0):
-                parts.append(payload)
-                if fin:
-                    return json.loads(b"".join(parts).decode())
-
-    def close(self) -> None:
-        self.writer.close()
-
-
-class Daphne:
-    """``daphne tests.asgi:application`` on a port the OS picks; output in a log file."""
-
-    def __init__(self, log: Path, env: dict[str, str]) -> None:
-        self.log_path = log
-        with log.open("wb") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "daphne", "-b", HOST, "-p", "0", "tests.asgi:application"],
-                cwd=ROOT,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        found = wait_until(
-            lambda: (
-                self.process.poll() is not None
-                or re.search(r"Listening on TCP address 127\.0\.0\.1:(\d+)", self.log())
-            ),
-            timeout=30,
-            interval=0.05,
-            what="daphne to listen",
-        )
-        assert self.process.poll() is None, f"daphne exited:\n{self.log()}"
-        self.port = int(found.group(1))
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-
-
-def process_env(**changes: str | None) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        DJANGO_SETTINGS_MODULE="tests.settings",
-        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
-        PYTHONUNBUFFERED="1",
-        DS_TEST_DB_NAME=str(connection.settings_dict["NAME"]),
-    )
-    for name, value in changes.items():
-        if value is None:
-            env.pop(name, None)
-        else:
-            env[name] = value
-    return env
-
-
-@pytest.fixture
-def daphne(tmp_path: Path) -> Iterator[Any]:
-    started: list[Daphne] = []
-
-    def start(**env_changes: str | None) -> Daphne:
-        server = Daphne(tmp_path / f"daphne-{len(started)}.log", process_env(**env_changes))
-        started.append(server)
-        return server
-
-    try:
-        yield start
-    finally:
-        for server in started:
-            server.stop()
 
 
 async def read_stream_over_socket(

@@ -12,16 +12,17 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from django.db import transaction
 
 from durable_streams import Status
-from durable_streams.models import TERMINAL_STATUSES, Step, Stream, StreamEntry, Workflow
+from durable_streams.models import TERMINAL_STATUSES, Step, Stream, Workflow
 from tests import workflows
 from tests.models import Effect
-from tests.processes import WorkerProcesses, wait_until, worker_processes
+from tests.processes import WorkerProcesses, worker_processes
+from tests.stored import stream_entries, stream_length
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -36,20 +37,6 @@ postgres_only = [
 def processes(transactional_db: None, tmp_path: Path) -> Iterator[WorkerProcesses]:
     with worker_processes(tmp_path) as started:
         yield started
-
-
-def stream_length(workflow_id: str, key: str) -> int:
-    return (
-        Stream.objects.filter(workflow_id=workflow_id, key=key)
-        .values_list("length", flat=True)
-        .first()
-        or 0
-    )
-
-
-def stream_entries(workflow_id: str, key: str) -> list[tuple[int, Any]]:
-    rows = StreamEntry.objects.filter(stream__workflow_id=workflow_id, stream__key=key)
-    return [(e.offset, e.decoded_value) for e in rows.order_by("offset")]
 
 
 def test_a_killed_worker_is_replaced_and_every_value_is_written_once(
@@ -90,7 +77,7 @@ def test_sigterm_finishes_the_step_then_hands_the_workflow_over_at_once(
     processes: WorkerProcesses,
 ) -> None:
     lease = 30.0
-    handle = workflows.graceful.start("term", 2.5)
+    handle = workflows.graceful.start("term", None)
     wid = handle.workflow_id
     terminated = processes.start("terminated", lease_seconds=lease)
     wait_until(lambda: stream_length(wid, "progress") >= 1, timeout=30, what="the step to start")
@@ -99,6 +86,9 @@ def test_sigterm_finishes_the_step_then_hands_the_workflow_over_at_once(
     assert not Effect.objects.filter(workflow_id=wid).exists(), "the step ended too soon"
 
     terminated.send(signal.SIGTERM)
+    wait_until(lambda: "SIGTERM received" in terminated.log(), timeout=10, what="the signal")
+    assert terminated.returncode is None  # still in the step
+    Effect.objects.create(workflow_id="", label="term-1-release")  # the step may end now
     assert terminated.wait(20) == 0, terminated.log()
     exited = time.monotonic()
     assert handle.result(timeout=15) == "done"
@@ -122,7 +112,7 @@ def test_a_second_signal_exits_at_once(processes: WorkerProcesses) -> None:
 
     impatient.send(signal.SIGTERM)
     wait_until(lambda: "SIGTERM received" in impatient.log(), timeout=10, what="the first signal")
-    time.sleep(0.2)
+    time.sleep(0.2)  # a deliberate wait: nothing is to happen
     assert impatient.returncode is None  # still waiting for the step
     signalled = time.monotonic()
     impatient.send(signal.SIGINT)

@@ -14,10 +14,7 @@ import base64
 import importlib.util
 import os
 import re
-import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,9 +23,10 @@ from typing import Any
 import pytest
 
 from durable_streams import start_workflow
-from tests.processes import ROOT, wait_until
-from tests.test_flow_control import sized, value
-from tests.test_live_processes import HOST, Daphne, WebSocketClient, process_env
+from tests.processes import process_env
+from tests.servers import HOST, Daphne, Uvicorn, WebSocketClient
+from tests.waiting import wait_until
+from tests.workflows_readers import sized, value
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
@@ -66,49 +64,6 @@ def settled_rss(pid: int, quiet: float = 1.0, timeout: float = 30.0) -> int:
 
     wait_until(idle, timeout=timeout, interval=0.1, what=f"process {pid} to go idle")
     return rss_kib(pid)
-
-
-class Uvicorn:
-    """``uvicorn tests.asgi:application`` on a socket bound here (so no port race)."""
-
-    def __init__(self, log: Path, env: dict[str, str]) -> None:
-        self.log_path = log
-        self.listener = socket.socket()
-        self.listener.bind((HOST, 0))
-        self.listener.listen(128)
-        self.port = self.listener.getsockname()[1]
-        fd = self.listener.fileno()
-        with log.open("wb") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "--fd", str(fd), "--lifespan", "off"]
-                + ["tests.asgi:application"],
-                cwd=ROOT,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                pass_fds=(fd,),
-            )
-        self.listener.close()
-        wait_until(
-            lambda: self.process.poll() is not None or "Uvicorn running" in self.log(),
-            timeout=30,
-            interval=0.05,
-            what="uvicorn to listen",
-        )
-        assert self.process.poll() is None, f"uvicorn exited:\n{self.log()}"
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
 
 
 SERVERS = ["daphne", "uvicorn"]

@@ -26,20 +26,15 @@ from django.db import connection
 
 from durable_streams import start_workflow
 from tests import workflows
-from tests.processes import wait_until
-from tests.test_consumers import (
-    _channel_layer_per_test,  # noqa: F401
+from tests.servers import HOST, WebSocketClient
+from tests.sockets import (
+    _channel_layer_per_test,  # noqa: F401  (autouse: applies here)
+    _close_thread_connections,  # noqa: F401  (autouse: applies here)
     make_user,
     session_cookie,
-    wait_for,
-)
-from tests.test_live_processes import (  # the fixtures apply here too
-    HOST,
-    WebSocketClient,
-    _close_thread_connections,  # noqa: F401
-    daphne,  # noqa: F401
 )
 from tests.test_sse import get, url
+from tests.waiting import wait_until, wait_until_async
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(120)]
 
@@ -118,7 +113,7 @@ async def silent(client: SseReader | WebSocketClient) -> bool:
 
 @pytest.mark.postgres
 async def test_idle_signed_in_readers_hold_no_connection_and_no_thread(
-    daphne: Any,  # noqa: F811
+    daphne: Any,
 ) -> None:
     if connection.vendor != "postgresql":
         pytest.skip("counts connections in PostgreSQL's pg_stat_activity (DATABASE_URL)")
@@ -219,7 +214,7 @@ async def test_open_event_streams_in_this_process_keep_no_request_thread(
             await response._more(10)
             assert response.text == "retry: 1000\n\n"
         # Each request ran its middleware in a thread of its own: all of those are gone.
-        await wait_for(lambda: threading.active_count() <= before + 2)
+        await wait_until_async(lambda: threading.active_count() <= before + 2)
     finally:
         for response in responses:
             await response.communicator.send_input({"type": "http.disconnect"})

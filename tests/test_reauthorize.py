@@ -17,10 +17,9 @@ from durable_streams import start_workflow
 from durable_streams.auth import ReaderAccess, default_authorize_reader, session_user
 from durable_streams.models import Workflow
 from tests import workflows
-from tests.test_consumers import (  # the fixtures apply here too
-    _channel_layer_per_test,  # noqa: F401
-    _close_thread_connections,  # noqa: F401
-    gated,
+from tests.sockets import (
+    _channel_layer_per_test,  # noqa: F401  (autouse: applies here)
+    _close_thread_connections,  # noqa: F401  (autouse: applies here)
     grant,
     make_user,
     open_gate,
@@ -28,10 +27,11 @@ from tests.test_consumers import (  # the fixtures apply here too
     path,
     read_until_closed,
     session_cookie,
-    stream_length,
-    wait_for,
 )
+from tests.stored import stream_length
 from tests.test_sse import get, url
+from tests.waiting import wait_until_async
+from tests.workflows_readers import gated
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -75,7 +75,7 @@ async def idle_run(owner: Any = None) -> str:
 async def no_frame_for(communicator: WebsocketCommunicator, checks: list[bool], n: int) -> None:
     """The socket stays open, silent, through ``n`` more checks that let it read on."""
     start = len(checks)
-    await wait_for(lambda: len(checks) >= start + n)
+    await wait_until_async(lambda: len(checks) >= start + n)
     assert all(checks[start:])
     assert await communicator.receive_nothing(timeout=0.05)
 
@@ -180,7 +180,7 @@ async def test_values_stop_once_the_session_is_deleted_and_the_run_given_away(
     frames, code = await read_until_closed(communicator)
     await open_gate("gate-given")
     assert (frames, code) == ([], 4403)
-    await wait_for(lambda: stream_length(handle.workflow_id, "out") == 2)
+    await wait_until_async(lambda: stream_length(handle.workflow_id, "out") == 2)
 
 
 async def test_an_anonymous_socket_ends_when_the_run_is_made_private(
@@ -238,7 +238,7 @@ async def test_an_event_stream_whose_access_is_withdrawn_ends_with_refused(
     response = await get(url(workflow_id, "out"), [cookie])
     assert response.status == 200
     start = len(checks)
-    await wait_for(lambda: len(checks) >= start + 2)
+    await wait_until_async(lambda: len(checks) >= start + 2)
     await withdraw(owner, key_of(cookie), workflow_id)
     event = await response.event()
     assert event["event"] == "refused"
@@ -257,7 +257,7 @@ async def test_an_event_stream_still_allowed_stays_open(
     response = await get(url(workflow_id, "out"), [await session_cookie(owner)])
     await response._more(10)
     assert response.text == "retry: 1000\n\n"
-    await wait_for(lambda: len(checks) >= 5)
+    await wait_until_async(lambda: len(checks) >= 5)
     assert all(checks)
     assert await response.communicator.receive_nothing(timeout=0.1)
     assert not response.ended

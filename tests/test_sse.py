@@ -12,19 +12,18 @@ from asgiref.testing import ApplicationCommunicator
 
 from durable_streams import delivery
 from tests.asgi import application
-from tests.test_consumers import (  # the fixtures apply here too
-    _channel_layer_per_test,  # noqa: F401
-    _close_thread_connections,  # noqa: F401
-    gated,
+from tests.sockets import (
+    _channel_layer_per_test,  # noqa: F401  (autouse: applies here)
+    _close_thread_connections,  # noqa: F401  (autouse: applies here)
     make_user,
-    many,
     open_gate,
     run_all,
     session_cookie,
     start,
-    stream_length,
-    wait_for,
 )
+from tests.stored import stream_length
+from tests.waiting import wait_until_async
+from tests.workflows_readers import gated, many
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -160,7 +159,7 @@ async def test_offset_query_starts_there(run_burst: Any) -> None:
 
 async def test_live_values_follow_the_backlog(live_worker: Any) -> None:
     wid = await start(gated, "out", ["a", "b"], ["c", "d"], "gate-sse")
-    await wait_for(lambda: stream_length(wid, "out") == 2)
+    await wait_until_async(lambda: stream_length(wid, "out") == 2)
     response = await get(url(wid, "out"))
     first = [await response.event(), await response.event()]
     assert [json.loads(e["data"])["value"] for e in first] == ["a", "b"]
@@ -175,7 +174,7 @@ async def test_live_values_follow_the_backlog(live_worker: Any) -> None:
 
 async def test_disconnect_mid_stream_releases_the_subscription(live_worker: Any) -> None:
     wid = await start(gated, "out", ["a"], ["b"], "gate-sse-disconnect")
-    await wait_for(lambda: stream_length(wid, "out") == 1)
+    await wait_until_async(lambda: stream_length(wid, "out") == 1)
     response = await get(url(wid, "out"))
     assert json.loads((await response.event())["data"])["value"] == "a"
     assert delivery.loops.current()  # the open response listens on this loop

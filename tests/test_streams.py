@@ -32,15 +32,10 @@ from durable_streams.notify import watched_topics
 from durable_streams.worker import Worker
 from tests import workflows
 from tests.models import Effect
-from tests.processes import wait_until
+from tests.stored import stream_entries as entries
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-def entries(workflow_id: str, key: str) -> list[tuple[int, Any]]:
-    """(offset, value) of every stored entry of a stream, in offset order."""
-    rows = StreamEntry.objects.filter(stream__workflow_id=workflow_id, stream__key=key)
-    return [(e.offset, e.decoded_value) for e in rows.order_by("offset")]
 
 
 def stored_stream(length: int, *, closed: bool = True) -> str:
@@ -385,7 +380,7 @@ def test_read_times_out_when_the_next_value_does_not_come(
 def test_the_timeout_counts_from_when_the_reader_waits(transactional_db: None) -> None:
     enqueued = workflows.echo.start()
     reader = read_stream(enqueued.workflow_id, "out", timeout=0.3)
-    time.sleep(0.4)  # a reader created, then iterated a little later
+    time.sleep(0.4)  # a reader created, then iterated a little later (the point of the test)
     started = time.monotonic()
     with pytest.raises(StreamTimeout):
         next(reader)

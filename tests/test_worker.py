@@ -21,23 +21,10 @@ from durable_streams.registry import names
 from durable_streams.worker import Worker
 from tests import workflows
 from tests.models import Effect
-from tests.processes import wait_until
+from tests.stored import stream_length, stream_values
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-def stream_length(workflow_id: str, key: str) -> int:
-    return (
-        Stream.objects.filter(workflow_id=workflow_id, key=key)
-        .values_list("length", flat=True)
-        .first()
-        or 0
-    )
-
-
-def stream_values(workflow_id: str, key: str) -> list[Any]:
-    rows = StreamEntry.objects.filter(stream__workflow_id=workflow_id, stream__key=key)
-    return [e.decoded_value for e in rows.order_by("offset")]
 
 
 def effect_labels(workflow_id: str) -> list[str]:
@@ -435,8 +422,18 @@ def test_a_stopping_worker_finishes_the_step_and_hands_the_workflow_back(
 
 
 def test_a_handed_back_workflow_wakes_an_idle_worker_at_once(
-    worker_thread: Callable[..., Worker],
+    worker_thread: Callable[..., Worker], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    claims: dict[str, int] = {}
+    claim = Worker._claim
+
+    def counted(self: Worker, limit: int, names: list[str]) -> Any:
+        try:
+            return claim(self, limit, names)
+        finally:
+            claims[self.worker_id] = claims.get(self.worker_id, 0) + 1
+
+    monkeypatch.setattr(Worker, "_claim", counted)
     # Idle workers would otherwise look at the queue only every 30s.
     slow_polls = {**settings.DURABLE_STREAMS, "POLL_INTERVAL": 30.0, "NOTIFY_FALLBACK_POLL": 30.0}
     with override_settings(DURABLE_STREAMS=slow_polls):
@@ -445,7 +442,8 @@ def test_a_handed_back_workflow_wakes_an_idle_worker_at_once(
         first = worker_thread(worker_id="leaving")
         wait_until(lambda: stream_length(wid, "progress") >= 1, timeout=10, what="the step")
         worker_thread(worker_id="idle")
-        time.sleep(0.2)  # the idle worker has looked at the queue and waits
+        # The idle worker has looked at the queue and waits (until woken, or for 30 s).
+        wait_until(lambda: claims.get("idle"), timeout=10, what="the idle worker's first claim")
         first.stop()
         assert handle.result(timeout=5) == "done"
     assert list(

@@ -15,6 +15,7 @@ from durable_streams import (
 )
 
 from .models import Effect
+from .waiting import poll
 
 
 def effect(label: str) -> None:
@@ -90,12 +91,17 @@ def fails(message: str) -> None:
 _attempts: dict[str, int] = {}
 
 
-@step(retries=2, backoff=0.01)
-def flaky(label: str, failures: int) -> str:
+def _fails_at_first(label: str, failures: int) -> str:
+    """Fails its first ``failures`` tries (counted as Effect rows), then succeeds."""
     effect(label)
     if Effect.objects.filter(label=label).count() <= failures:
         raise ConnectionError(f"attempt failed for {label}")
     return f"{label} ok"
+
+
+@step(retries=2, backoff=0.01)
+def flaky(label: str, failures: int) -> str:
+    return _fails_at_first(label, failures)
 
 
 @workflow
@@ -204,12 +210,7 @@ def worker_effect(label: str) -> None:
 
 def wait_for_effect(label: str, timeout: float = 20.0) -> bool:
     """Block until the test creates an Effect with ``label`` (a release signal); bounded."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if Effect.objects.filter(label=label).exists():
-            return True
-        time.sleep(0.02)
-    return False
+    return poll(Effect.objects.filter(label=label).exists, timeout=timeout)
 
 
 @step
@@ -358,10 +359,7 @@ def deep_result() -> Any:
 
 @step(retries=2, backoff=0.1)
 def flaky_backoff(label: str, failures: int) -> str:
-    effect(label)
-    if Effect.objects.filter(label=label).count() <= failures:
-        raise ConnectionError(f"attempt failed for {label}")
-    return f"{label} ok"
+    return _fails_at_first(label, failures)
 
 
 @workflow
@@ -380,13 +378,26 @@ def cancellable(label: str, count: int, delay: float) -> int:
 
 
 @workflow
-def graceful(label: str, seconds: float) -> str:
+def graceful(label: str, seconds: float | None) -> str:
+    """Two steps; the first one takes ``seconds``, or with None runs until the test releases it."""
     write_stream("progress", "started")
-    sleepy_effect(f"{label}-1", seconds)
+    if seconds is None:
+        released_effect(f"{label}-1")
+    else:
+        sleepy_effect(f"{label}-1", seconds)
     write_stream("progress", "between")
     sleepy_effect(f"{label}-2", 0)
     close_stream("progress")
     return "done"
+
+
+@step
+def released_effect(label: str) -> str:
+    """Wait for the test's release (an Effect ``<label>-release``), then record the effect."""
+    if not wait_for_effect(f"{label}-release", 60):
+        raise TimeoutError(f"{label} was never released")
+    worker_effect(label)
+    return label
 
 
 @workflow

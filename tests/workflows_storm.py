@@ -58,30 +58,26 @@ def _begin(path: str, kind: str, k: int) -> tuple[Execution, str]:
         .filter(pk=execution.workflow_id, status=Status.RUNNING, lease_owner=execution.worker_id)
         .exists()
     )
-    journal(
-        path,
-        event="start",
-        kind=kind,
-        wid=execution.workflow_id,
-        k=k,
-        token=token,
-        worker=execution.worker_id,
-        held=held,
-        t=started,
-    )
+    _journal_event(path, "start", execution, kind, k, token, held=held, t=started)
     return execution, token
 
 
 def _end(path: str, execution: Execution, kind: str, k: int, token: str) -> None:
+    _journal_event(path, "end", execution, kind, k, token, t=time.monotonic_ns())
+
+
+def _journal_event(
+    path: str, event: str, execution: Execution, kind: str, k: int, token: str, **more: Any
+) -> None:
     journal(
         path,
-        event="end",
+        event=event,
         kind=kind,
         wid=execution.workflow_id,
         k=k,
         token=token,
         worker=execution.worker_id,
-        t=time.monotonic_ns(),
+        **more,
     )
 
 
