@@ -911,6 +911,8 @@ class WorkflowAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         )
         more_streams = len(streams) > PAGE_STREAMS
         streams = streams[:PAGE_STREAMS]
+        for stream in streams:
+            stream.workflow = obj  # its state needs the workflow's status: no query each
         retries = list(
             Workflow.objects.using(using)
             .filter(retry_of_id=obj.pk)
@@ -1035,6 +1037,7 @@ class WorkflowAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         stream = Stream.objects.using(alias()).filter(pk=stream_id, workflow_id=obj.pk).first()
         if stream is None:
             raise Http404(gettext("This workflow has no stream %(id)s.") % {"id": stream_id})
+        stream.workflow = obj
         offset = offset_param(request, stream.length)
         if isinstance(offset, HttpResponse):
             return offset
