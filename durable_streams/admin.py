@@ -428,7 +428,7 @@ OBJECT_ACTIONS = {
         "cancel",
         ACTIVE_STATUSES,
         _("Cancel"),
-        _("Cancel this workflow? It stops at its next step and its streams close."),
+        _("Cancel this workflow? It stops at its next step and its open streams are interrupted."),
     ),
     "resume": ActionSpec(
         "resume",

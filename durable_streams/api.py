@@ -388,7 +388,8 @@ def get_workflow(workflow_id: str) -> WorkflowHandle:
 def cancel_workflow(workflow_id: str) -> bool:
     """Cancel an enqueued or running workflow; False if it had already ended.
 
-    A running workflow stops at its next step boundary; its open streams close now.
+    A running workflow stops at its next step boundary. Its open streams end now as
+    interrupted, not closed: resuming the workflow reopens them.
     """
     check_workflow_id(workflow_id)
     using = alias()
