@@ -623,8 +623,10 @@ class _StreamCursor:
         self._stream_id: int | None = None
         self._length = 0
         self._closed = False  # ended: closed for good, or interrupted
-        # The workflow's status (ERROR or CANCELLED) if its end interrupted the stream.
+        # The workflow's status (ERROR or CANCELLED) if its end interrupted the stream,
+        # and after a failure its error record (type and message).
         self.interrupted: str | None = None
+        self._error: dict[str, Any] | None = None
         self._check_row = False
         self.reconnecting = _Reconnecting(
             self.using, f"reading stream {key!r} of workflow {workflow_id!r}"
@@ -669,6 +671,15 @@ class _StreamCursor:
         if position is None:
             raise WorkflowNotFound(self.workflow_id)
         stream_id, length, closed, self.interrupted = position
+        if self.interrupted == Status.ERROR and self._error is None:
+            # Read here, where a database fault is retried like any read.
+            error = (
+                WorkflowRun.objects.using(self.using)
+                .filter(pk=self.workflow_id)
+                .values_list("error", flat=True)
+                .first()
+            )
+            self._error = encoding.loads(error or "{}")
         if stream_id is None:
             # A workflow that ended without writing to this stream has nothing to give.
             return [], closed
@@ -695,30 +706,15 @@ class _StreamCursor:
         if self.interrupted is None:
             return
         if self.interrupted == Status.CANCELLED:
-            raise WorkflowCancelled(self.workflow_id, key=self.key, length=self.offset)
-        error = (
-            WorkflowRun.objects.using(self.using)
-            .filter(pk=self.workflow_id)
-            .values_list("error", flat=True)
-            .first()
-        )
-        record = encoding.loads(error or "{}")
+            raise WorkflowCancelled(self.workflow_id, key=self.key, length=self._length)
+        record = self._error or {}
         raise WorkflowFailed(
             self.workflow_id,
             record.get("type", "Error"),
             record.get("message", ""),
             key=self.key,
-            length=self.offset,
+            length=self._length,
         )
-
-    def try_ended(self) -> None:
-        """``ended()``; a database fault while reading the error still says how it failed."""
-        try:
-            self.ended()
-        except _TRANSIENT:
-            raise WorkflowFailed(
-                self.workflow_id, "Error", "", key=self.key, length=self.offset
-            ) from None
 
     def wait_time(self, interval: float) -> float:
         if self._deadline is None:
@@ -757,11 +753,11 @@ def _read(cursor: _StreamCursor) -> Iterator[Any]:
                 yield from values
                 cursor.restart_clock()
                 if ended:
-                    cursor.try_ended()
+                    cursor.ended()
                     return
                 continue
             if ended:
-                cursor.try_ended()
+                cursor.ended()
                 return
             waiter.wait(cursor.wait_time(interval if retry is None else retry))
 
@@ -785,10 +781,10 @@ async def aread_stream(
                     yield value
                 cursor.restart_clock()
                 if ended:
-                    await sync_to_async(cursor.try_ended)()
+                    cursor.ended()
                     return
                 continue
             if ended:
-                await sync_to_async(cursor.try_ended)()
+                cursor.ended()
                 return
             await waiter.async_wait(cursor.wait_time(interval if retry is None else retry))

@@ -287,6 +287,10 @@ def test_read_stream_raises_workflow_failed_with_the_error(
     error = failed.value
     assert (error.key, error.length) == ("out", len(BEFORE))
     assert error.error_type == "StepFailed" and "gate shut-gate is shut" in error.message
+    # Read from past its end, it still says where the stream stopped.
+    with pytest.raises(WorkflowFailed) as past:
+        got.extend(read_stream(wid, "out", offset=10, timeout=5))
+    assert (past.value.length, got) == (len(BEFORE), BEFORE)
     # A stream the run never wrote to is interrupted too, at length 0.
     with pytest.raises(WorkflowFailed) as empty:
         list(read_stream(wid, "never written", timeout=5))

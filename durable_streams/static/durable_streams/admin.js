@@ -56,9 +56,6 @@ class Tail {
     if (this.live) {
       this.live.hidden = state !== "open" && state !== "interrupted";
     }
-    if (state === "open" && this.panel.dataset.open === "true") {
-      this.badge("open");
-    }
   }
 
   badge(name) {
@@ -86,6 +83,9 @@ class Tail {
       return;
     }
     this.next = offset + 1;
+    if (this.state.classList.contains("ds-badge-interrupted")) {
+      this.badge("open"); // the workflow was resumed
+    }
     const atBottom =
       this.scroller.scrollTop + this.scroller.clientHeight >= this.scroller.scrollHeight - 4;
     const row = document.createElement("tr");
