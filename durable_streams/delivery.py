@@ -1,6 +1,6 @@
 """Push of committed stream changes to live subscribers (WebSocket and SSE clients).
 
-The runtime calls the three hooks below after the transaction that stored the
+The runtime and the models call the hooks below after the transaction that stored the
 change commits, in the writing process. They hand a small message to the channel
 layer and return at once; they never raise into the workflow.
 
