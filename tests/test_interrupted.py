@@ -5,7 +5,9 @@ so, stay connected, and follow the resumed run to the final close.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -312,6 +314,8 @@ async def test_aread_stream_raises_too(live_worker: Worker) -> None:
 
 
 async def test_the_feed_says_interrupted_once_per_interruption(settings: Any, db: None) -> None:
+    # No channel layer: the feed polls the database every POLL_INTERVAL.
+    settings.CHANNEL_LAYERS = {}
     settings.DURABLE_STREAMS = {**settings.DURABLE_STREAMS, "POLL_INTERVAL": 0.01}
 
     def setup() -> str:
@@ -383,3 +387,39 @@ def test_the_admin_shows_an_interrupted_stream(admin_client: Client) -> None:
     succeeded = make(Status.SUCCESS)
     html = admin_client.get(f"/admin/durable_streams/workflow/{succeeded.pk}/change/")
     assert "ds-badge-interrupted" not in html.content.decode()
+
+
+@pytest.mark.skipif(not os.environ.get("REDIS_URL"), reason="push needs a shared layer (REDIS_URL)")
+async def test_a_resume_wakes_the_feeds_of_an_interrupted_stream_at_once(
+    settings: Any, db: None
+) -> None:
+    # Pushed, and silences so long that only a message can make the feed read again.
+    settings.DURABLE_STREAMS = {**settings.DURABLE_STREAMS, "NOTIFY_FALLBACK_POLL": 600.0}
+
+    def setup() -> str:
+        workflow = Workflow.objects.create(
+            name="tests.any", status=Status.CANCELLED, inputs="{}", max_attempts=1
+        )
+        Stream.objects.create(
+            workflow=workflow, key="out", length=0, closed_at=timezone.now(), closed_by_end=True
+        )
+        return workflow.pk
+
+    wid = await sync_to_async(setup)()
+    feed = delivery.StreamFeed(wid, "out", 0)
+    assert feed.pushed
+    events = feed.events()
+    assert await anext(events) == delivery.Interrupted(0, "CANCELLED")
+    pending = asyncio.ensure_future(anext(events))
+    fetches = feed.fetches
+    await asyncio.sleep(0.3)
+    assert feed.fetches == fetches  # waiting, not polling
+    await sync_to_async(Workflow.objects.filter(pk=wid).resume)()
+    deadline = time.monotonic() + 5
+    while feed.fetches == fetches:  # the resume's message made it read the database
+        assert time.monotonic() < deadline, "the resume did not wake the feed"
+        await asyncio.sleep(0.01)
+    pending.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await pending
+    await events.aclose()
