@@ -431,7 +431,7 @@ OBJECT_ACTIONS = {
         "cancel",
         ACTIVE_STATUSES,
         _("Cancel"),
-        _("Cancel this workflow? It stops at its next step and its streams close."),
+        _("Cancel this workflow? It stops at its next step and its open streams are interrupted."),
     ),
     "resume": ActionSpec(
         "resume",
@@ -918,6 +918,8 @@ class WorkflowAdmin(admin.ModelAdmin):  # type: ignore[type-arg]  # generic only
         )
         more_streams = len(streams) > PAGE_STREAMS
         streams = streams[:PAGE_STREAMS]
+        for stream in streams:
+            stream.workflow = obj  # its state needs the workflow's status: no query each
         retries = list(
             Workflow.objects.using(using)
             .filter(retry_of_id=obj.pk)
@@ -1042,6 +1044,7 @@ class WorkflowAdmin(admin.ModelAdmin):  # type: ignore[type-arg]  # generic only
         stream = Stream.objects.using(alias()).filter(pk=stream_id, workflow_id=obj.pk).first()
         if stream is None:
             raise Http404(gettext("This workflow has no stream %(id)s.") % {"id": stream_id})
+        stream.workflow = obj
         offset = offset_param(request, stream.length)
         if isinstance(offset, HttpResponse):
             return offset

@@ -409,7 +409,8 @@ def get_workflow(workflow_id: str) -> WorkflowHandle:
 def cancel_workflow(workflow_id: str) -> bool:
     """Cancel an enqueued or running workflow; False if it had already ended.
 
-    A running workflow stops at its next step boundary; its open streams close now.
+    A running workflow stops at its next step boundary. Its open streams end now as
+    interrupted, not closed: resuming the workflow reopens them.
     """
     check_workflow_id(workflow_id)
     using = alias()
@@ -642,7 +643,11 @@ class _StreamCursor:
         # exist, so reading them needs no new look at the row.
         self._stream_id: int | None = None
         self._length = 0
-        self._closed = False
+        self._closed = False  # ended: closed for good, or interrupted
+        # The workflow's status (ERROR or CANCELLED) if its end interrupted the stream,
+        # and after a failure its error record (type and message).
+        self.interrupted: str | None = None
+        self._error: dict[str, Any] | None = None
         self._check_row = False
         self.reconnecting = _Reconnecting(
             self.using, f"reading stream {key!r} of workflow {workflow_id!r}"
@@ -686,7 +691,16 @@ class _StreamCursor:
         position = Stream.objects.using(self.using).position(self.workflow_id, self.key)
         if position is None:
             raise WorkflowNotFound(self.workflow_id)
-        stream_id, length, closed = position
+        stream_id, length, closed, self.interrupted = position
+        if self.interrupted == Status.ERROR and self._error is None:
+            # Read here, where a database fault is retried like any read.
+            error = (
+                WorkflowRun.objects.using(self.using)
+                .filter(pk=self.workflow_id)
+                .values_list("error", flat=True)
+                .first()
+            )
+            self._error = encoding.loads(error or "{}")
         if stream_id is None:
             # A workflow that ended without writing to this stream has nothing to give.
             return [], closed
@@ -708,6 +722,21 @@ class _StreamCursor:
         self.offset += len(texts)
         return encoding.loads_many(texts)
 
+    def ended(self) -> None:
+        """Return at the stream's close; raise if its workflow's end interrupted it instead."""
+        if self.interrupted is None:
+            return
+        if self.interrupted == Status.CANCELLED:
+            raise WorkflowCancelled(self.workflow_id, key=self.key, length=self._length)
+        record = self._error or {}
+        raise WorkflowFailed(
+            self.workflow_id,
+            record.get("type", "Error"),
+            record.get("message", ""),
+            key=self.key,
+            length=self._length,
+        )
+
     def wait_time(self, interval: float) -> float:
         if self._deadline is None:
             return interval
@@ -723,7 +752,11 @@ def read_stream(
     """Yield the values of a stream from ``offset`` on, waiting while it is open.
 
     Ends after the last value once the stream is closed (by ``close_stream`` or by
-    the end of the workflow). ``timeout`` bounds the wait for each next value.
+    the workflow's successful end). A stream that was still open when its workflow
+    was cancelled or failed is interrupted, not closed: after its last value this
+    raises ``WorkflowCancelled`` or ``WorkflowFailed``, whose ``key`` and ``length``
+    say where it stopped (read on from ``offset=length`` once the workflow is
+    resumed). ``timeout`` bounds the wait for each next value.
     """
     cursor = _StreamCursor(workflow_id, key, offset, timeout)
     return _read(cursor)
@@ -741,9 +774,11 @@ def _read(cursor: _StreamCursor) -> Iterator[Any]:
                 yield from values
                 cursor.restart_clock()
                 if ended:
+                    cursor.ended()
                     return
                 continue
             if ended:
+                cursor.ended()
                 return
             waiter.wait(cursor.wait_time(interval if retry is None else retry))
 
@@ -767,8 +802,10 @@ async def aread_stream(
                     yield value
                 cursor.restart_clock()
                 if ended:
+                    cursor.ended()
                     return
                 continue
             if ended:
+                cursor.ended()
                 return
             await waiter.async_wait(cursor.wait_time(interval if retry is None else retry))

@@ -5,8 +5,15 @@ Protocol (JSON text frames, server to client)::
     {"type": "entry", "key": K, "offset": N, "value": V}   each value, in offset order
     {"type": "closed", "key": K, "length": L}             once the stream has ended
 
-then the server closes the socket with code 1000. The client asks for the first
-offset it still needs with ``?offset=N`` (default 0).
+then the server closes the socket with code 1000. ``closed`` is final: the stream
+never grows again. A stream that was still open when its workflow failed or was
+cancelled is not closed but interrupted; once its L values are sent::
+
+    {"type": "interrupted", "key": K, "length": L, "status": "CANCELLED" | "ERROR"}
+
+and the socket stays open: if the workflow is resumed, the values of the resumed
+run follow (from offset L), then ``closed``. The client asks for the first offset
+it still needs with ``?offset=N`` (default 0).
 
 Flow control (client to server, JSON text frames)::
 
@@ -61,6 +68,7 @@ from .delivery import (
     closed_frame,
     entry_frame,
     frame_bytes,
+    interrupted_frame,
     may_read,
     parse_address,
     parse_offset,
@@ -178,6 +186,10 @@ class StreamConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]  # channels:
                     elif isinstance(event, delivery.Revoked):
                         await self.close(code=FORBIDDEN, reason=_reason(REVOKED_REASON))
                         return
+                    elif isinstance(event, delivery.Interrupted):
+                        # Not an end: the socket stays open and follows a resume.
+                        frame = interrupted_frame(feed.key, event.length, event.status)
+                        await self.send(text_data=frame)
                     else:
                         await self.send(text_data=closed_frame(feed.key, event.length))
                         await self.close(code=1000)

@@ -1,6 +1,6 @@
 """Push of committed stream changes to live subscribers (WebSocket and SSE clients).
 
-The runtime calls the three hooks below after the transaction that stored the
+The runtime and the models call the hooks below after the transaction that stored the
 change commits, in the writing process. They hand a small message to the channel
 layer and return at once; they never raise into the workflow.
 
@@ -75,6 +75,8 @@ RECEIVE_HEALTHY_AFTER = 0.5
 ENTRIES = "durable_streams.entries"
 CLOSED = "durable_streams.closed"
 ENDED = "durable_streams.ended"
+# A failed or cancelled workflow was resumed: its interrupted streams are open again.
+RESUMED = "durable_streams.resumed"
 # Stands for the messages a feed dropped: it reads the database instead.
 LAGGED = "durable_streams.lagged"
 # Messages a feed keeps while its reader does not pull (a WebSocket with a full
@@ -93,7 +95,7 @@ def stream_group(workflow_id: str, key: str) -> str:
 
 
 def workflow_group(workflow_id: str) -> str:
-    """The group told when the workflow ends, which closes all of its streams."""
+    """The group told when the workflow ends (its streams end) or is resumed (they reopen)."""
     return f"durable-streams.w.{_digest(workflow_id)}"
 
 
@@ -362,16 +364,13 @@ def stream_closed(workflow_id: str, key: str, length: int) -> None:
     )
 
 
-def workflow_ended(workflow_id: str) -> None:
-    """The workflow reached a final status; every stream it had is closed now."""
-    try:
-        layer = channel_layer()
-    except Exception as exc:
-        _send_failures.warning("Could not notify stream subscribers", exc)
-        return
-    if layer is None or not (crosses_processes(layer) or loops.current()):
-        return  # nobody could hear it: spare the query for the lengths
-    lengths: dict[str, int] | None = None
+def workflows_resumed(workflow_ids: list[str]) -> None:
+    """These workflows were sent back to the queue: their interrupted streams reopened."""
+    for workflow_id in workflow_ids:
+        publish(workflow_group(workflow_id), {"type": RESUMED, "workflow": workflow_id})
+
+
+def _final_lengths(workflow_id: str) -> dict[str, int] | None:
     try:
         from .models import Stream
 
@@ -380,13 +379,28 @@ def workflow_ended(workflow_id: str) -> None:
             .filter(workflow_id=workflow_id)
             .values_list("key", "length")[: MAX_ENDED_LENGTHS + 1]
         )
-        if len(rows) <= MAX_ENDED_LENGTHS:
-            lengths = dict(rows)
     except Exception:
         # Subscribers without the lengths read them from the database.
         logger.warning("Could not read the final stream lengths.", exc_info=True)
+        return None
+    return dict(rows) if len(rows) <= MAX_ENDED_LENGTHS else None
+
+
+def workflow_ended(workflow_id: str, status: str | None = None) -> None:
+    """The workflow reached final ``status``; every stream it had is closed or interrupted now."""
+    try:
+        layer = channel_layer()
+    except Exception as exc:
+        _send_failures.warning("Could not notify stream subscribers", exc)
+        return
+    if layer is None or not (crosses_processes(layer) or loops.current()):
+        return  # nobody could hear it: spare the query for the lengths
+    # Only a success closes every stream for good: after a failure or a cancellation
+    # the subscribers read which streams were closed, and which interrupted.
+    lengths = _final_lengths(workflow_id) if status == "SUCCESS" else None
     publish(
-        workflow_group(workflow_id), {"type": ENDED, "workflow": workflow_id, "lengths": lengths}
+        workflow_group(workflow_id),
+        {"type": ENDED, "workflow": workflow_id, "status": status, "lengths": lengths},
     )
 
 
@@ -407,6 +421,17 @@ class Closed:
 
 
 @dataclass(frozen=True)
+class Interrupted:
+    """The stream's workflow failed or was cancelled after ``length`` values.
+
+    Not an end: a resumed workflow reopens the stream, and the feed follows it on.
+    """
+
+    length: int
+    status: str
+
+
+@dataclass(frozen=True)
 class Revoked:
     """The reader may no longer read the stream: its access, checked again, failed."""
 
@@ -417,12 +442,15 @@ class Batch:
     texts: list[str]
     length: int
     closed: bool
+    # The workflow's status (ERROR or CANCELLED) when its end interrupted the stream.
+    interrupted: str | None = None
 
 
 def read_batch(workflow_id: str, key: str, offset: int) -> Batch:
     """Stored values from ``offset`` (at most READ_BATCH_SIZE), the length, and whether it ended.
 
     A stream that does not exist yet is empty; it has ended once its workflow has.
+    ``closed`` is a final close; an interruption (``interrupted``) is not.
     """
     from .models import Stream, StreamEntry
 
@@ -430,13 +458,13 @@ def read_batch(workflow_id: str, key: str, offset: int) -> Batch:
     position = Stream.objects.using(using).position(workflow_id, key)
     if position is None:  # the workflow is gone: nothing more will come
         return Batch(offset, [], 0, True)
-    stream_id, length, closed = position
+    stream_id, length, ended, interrupted = position
     texts: list[str] = []
     if stream_id is not None and length > offset:
         limit = min(get_config().READ_BATCH_SIZE, length - offset)
         rows = StreamEntry.objects.using(using).texts_from(stream_id, offset, limit)
         texts = [text for _, text in rows]
-    return Batch(offset, texts, length, closed)
+    return Batch(offset, texts, length, ended and interrupted is None, interrupted)
 
 
 async def run_db(fn: Callable[..., T], *args: Any) -> T:
@@ -454,6 +482,10 @@ async def run_db(fn: Callable[..., T], *args: Any) -> T:
 
 class StreamFeed:
     """The values of one stream from ``offset`` on, then its close, each exactly once.
+
+    A stream that its workflow's failure or cancellation ended is not closed: the
+    feed yields ``Interrupted`` once all its values are out, and follows on, so that
+    the values a resumed run writes, and the final close, follow.
 
     ``events()`` subscribes the feed to this event loop's share of the channel layer
     (the stream's ``groups``, joined once per loop however many feeds read the
@@ -478,6 +510,9 @@ class StreamFeed:
         self._deadline = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._length: int | None = None  # known once the stream is closed
+        # Whether the reader was told that the stream is interrupted (and not since
+        # seen it open again).
+        self._interrupted = False
         self.fetches = 0
         # Checked again every REAUTHORIZE_SECONDS while events() runs: by a timer and a
         # short task per check, so that an idle reader is ended too and no value waits.
@@ -596,15 +631,19 @@ class StreamFeed:
             self._length = note["length"]
         elif kind == ENDED:
             lengths = note.get("lengths")
-            if lengths is None:
+            if lengths is None or note.get("status") != "SUCCESS":
+                # Without the lengths, or after a failure or a cancellation (which
+                # streams were closed for good, and which interrupted?): the database says.
                 return [], True
             self._length = lengths.get(self.key, 0)
+        elif kind == RESUMED:
+            return [], True  # an interrupted stream may be open again
         return [], self._length is not None and self.next_offset < self._length
 
     def _done(self) -> bool:
         return self._length is not None and self.next_offset >= self._length
 
-    async def events(self) -> AsyncGenerator[Entry | Closed | Revoked, None]:
+    async def events(self) -> AsyncGenerator[Entry | Closed | Interrupted | Revoked, None]:
         config = get_config()
         if self.pushed:
             base, ceiling = (
@@ -645,6 +684,14 @@ class StreamFeed:
                             self._length = batch.length
                         # More stored than one batch holds: read on (an empty read ends it).
                         behind = bool(batch.texts) and batch.length > self.next_offset
+                        if batch.interrupted is None:
+                            self._interrupted = False
+                        elif not (behind or self._interrupted) and (
+                            self.next_offset >= batch.length
+                        ):
+                            # Said once per interruption; the feed follows on, for a resume.
+                            self._interrupted = True
+                            yield Interrupted(batch.length, batch.interrupted)
                     if self._done():
                         yield Closed(self._length or 0)
                         return
@@ -882,6 +929,8 @@ class _Hub:
             except asyncio.CancelledError:
                 _cancel_until_done(receiving)
                 raise
+            finally:
+                _retrieve_cleaners(self.layer)
             try:
                 message = receiving.result()
             except Exception as exc:
@@ -904,7 +953,7 @@ class _Hub:
         if not streams:
             return
         kind = message.get("type")
-        if kind == ENDED:
+        if kind in (ENDED, RESUMED):
             targets = [feed for feeds in streams.values() for feed in feeds]
         else:
             targets = list(streams.get(message.get("key"), ()))  # type: ignore[arg-type]  # see above
@@ -953,6 +1002,16 @@ class _Hub:
 def _cancel_requested() -> bool:
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
+
+
+def _retrieve_cleaners(layer: object) -> None:
+    """Retrieve the outcome of the tasks channels-redis starts after each receive.
+
+    They tidy its backup queue in Redis, and fail while Redis is down; nobody else
+    awaits them, so asyncio would log "exception was never retrieved".
+    """
+    for task in list(getattr(layer, "receive_cleaners", ())):
+        task.add_done_callback(_retrieve)
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:
@@ -1082,3 +1141,10 @@ def refused_frame(key: str) -> str:
 
 def closed_frame(key: str, length: int) -> str:
     return json.dumps({"type": "closed", "key": key, "length": length}, separators=(",", ":"))
+
+
+def interrupted_frame(key: str, length: int, status: str) -> str:
+    return json.dumps(
+        {"type": "interrupted", "key": key, "length": length, "status": status},
+        separators=(",", ":"),
+    )

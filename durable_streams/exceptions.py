@@ -44,22 +44,52 @@ class WorkflowConflict(DurableStreamsError):
     """
 
 
-class WorkflowFailed(DurableStreamsError):
-    """The workflow ended in ERROR; carries the original error's type name and message."""
+def _where(key: str | None, length: int | None) -> str:
+    if key is None:
+        return ""
+    return f" (stream {key!r} interrupted at length {length})"
 
-    def __init__(self, workflow_id: str, error_type: str, message: str) -> None:
+
+class WorkflowFailed(DurableStreamsError):
+    """The workflow ended in ERROR; carries the original error's type name and message.
+
+    Raised by ``read_stream`` at a stream that the failure interrupted: then ``key``
+    and ``length`` (the values written before it) say which and where, else None.
+    """
+
+    def __init__(
+        self,
+        workflow_id: str,
+        error_type: str,
+        message: str,
+        *,
+        key: str | None = None,
+        length: int | None = None,
+    ) -> None:
         self.workflow_id = workflow_id
         self.error_type = error_type
         self.message = message
-        super().__init__(f"Workflow {workflow_id!r} failed: {error_type}: {message}")
+        self.key = key
+        self.length = length
+        super().__init__(
+            f"Workflow {workflow_id!r} failed: {error_type}: {message}" + _where(key, length)
+        )
 
 
 class WorkflowCancelled(DurableStreamsError):
-    """The workflow was cancelled."""
+    """The workflow was cancelled.
 
-    def __init__(self, workflow_id: str) -> None:
+    Raised by ``read_stream`` at a stream that the cancellation interrupted: then
+    ``key`` and ``length`` (the values written before it) say which and where, else None.
+    """
+
+    def __init__(
+        self, workflow_id: str, *, key: str | None = None, length: int | None = None
+    ) -> None:
         self.workflow_id = workflow_id
-        super().__init__(f"Workflow {workflow_id!r} was cancelled.")
+        self.key = key
+        self.length = length
+        super().__init__(f"Workflow {workflow_id!r} was cancelled{_where(key, length)}.")
 
 
 class WorkflowTimeout(DurableStreamsError, TimeoutError):

@@ -105,7 +105,7 @@ WHERE s.workflow_id = %s AND e.operation IS NOT NULL
 # Stream.objects.position(): the stream's row and its workflow's status, or no row when
 # the workflow does not exist. (key, workflow id)
 _POSITION = """
-SELECT s.id, s."length", s.closed_at IS NOT NULL, w.status
+SELECT s.id, s."length", s.closed_at IS NOT NULL, s.closed_by_end, w.status
 FROM {workflow} w LEFT JOIN {stream} s ON s.workflow_id = w.id AND s."key" = %s
 WHERE w.id = %s
 """
@@ -363,7 +363,9 @@ class WorkflowQuerySet(models.QuerySet["Workflow"]):
                     workflow_id=workflow_id, closed_at__isnull=True
                 ).update(closed_at=now, closed_by_end=True)
                 announce([workflow_topic(workflow_id)], self.db)
-                transaction.on_commit(lambda: delivery.workflow_ended(workflow_id), using=self.db)
+                transaction.on_commit(
+                    lambda: delivery.workflow_ended(workflow_id, status), using=self.db
+                )
         return bool(changed)
 
     def finish_held(
@@ -407,7 +409,9 @@ class WorkflowQuerySet(models.QuerySet["Workflow"]):
         changed = bool(rows and rows[0][0])
         if changed:
             announce([workflow_topic(workflow_id)], self.db)
-            transaction.on_commit(lambda: delivery.workflow_ended(workflow_id), using=self.db)
+            transaction.on_commit(
+                lambda: delivery.workflow_ended(workflow_id, status), using=self.db
+            )
         return changed
 
     def release(
@@ -447,7 +451,9 @@ class WorkflowQuerySet(models.QuerySet["Workflow"]):
         twice. Attempts count from zero again, the streams that the end of the run
         closed reopen, and a failed step that was the last thing the run recorded is
         forgotten so that it runs again (kept, it would fail the replay the same way).
+        Live readers of the reopened streams are told after commit.
         """
+        from . import delivery
         from .notify import announce, queue_topic
 
         now = timezone.now()
@@ -476,6 +482,8 @@ class WorkflowQuerySet(models.QuerySet["Workflow"]):
                 resumed.extend(chunk)
             if rows:
                 announce([queue_topic(queue) for _, queue in rows], self.db)
+                # Readers of their interrupted streams follow them again.
+                transaction.on_commit(lambda: delivery.workflows_resumed(resumed), using=self.db)
         return resumed
 
     def retry(self) -> list[tuple[str, str]]:
@@ -821,12 +829,48 @@ class Step(models.Model):
         return self.finished_at - self.started_at
 
 
+class StreamState(models.TextChoices):
+    """What a reader is told about a stream."""
+
+    OPEN = "open", _("Open")
+    # Final: close_stream() closed it, or its workflow ended in SUCCESS.
+    CLOSED = "closed", _("Closed")
+    # Its workflow ended in ERROR or CANCELLED while it was open: resuming the
+    # workflow reopens it, and more values may follow.
+    INTERRUPTED = "interrupted", _("Interrupted")
+
+
+def stream_state(closed: bool, closed_by_end: bool, workflow_status: str | None) -> StreamState:
+    """The state of a stream from its row (``closed``, ``closed_by_end``) and its workflow's status.
+
+    A stream never written to has no row: pass ``closed=False, closed_by_end=False``.
+    Only ``close_stream()`` and a successful end close a stream for good; a stream
+    that was still open when its run failed or was cancelled is interrupted.
+    """
+    if workflow_status in RESUMABLE_STATUSES and (closed_by_end or not closed):
+        return StreamState.INTERRUPTED
+    if closed or workflow_status not in ACTIVE_STATUSES:
+        return StreamState.CLOSED
+    return StreamState.OPEN
+
+
 class StreamPosition(NamedTuple):
-    """Where a stream stands: its row (None before the first write), length, whether it ended."""
+    """Where a stream stands: its row (None before the first write), length, whether it ended.
+
+    ``ended`` covers both ends: closed for good, or interrupted, in which case
+    ``interrupted`` is the workflow's status (ERROR or CANCELLED), else None.
+    """
 
     stream_id: int | None
     length: int
     ended: bool
+    interrupted: str | None = None
+
+    @property
+    def state(self) -> StreamState:
+        if not self.ended:
+            return StreamState.OPEN
+        return StreamState.INTERRUPTED if self.interrupted else StreamState.CLOSED
 
 
 class StreamQuerySet(models.QuerySet["Stream"]):
@@ -837,14 +881,16 @@ class StreamQuerySet(models.QuerySet["Stream"]):
         """The stream's position, in one query once it exists; None if the workflow does not.
 
         A stream has ended once it is closed or its workflow is no longer active; a
-        stream never written to is empty and ends with its workflow.
+        stream never written to is empty and ends with its workflow. An end that the
+        workflow's failure or cancellation caused is reported as an interruption.
         """
         rows = _fetch(self.db, table_sql(self.db, _POSITION), [key, workflow_id])
         if not rows:
             return None
-        stream_id, length, closed, status = rows[0]
-        ended = bool(closed) or status not in ACTIVE_STATUSES
-        return StreamPosition(stream_id, length or 0, ended)
+        stream_id, length, closed, closed_by_end, status = rows[0]
+        state = stream_state(bool(closed), bool(closed_by_end), status)
+        interrupted = status if state == StreamState.INTERRUPTED else None
+        return StreamPosition(stream_id, length or 0, state != StreamState.OPEN, interrupted)
 
 
 class Stream(models.Model):
@@ -879,7 +925,17 @@ class Stream(models.Model):
 
     @property
     def is_closed(self) -> bool:
+        """Whether the row is closed: for good, or until its workflow is resumed (``state``)."""
         return self.closed_at is not None
+
+    @property
+    def state(self) -> StreamState:
+        """Open, closed or interrupted (reads the workflow's status, unless it is loaded)."""
+        return stream_state(self.is_closed, self.closed_by_end, self.workflow.status)
+
+    @property
+    def is_interrupted(self) -> bool:
+        return self.state == StreamState.INTERRUPTED
 
 
 class StreamEntryQuerySet(models.QuerySet["StreamEntry"]):

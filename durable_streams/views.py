@@ -7,10 +7,13 @@
     data: {"type": "entry", "key": K, "offset": N, "value": V}
 
 for each value, then ``event: closed`` with ``{"type": "closed", "key": K, "length": L}``
-and the end of the response. The ``id`` is the offset: a client that reconnects
-with ``Last-Event-ID: N`` resumes at ``N + 1``. Refusals are plain HTTP answers:
-400 (bad offset or key), 404 (no such workflow, or the user may not read it: the
-same answer, so that nobody can probe which ids exist).
+and the end of the response. A stream that its workflow's failure or cancellation
+ended is not closed: ``event: interrupted`` with ``{"type": "interrupted", "key": K,
+"length": L, "status": "CANCELLED" | "ERROR"}``, and the response stays open, so
+that the values of a resumed run, then ``event: closed``, follow. The ``id`` is the
+offset: a client that reconnects with ``Last-Event-ID: N`` resumes at ``N + 1``.
+Refusals are plain HTTP answers: 400 (bad offset or key), 404 (no such workflow, or
+the user may not read it: the same answer, so that nobody can probe which ids exist).
 
 Access is checked again every ``REAUTHORIZE_SECONDS`` while the response lasts; once
 it no longer holds, ``event: refused`` with ``{"type": "refused", "key": K, "reason": R}``
@@ -172,9 +175,9 @@ async def _release_request_thread() -> None:
 async def _event_stream(feed: delivery.StreamFeed) -> AsyncIterator[bytes]:
     # The feed subscribes itself through this process's one subscription per stream.
     # One event in hand at a time: the feed is pulled only as fast as the client reads.
-    out: asyncio.Queue[delivery.Entry | delivery.Closed | delivery.Revoked | BaseException] = (
-        asyncio.Queue(1)
-    )
+    out: asyncio.Queue[
+        delivery.Entry | delivery.Closed | delivery.Interrupted | delivery.Revoked | BaseException
+    ] = asyncio.Queue(1)
     pump: asyncio.Task[None] | None = None
     budget = get_config().READER_WINDOW_BYTES
     try:
@@ -204,6 +207,10 @@ async def _event_stream(feed: delivery.StreamFeed) -> AsyncIterator[bytes]:
                 frame = delivery.closed_frame(feed.key, item.length)
                 yield f"event: closed\ndata: {frame}\n\n".encode()
                 return
+            elif isinstance(item, delivery.Interrupted):
+                # Not an end: the response follows a resume (within its byte budget).
+                frame = delivery.interrupted_frame(feed.key, item.length, item.status)
+                yield f"event: interrupted\ndata: {frame}\n\n".encode()
             elif isinstance(item, delivery.Revoked):
                 yield f"event: refused\ndata: {delivery.refused_frame(feed.key)}\n\n".encode()
                 return
@@ -221,7 +228,9 @@ async def _event_stream(feed: delivery.StreamFeed) -> AsyncIterator[bytes]:
 
 async def _pump(
     feed: delivery.StreamFeed,
-    out: asyncio.Queue[delivery.Entry | delivery.Closed | delivery.Revoked | BaseException],
+    out: asyncio.Queue[
+        delivery.Entry | delivery.Closed | delivery.Interrupted | delivery.Revoked | BaseException
+    ],
 ) -> None:
     try:
         async with contextlib.aclosing(feed.events()) as events:

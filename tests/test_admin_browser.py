@@ -22,7 +22,7 @@ from django.db import connection, connections
 from django.urls import reverse
 
 from durable_streams import admin as ds_admin
-from durable_streams.models import Status, StreamEntry
+from durable_streams.models import Status, StreamEntry, Workflow
 from tests import workflows
 from tests.processes import ROOT
 from tests.waiting import wait_until
@@ -197,4 +197,42 @@ def test_a_running_workflows_stream_grows_on_its_page(
     )
     assert "the payment provider timed out" in page.locator(".ds-card-error").inner_text()
     page.screenshot(path=str(SCREENSHOTS / "ds-admin-failed.png"), full_page=True)
+    assert errors == []
+
+
+def test_an_interrupted_stream_is_shown_so_and_follows_the_resume(
+    server: str, browser: Any, live_worker: Any
+) -> None:
+    from tests.models import Effect
+    from tests.workflows_interrupted import interruptible
+
+    errors: list[str] = []
+    page = log_in(browser, server, errors)
+    run = interruptible.start("out", ["a", "b"], ["c", "d"], "admin-gate", False)
+    wait_until(
+        lambda: StreamEntry.objects.filter(stream__workflow_id=run.workflow_id).count() >= 3,
+        timeout=10,
+        what="the first values",
+    )
+    page.goto(f"{server}{reverse('admin:durable_streams_workflow_change', args=[run.workflow_id])}")
+    panel = page.locator("[data-ds-stream][data-key='out']")
+    state = panel.locator("[data-ds-state]")
+    page.wait_for_function("() => document.querySelector('[data-ds-live]:not([hidden])')")
+    assert run.cancel()
+    page.wait_for_function(
+        "() => document.querySelector(\"[data-key='out'] [data-ds-state]\")"
+        ".textContent === 'Interrupted'"
+    )
+    assert panel.get_attribute("data-open") == "true"
+    # The header stream was closed by close_stream() before the cancel: closed for good.
+    assert page.locator("[data-key='header'] [data-ds-state]").inner_text() == "Closed"
+    Effect.objects.create(workflow_id="", label="admin-gate")
+    Workflow.objects.filter(pk=run.workflow_id).resume()
+    page.wait_for_function(
+        "() => document.querySelector(\"[data-key='out']\").dataset.open === 'false'",
+        timeout=20_000,
+    )
+    assert state.inner_text() == "Closed"
+    assert offsets_on(page)[-2:] == [2, 3]
+    assert panel.locator("[data-ds-length]").inner_text() == "4"
     assert errors == []

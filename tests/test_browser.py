@@ -321,11 +321,15 @@ async ([moduleUrl, scenario]) => {
   const states = [];
   let closedWith = null;
   let error = null;
+  const interruptions = [];
+  let settled = false;
+  let interruptedState = null;
   const sub = subscribe("wf/1", "answer key", {
     offset: 2, WebSocket: FakeSocket, minDelay: 5, maxDelay: 20,
     origin: "https://example.com/page",
     onEntry: (value, offset) => seen.push([offset, value]),
     onClose: (length) => { closedWith = length; },
+    onInterrupted: (info) => interruptions.push(info),
     onError: (e) => { error = { code: e.code, name: e.name }; },
     onStatus: (state) => states.push(state),
   });
@@ -352,6 +356,21 @@ async ([moduleUrl, scenario]) => {
     sockets[0].close(4408);                   // too slow: reconnect from the offset, at once
     await tick(15);
     return { urls: sockets.map((s) => s.url), early, sent: sockets[0].sent, states };
+  } else if (scenario === "interrupted") {
+    sub.done.then(() => { settled = true; });
+    const cut = { type: "interrupted", key: "answer key", length: 3, status: "CANCELLED" };
+    sockets[0].frame(entry(2, "c"));
+    sockets[0].frame(cut);
+    await tick(150);                          // not an end: the ack still goes out
+    interruptedState = [sub.state, settled, sockets[0].closed === true];
+    sockets[0].close(1006);                   // dropped while interrupted: reconnect from 3
+    await tick();
+    sockets[1].frame(cut);                    // told again on the new socket: reported once
+    sockets[1].frame(entry(3, "d"));          // the workflow was resumed
+    sockets[1].frame({ type: "closed", key: "answer key", length: 4 });
+    await tick();
+    return { urls: sockets.map((s) => s.url), seen, states, closedWith, interruptions,
+             interruptedState, acks: sockets[0].sent, state: sub.state };
   } else if (scenario === "refused") {
     sockets[0].close(4403);
     await tick(100);
@@ -447,6 +466,27 @@ def test_a_stream_larger_than_the_window_arrives_whole(page: Any, demo: Demo) ->
     assert result["inOrder"] and result["wrong"] == 0
     # The acks kept the window open: one connection carried it all, no 4408 reconnection.
     assert result["states"] == ["open", "closed"], result["states"]
+
+
+def test_client_reports_an_interruption_and_follows_the_resume(page: Any, demo: Demo) -> None:
+    result = run_client(page, demo, "interrupted")
+    assert result["interruptions"] == [{"key": "answer key", "length": 3, "status": "CANCELLED"}]
+    # Interrupted is no end: still subscribed, `done` unsettled, the socket left open.
+    assert result["interruptedState"] == ["interrupted", False, False]
+    assert result["acks"] == [{"type": "ack", "offset": 3}]
+    assert result["seen"] == [[2, "c"], [3, "d"]]
+    assert result["closedWith"] == 4 and result["state"] == "closed"
+    assert result["urls"][1].endswith("?offset=3")
+    assert result["states"] == [
+        "open",
+        "interrupted",
+        "waiting",
+        "connecting",
+        "open",
+        "interrupted",
+        "open",
+        "closed",
+    ]
 
 
 def test_client_gives_up_on_a_refusal(page: Any, demo: Demo) -> None:

@@ -26,7 +26,7 @@ from durable_streams import (
     read_stream,
     write_stream,
 )
-from durable_streams.exceptions import NotInWorkflow
+from durable_streams.exceptions import NotInWorkflow, WorkflowCancelled, WorkflowFailed
 from durable_streams.models import Step, Stream, StreamEntry, Workflow
 from durable_streams.notify import watched_topics
 from durable_streams.worker import Worker
@@ -243,10 +243,20 @@ def test_the_end_of_a_workflow_closes_its_open_streams(run_burst: Callable[..., 
     failed = workflows.fails.start("boom")
     run_burst()
     assert succeeded.status == Status.SUCCESS and failed.status == Status.ERROR
-    for handle, values in [(succeeded, [1, 2]), (failed, ["before"])]:
+    for handle in [succeeded, failed]:
         stream = Stream.objects.get(workflow_id=handle.workflow_id, key="out")
         assert stream.is_closed and stream.closed_by_end
-        assert list(read_stream(handle.workflow_id, "out", timeout=5)) == values
+    assert list(read_stream(succeeded.workflow_id, "out", timeout=5)) == [1, 2]
+    # The failure interrupted the stream: not a final close (a resume reopens it).
+    read: list[Any] = []
+    with pytest.raises(WorkflowFailed) as failure:
+        read.extend(read_stream(failed.workflow_id, "out", timeout=5))
+    assert read == ["before"]
+    assert (failure.value.key, failure.value.length, failure.value.error_type) == (
+        "out",
+        1,
+        "ValueError",
+    )
 
 
 def test_cancel_closes_the_streams_and_readers_end(worker_thread: Callable[..., Worker]) -> None:
@@ -257,9 +267,12 @@ def test_cancel_closes_the_streams_and_readers_end(worker_thread: Callable[..., 
     assert handle.cancel()
     stream = Stream.objects.get(workflow_id=handle.workflow_id, key="progress")
     assert stream.is_closed and stream.closed_by_end
-    rest = list(reader)  # ends, where it would otherwise wait for the next value
+    rest: list[int] = []
+    with pytest.raises(WorkflowCancelled) as cancelled:  # where it would otherwise wait
+        rest.extend(reader)
     assert rest == list(range(2, 2 + len(rest)))
     assert len(rest) <= 2
+    assert (cancelled.value.key, cancelled.value.length) == ("progress", 2 + len(rest))
 
 
 def test_write_and_close_outside_a_workflow_raise_not_in_workflow() -> None:
@@ -516,14 +529,14 @@ def test_a_stream_position_and_its_values_take_one_query_each() -> None:
     assert one_query(lambda: Stream.objects.position("no-such-workflow", "out")) is None
     wid = workflows.echo.start().workflow_id
     # No row before the first write: empty, and open while the workflow is active.
-    assert one_query(lambda: Stream.objects.position(wid, "out")) == (None, 0, False)
+    assert one_query(lambda: Stream.objects.position(wid, "out")) == (None, 0, False, None)
     now = timezone.now()
     stream = Stream.objects.create(workflow_id=wid, key="out", length=3, created_at=now)
     StreamEntry.objects.bulk_create(
         StreamEntry(stream=stream, offset=i, value=f'{{"i": {i}}}', created_at=now)
         for i in range(3)
     )
-    assert one_query(lambda: Stream.objects.position(wid, "out")) == (stream.pk, 3, False)
+    assert one_query(lambda: Stream.objects.position(wid, "out")) == (stream.pk, 3, False, None)
     assert one_query(lambda: StreamEntry.objects.texts_from(stream.pk, 1, 5)) == [
         (1, '{"i": 1}'),
         (2, '{"i": 2}'),
@@ -531,7 +544,7 @@ def test_a_stream_position_and_its_values_take_one_query_each() -> None:
     assert StreamEntry.objects.texts_from(stream.pk, 0, 1) == [(0, '{"i": 0}')]
     assert StreamEntry.objects.texts_from(stream.pk, 3, 5) == []
     Stream.objects.filter(pk=stream.pk).update(closed_at=now)
-    assert Stream.objects.position(wid, "out") == (stream.pk, 3, True)
+    assert Stream.objects.position(wid, "out") == (stream.pk, 3, True, None)
     # Once the workflow has ended, so has every stream of it, written to or not.
     Workflow.objects.filter(pk=wid).update(status=Status.SUCCESS)
-    assert Stream.objects.position(wid, "never written") == (None, 0, True)
+    assert Stream.objects.position(wid, "never written") == (None, 0, True, None)

@@ -1,4 +1,5 @@
-// The admin's workflow page: open streams tail live, and operator actions ask first.
+// The admin's workflow page: open and interrupted streams tail live, and operator
+// actions ask first.
 //
 // Each open stream on the page follows its WebSocket through the project's client
 // (durable-streams.js) from the offset after the last entry the page rendered, so no
@@ -44,6 +45,8 @@ class Tail {
     this.maxRows = Number(section.dataset.maxRows) || 200;
     this.labels = {
       closed: section.dataset.closedLabel || "Closed",
+      open: section.dataset.openLabel || "Open",
+      interrupted: section.dataset.interruptedLabel || "Interrupted",
       justNow: section.dataset.justNowLabel || "just now",
     };
   }
@@ -51,8 +54,21 @@ class Tail {
   status(state) {
     // "Live" only while the socket is up; the client reconnects by itself after a drop.
     if (this.live) {
-      this.live.hidden = state !== "open";
+      this.live.hidden = state !== "open" && state !== "interrupted";
     }
+  }
+
+  badge(name) {
+    this.state.textContent = this.labels[name];
+    this.state.className = `ds-badge ds-badge-${name}`;
+  }
+
+  interrupted(length) {
+    // Not closed: a resumed workflow writes on, and the tail follows.
+    if (Number.isInteger(length)) {
+      this.length.textContent = String(length);
+    }
+    this.badge("interrupted");
   }
 
   refused(error) {
@@ -67,6 +83,9 @@ class Tail {
       return;
     }
     this.next = offset + 1;
+    if (this.state.classList.contains("ds-badge-interrupted")) {
+      this.badge("open"); // the workflow was resumed
+    }
     const atBottom =
       this.scroller.scrollTop + this.scroller.clientHeight >= this.scroller.scrollHeight - 4;
     const row = document.createElement("tr");
@@ -100,8 +119,7 @@ class Tail {
     if (Number.isInteger(length)) {
       this.length.textContent = String(length);
     }
-    this.state.textContent = this.labels.closed;
-    this.state.className = "ds-badge ds-badge-closed";
+    this.badge("closed");
     if (this.live) {
       this.live.hidden = true;
     }
@@ -131,6 +149,7 @@ async function tailOpenStreams() {
       path: section.dataset.wsPath,
       onEntry: (value, offset) => tail.entry(offset, value),
       onClose: (length) => tail.closed(length),
+      onInterrupted: ({ length }) => tail.interrupted(length),
       onStatus: (state) => tail.status(state),
       onError: (error) => tail.refused(error),
     });

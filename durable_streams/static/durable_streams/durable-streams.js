@@ -14,6 +14,7 @@
  *   const sub = subscribe(workflowId, "answer", {
  *     onEntry(value, offset) { output.append(value); },
  *     onClose(length) { console.log(`done after ${length} values`); },
+ *     onInterrupted({ length, status }) { console.log(`${status} after ${length}; may resume`); },
  *     onError(error) { console.warn(error.message); },   // refused: 4400, 4403, 4404
  *   });
  *   // later, to stop listening: sub.close();
@@ -72,9 +73,14 @@ function report(error) {
  * Options:
  *   offset    first offset wanted (default 0)
  *   onEntry   (value, offset) => void, once per value, in offset order
- *   onClose   (length) => void, once, after the last value
+ *   onClose   (length) => void, once, after the last value: the stream never grows again
+ *   onInterrupted  ({key, length, status}) => void, when the workflow was cancelled
+ *             (status "CANCELLED") or failed ("ERROR") after `length` values. Not an
+ *             end: the subscription stays open, and if the workflow is resumed, its new
+ *             values (onEntry) and at last onClose follow. Call close() to stop waiting.
  *   onError   (error) => void, when the server refuses (error.code: 4400, 4403, 4404)
- *   onStatus  (state) => void: "connecting", "open", "waiting" (to reconnect), "closed", "failed"
+ *   onStatus  (state) => void: "connecting", "open", "interrupted", "waiting" (to
+ *             reconnect), "closed", "failed"
  *   path, origin   where the sockets are served (see streamUrl)
  *   minDelay, maxDelay   reconnection backoff bounds in milliseconds (250, 10000)
  *
@@ -105,6 +111,7 @@ export class Subscription {
     this._failures = 0;
     this._openedAt = 0;
     this._ended = false;
+    this._interrupted = null; // the interruption last reported, until a value follows
     this._ackTimer = null;
     this._unackedBytes = 0;
     this._unackedEntries = 0;
@@ -201,9 +208,25 @@ export class Subscription {
       if (message.offset === this._offset) {
         this._offset = message.offset + 1;
         this._failures = 0;
+        this._interrupted = null;
+        if (this._state === "interrupted") this._setState("open"); // resumed
         this._call("onEntry", message.value, message.offset);
       } // else reported already
       this._received(socket, data.length);
+    } else if (message.type === "interrupted") {
+      if (message.length > this._offset) {
+        this._drop(socket); // values are missing: ask again from the offset we need
+        return;
+      }
+      // Not an end: the workflow failed or was cancelled, and may be resumed. The
+      // socket stays open and the values of a resumed run follow on it.
+      this._setState("interrupted");
+      const said = this._interrupted;
+      if (said && said.length === message.length && said.status === message.status) {
+        return; // told again after a reconnection: reported already
+      }
+      this._interrupted = { key: this.key, length: message.length, status: message.status };
+      this._call("onInterrupted", { ...this._interrupted });
     } else if (message.type === "closed") {
       if (message.length > this._offset) {
         this._drop(socket);

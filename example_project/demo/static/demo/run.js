@@ -14,7 +14,9 @@ let lastStage = page.dataset.stage;
 
 function showState(state) {
   connection.dataset.state = state;
-  connection.textContent = { open: "live", waiting: "reconnecting…", closed: "complete", failed: "unavailable" }[state] || state;
+  connection.textContent = {
+    open: "live", interrupted: "interrupted", waiting: "reconnecting…", closed: "complete", failed: "unavailable",
+  }[state] || state;
 }
 
 function showOutcome(text, status) {
@@ -54,14 +56,15 @@ window.durableDemo = {
   }),
   progress: subscribe(workflowId, "progress", {
     offset: Number(page.dataset.progressOffset),
-    onEntry: showProgress,
-    onClose() {
-      // The workflow ended: without a "done" it failed or was cancelled.
-      if (lastStage !== "done") {
-        stage.textContent = "Stopped before the end";
-        page.classList.add("stopped");
-        showOutcome("Stopped", "error");
-      }
+    onEntry(progress) {
+      page.classList.remove("stopped"); // resumed after an interruption
+      showProgress(progress);
+    },
+    onInterrupted({ status }) {
+      // Cancelled or failed: not the end, if an operator resumes the run.
+      stage.textContent = "Stopped before the end";
+      page.classList.add("stopped");
+      showOutcome(status === "CANCELLED" ? "Cancelled" : "Error", "error");
     },
   }),
 };
