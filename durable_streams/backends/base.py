@@ -1,0 +1,155 @@
+"""What every database backend offers, with the defaults that need nothing vendor-specific.
+
+A backend is the one place that knows which database runs under an alias: the
+querysets, the runtime, the writer and the notifications ask it, never the
+connection's vendor. The defaults suit a database that locks rows as it goes and
+has no statements of its own for the hot paths: the querysets then run their
+portable ORM forms inside a transaction.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from django.apps import apps
+from django.db import connections
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Sequence
+
+    from django.core.checks import CheckMessage
+    from django.db.backends.base.base import BaseDatabaseWrapper
+    from django.db.models import Model
+
+
+class Backend:
+    vendor: ClassVar[str] = ""
+    # How users and messages name the database.
+    display_name: ClassVar[str] = ""
+    # Claims, checkpoints, a workflow's end and the writer's batches have single
+    # statements of their own (``claim``, ``checkpoint``, ``finish``, ``store_batch``).
+    one_statement: ClassVar[bool] = False
+    # An atomic step takes its fence last, so that the workflow's row stays unlocked
+    # while the step runs (the heartbeat renews the lease, a cancel does not wait). A
+    # database that locks the whole file instead takes the fence first.
+    fence_after_atomic_step: ClassVar[bool] = True
+    # Committed changes reach other processes' waiters through the database itself.
+    notifies: ClassVar[bool] = False
+
+    def __init__(self, using: str) -> None:
+        self.using = using
+        self._sql: dict[tuple[str, tuple[tuple[str, str], ...]], str] = {}
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.using!r}>"
+
+    @property
+    def connection(self) -> BaseDatabaseWrapper:
+        return connections[self.using]
+
+    def quote(self, name: str) -> str:
+        return self.connection.ops.quote_name(name)
+
+    # Statements written by hand
+
+    def names(self) -> dict[str, str]:
+        """The quoted table names (``workflow``, ``step``, ``stream``, ``entry``) and the
+        column names that are keywords somewhere (``key``, ``length``, ``offset``, ``value``),
+        for statement templates."""
+        # The app registry, not an import: the models ask their backend for statements.
+        tables = {
+            name: self.quote(apps.get_model("durable_streams", model)._meta.db_table)
+            for name, model in [
+                ("workflow", "Workflow"),
+                ("step", "Step"),
+                ("stream", "Stream"),
+                ("entry", "StreamEntry"),
+            ]
+        }
+        columns = {name: self.quote(name) for name in ("key", "length", "offset", "value")}
+        return {**tables, **columns}
+
+    def sql(self, template: str, **fields: str) -> str:
+        """``template`` with its quoted table and column names (and ``fields``) filled in."""
+        cache_key = (template, tuple(sorted(fields.items())))
+        sql = self._sql.get(cache_key)
+        if sql is None:
+            sql = template.format(**self.names(), **fields)
+            with self._lock:
+                self._sql[cache_key] = sql
+        return sql
+
+    def fetch(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        """The rows of one of durable_streams' own statements."""
+        with self.connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            return list(cursor.fetchall())
+
+    def insert_unless_taken(self, row: Model) -> bool:
+        """Insert ``row``; False, with nothing written, if its primary key is taken.
+
+        One statement, inside a transaction too: a taken key must not break the
+        caller's transaction, so no savepoint is needed.
+        """
+        opts = row._meta
+        fields = opts.concrete_fields
+        connection = self.connection
+        columns = ", ".join(self.quote(field.column) for field in fields)
+        values = [
+            field.get_db_prep_save(getattr(row, field.attname), connection) for field in fields
+        ]
+        sql = (
+            f"INSERT INTO {self.quote(opts.db_table)} ({columns}) "
+            f"VALUES ({', '.join(['%s'] * len(fields))}) "
+            f"ON CONFLICT ({self.quote(opts.pk.column)}) DO NOTHING"
+        )
+        with connection.cursor() as cursor:
+            cursor.execute(sql, values)
+            return cursor.rowcount == 1
+
+    def max_statement_bytes(self) -> int | None:
+        """Largest statement the server accepts, in bytes; None: no limit that matters here."""
+        return None
+
+    # Notifications across processes (where ``notifies``)
+
+    def notification_connection(self) -> Any:
+        """A new connection of its own for sending or receiving notifications (a context
+        manager)."""
+        raise NotImplementedError(f"{self.display_name} carries no notifications")
+
+    def session_id(self, conn: Any) -> int:
+        """The server's id of that connection's session, as notifications name their sender."""
+        raise NotImplementedError
+
+    def send_notifications(self, conn: Any, topics: list[str]) -> None:
+        raise NotImplementedError
+
+    def listen(self, conn: Any) -> None:
+        raise NotImplementedError
+
+    def notifications(self, conn: Any, timeout: float) -> Iterator[tuple[int, str]]:
+        """(sending session, topic) of what arrives within ``timeout`` seconds."""
+        raise NotImplementedError
+
+    # Transactions and connections
+
+    def take_write_lock(self) -> None:
+        """Start the current transaction as a writer (databases that lock rows need nothing)."""
+
+    @classmethod
+    def connection_created(cls, connection: BaseDatabaseWrapper) -> None:
+        """Set up a new connection of this vendor (any alias)."""
+
+    # System checks
+
+    @classmethod
+    def check_installed(cls, using: str, settings_dict: dict[str, Any]) -> list[CheckMessage]:
+        """What is missing for database ``using`` (its settings), found without connecting."""
+        return []
+
+    def check_server(self) -> list[CheckMessage]:
+        """What the server lacks (its version, its settings); connects."""
+        return []
