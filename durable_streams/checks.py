@@ -7,7 +7,7 @@ from typing import Any
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Tags, Warning, register
 
-from .backends import check_database
+from .backends import check_database, check_server
 from .conf import get_config
 from .exceptions import ConfigurationError
 
@@ -62,11 +62,7 @@ def check_database_server(
         return []  # E001 says why
     if using not in settings.DATABASES or using not in (databases or ()):
         return []
-    return [
-        message
-        for message in check_database(using, connect=True)
-        if message.id not in {m.id for m in check_database(using)}
-    ]
+    return check_server(using)
 
 
 @register()

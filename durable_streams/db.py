@@ -17,7 +17,7 @@ def alias() -> str:
 def take_write_lock(using: str) -> None:
     """Start the current transaction as a writer.
 
-    A database that locks the whole file (SQLite) takes its write lock up front, so
+    A database that locks the whole file takes its write lock up front, so
     that its busy timeout applies rather than an error when another connection wrote
     in between; databases that lock rows as they go need nothing.
     """

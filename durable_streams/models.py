@@ -492,7 +492,7 @@ class Workflow(models.Model):
             ),
             # The reclaim query: running work per queue (a row per busy worker slot),
             # whose lease is checked on the row. Leaving the lease out of every index
-            # lets PostgreSQL renew a lease in place (a HOT update), touching no index.
+            # lets the database renew a lease in place (a HOT update), touching no index.
             models.Index(
                 fields=["queue", "created_at"],
                 name="ds_workflow_running_q_idx",
@@ -741,7 +741,7 @@ class StreamEntry(models.Model):
 
 
 def _chunks(items: list[str], size: int = 500) -> Iterator[list[str]]:
-    # Keeps IN lists under SQLite's limit on query parameters.
+    # Keeps IN lists under the databases' limits on query parameters.
     for start in range(0, len(items), size):
         yield items[start : start + size]
 

@@ -136,7 +136,8 @@ class Execution:
     def fence(self) -> None:
         """Prove inside the current transaction that this worker still holds the workflow.
 
-        The UPDATE also renews the lease, and (on SQLite) takes the write lock.
+        The UPDATE also renews the lease, and takes the write lock where the database
+        locks the whole file.
         """
         held = (
             Workflow.objects.using(self.using)
@@ -286,9 +287,9 @@ def run_step(
                 # Where the database locks rows, the fence comes last, so the workflow's
                 # row stays unlocked while the step runs: the heartbeat renews the lease
                 # and a cancel does not wait for the step. Where it locks the whole file
-                # (SQLite) it comes first: its UPDATE takes the write lock before the step
-                # reads, so the step never has to upgrade a read lock (which fails at
-                # once rather than waiting).
+                # it comes first: its UPDATE takes the write lock before the step reads,
+                # so the step never has to upgrade a read lock (which fails at once
+                # rather than waiting).
                 fence_last = backend_for(execution.using).fence_after_atomic_step
                 # What the step's own code raised, told apart from the errors of the
                 # fence, the checkpoint and the commit (the library's statements).

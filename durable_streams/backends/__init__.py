@@ -27,7 +27,14 @@ if TYPE_CHECKING:
     from django.core.checks import CheckMessage
     from django.db.backends.base.base import BaseDatabaseWrapper
 
-__all__ = ["Backend", "UnsupportedDatabase", "backend_for", "check_database", "reset_backends"]
+__all__ = [
+    "Backend",
+    "UnsupportedDatabase",
+    "backend_for",
+    "check_database",
+    "check_server",
+    "reset_backends",
+]
 
 BACKENDS: dict[str, type[Backend]] = {
     backend.vendor: backend for backend in (SQLiteBackend, PostgreSQLBackend, MySQLBackend)
@@ -82,9 +89,9 @@ def connection_created(sender: Any, connection: BaseDatabaseWrapper, **kwargs: A
         cls.connection_created(connection)
 
 
-def check_database(using: str, *, connect: bool = False) -> list[CheckMessage]:
-    """System check messages for database ``using``: an unsupported database, a missing
-    driver, and with ``connect`` what the server lacks (its version)."""
+def check_database(using: str) -> list[CheckMessage]:
+    """System check messages for database ``using``, found without connecting: an
+    unsupported database, a missing driver, settings these transactions are not made for."""
     settings_dict = settings.DATABASES[using]
     engine = str(settings_dict.get("ENGINE", ""))
     unsupported = Error(
@@ -111,9 +118,14 @@ def check_database(using: str, *, connect: bool = False) -> list[CheckMessage]:
     cls = BACKENDS.get(wrapper.vendor)
     if cls is None:
         return [unsupported]
-    messages = cls.check_installed(using, settings_dict)
-    if connect and not any(m.is_serious() for m in messages):
-        # Unreachable: Django's own checks and the first query say so.
-        with contextlib.suppress(DatabaseError):
-            messages += backend_for(using).check_server()
-    return messages
+    return cls.check_installed(using, settings_dict)
+
+
+def check_server(using: str) -> list[CheckMessage]:
+    """System check messages for the server of database ``using`` (its version); connects."""
+    if any(message.is_serious() for message in check_database(using)):
+        return []  # check_database() says why
+    # Unreachable: Django's own checks and the first query say so.
+    with contextlib.suppress(DatabaseError):
+        return backend_for(using).check_server()
+    return []
