@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
     from django.core.checks import CheckMessage
     from django.db.backends.base.base import BaseDatabaseWrapper
+    from django.db.backends.base.schema import BaseDatabaseSchemaEditor
     from django.db.models import Model
 
 
@@ -133,6 +134,23 @@ class Backend:
     def notifications(self, conn: Any, timeout: float) -> Iterator[tuple[int, str]]:
         """(sending session, topic) of what arrives within ``timeout`` seconds."""
         raise NotImplementedError
+
+    # Schema
+
+    def add_unique_where_not_null(
+        self,
+        schema_editor: BaseDatabaseSchemaEditor,
+        model: type[Model],
+        fields: list[str],
+        name: str,
+    ) -> None:
+        """Make ``fields`` unique among the rows where they are all set, where the model's
+        conditional unique constraint could not (a migration calls this)."""
+
+    def remove_unique_where_not_null(
+        self, schema_editor: BaseDatabaseSchemaEditor, model: type[Model], name: str
+    ) -> None:
+        """Undo ``add_unique_where_not_null()``."""
 
     # Transactions and connections
 

@@ -17,6 +17,7 @@ from .base import Backend
 
 if TYPE_CHECKING:
     from django.core.checks import CheckMessage
+    from django.db.backends.base.schema import BaseDatabaseSchemaEditor
     from django.db.models import Model
 
 # ER_DUP_ENTRY: a unique key is taken.
@@ -54,6 +55,28 @@ class MySQLBackend(Backend):
                 return False
             raise
         return True
+
+    def add_unique_where_not_null(
+        self,
+        schema_editor: BaseDatabaseSchemaEditor,
+        model: type[Model],
+        fields: list[str],
+        name: str,
+    ) -> None:
+        # No conditional unique indexes here (Django leaves such a constraint out), but
+        # a plain unique index never compares NULLs: it allows the same rows.
+        columns = ", ".join(self.quote(model._meta.get_field(f).column) for f in fields)
+        schema_editor.execute(
+            f"CREATE UNIQUE INDEX {self.quote(name)} ON {self.quote(model._meta.db_table)} "
+            f"({columns})"
+        )
+
+    def remove_unique_where_not_null(
+        self, schema_editor: BaseDatabaseSchemaEditor, model: type[Model], name: str
+    ) -> None:
+        schema_editor.execute(
+            f"DROP INDEX {self.quote(name)} ON {self.quote(model._meta.db_table)}"
+        )
 
     def max_statement_bytes(self) -> int | None:
         """The server's ``max_allowed_packet``, read once per backend."""
