@@ -94,21 +94,37 @@ class Backend:
         One statement, inside a transaction too: a taken key must not break the
         caller's transaction, so no savepoint is needed.
         """
-        opts = row._meta
-        fields = opts.concrete_fields
         connection = self.connection
-        columns = ", ".join(self.quote(field.column) for field in fields)
         values = [
-            field.get_db_prep_save(getattr(row, field.attname), connection) for field in fields
+            field.get_db_prep_save(getattr(row, field.attname), connection)
+            for field in row._meta.concrete_fields
         ]
-        sql = (
-            f"INSERT INTO {self.quote(opts.db_table)} ({columns}) "
-            f"VALUES ({', '.join(['%s'] * len(fields))}) "
-            f"ON CONFLICT ({self.quote(opts.pk.column)}) DO NOTHING"
-        )
         with connection.cursor() as cursor:
-            cursor.execute(sql, values)
+            cursor.execute(self.insert_sql(type(row), skip_taken=True), values)
             return cursor.rowcount == 1
+
+    def insert_sql(self, model: type[Model], *, skip_taken: bool) -> str:
+        """An INSERT of every concrete field of ``model``; with ``skip_taken`` a row whose
+        primary key is taken is skipped. Written once per model."""
+        opts = model._meta
+        cache_key = (f"insert {opts.label}", (("skip_taken", str(skip_taken)),))
+        sql = self._sql.get(cache_key)
+        if sql is None:
+            fields = opts.concrete_fields
+            columns = ", ".join(self.quote(field.column) for field in fields)
+            sql = (
+                f"INSERT INTO {self.quote(opts.db_table)} ({columns}) "
+                f"VALUES ({', '.join(['%s'] * len(fields))})"
+            )
+            if skip_taken:
+                sql += f" {self.skip_taken_clause(self.quote(opts.pk.column))}"
+            with self._lock:
+                self._sql[cache_key] = sql
+        return sql
+
+    def skip_taken_clause(self, pk_column: str) -> str:
+        """What makes an INSERT skip a row whose primary key is taken."""
+        return f"ON CONFLICT ({pk_column}) DO NOTHING"
 
     def max_statement_bytes(self) -> int | None:
         """Largest statement the server accepts, in bytes; None: no limit that matters here."""

@@ -36,17 +36,12 @@ class MySQLBackend(Backend):
         # A failed statement rolls back only itself, never the caller's transaction,
         # so the plain INSERT serves inside one too. (INSERT IGNORE would also turn
         # other errors, a missing foreign key among them, into warnings.)
-        opts = row._meta
-        fields = opts.concrete_fields
         connection = self.connection
-        columns = ", ".join(self.quote(field.column) for field in fields)
         values = [
-            field.get_db_prep_save(getattr(row, field.attname), connection) for field in fields
+            field.get_db_prep_save(getattr(row, field.attname), connection)
+            for field in row._meta.concrete_fields
         ]
-        sql = (
-            f"INSERT INTO {self.quote(opts.db_table)} ({columns}) "
-            f"VALUES ({', '.join(['%s'] * len(fields))})"
-        )
+        sql = self.insert_sql(type(row), skip_taken=False)
         try:
             with connection.cursor() as cursor:
                 cursor.execute(sql, values)

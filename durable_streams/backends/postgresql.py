@@ -234,22 +234,15 @@ class PostgreSQLBackend(Backend):
 
     def insert_unless_taken(self, row: Model) -> bool:
         # Prepared, like the worker's statements: starting many is a hot path too.
-        opts = row._meta
-        fields = opts.concrete_fields
+        fields = row._meta.concrete_fields
         in_transaction = self.connection.in_atomic_block
-        columns = ", ".join(self.quote(field.column) for field in fields)
-        sql = (
-            f"INSERT INTO {self.quote(opts.db_table)} ({columns}) "
-            f"VALUES ({', '.join(['%s'] * len(fields))})"
-        )
-        if in_transaction:
-            # An error would break the caller's transaction.
-            sql += f" ON CONFLICT ({self.quote(opts.pk.column)}) DO NOTHING"
+        # Outside a transaction the plain INSERT, a little cheaper, is used; inside one
+        # an error would break the caller's transaction.
+        sql = self.insert_sql(type(row), skip_taken=in_transaction)
         values = [getattr(row, field.attname) for field in fields]
         try:
             _, inserted = self.run(sql, values)
         except IntegrityError:
-            # Outside a transaction the plain INSERT, a little cheaper, is used.
             if (
                 in_transaction
                 or not type(row)._default_manager.using(self.using).filter(pk=row.pk).exists()
