@@ -20,11 +20,12 @@ import pytest
 
 from tests.processes import ROOT, wait_until
 
+# Ports (and the cluster's name) may be moved, for test runs side by side on one machine.
 PG_VERSION = "15"
-PG_CLUSTER = "dsfaults"
-PG_PORT = 5441
+PG_CLUSTER = os.environ.get("DS_PRIVATE_PG_CLUSTER", "dsfaults")
+PG_PORT = int(os.environ.get("DS_PRIVATE_PG_PORT", "5441"))
 PG_DATABASE = "ds_faults"
-REDIS_PORT = 6391
+REDIS_PORT = int(os.environ.get("DS_PRIVATE_REDIS_PORT", "6391"))
 
 _TRUST = """\
 local   all all              trust
@@ -194,7 +195,7 @@ def private_redis() -> Iterator[PrivateRedis]:
         server.remove()
 
 
-MARIADB_PORT = 3316
+MARIADB_PORT = int(os.environ.get("DS_PRIVATE_MARIADB_PORT", "3316"))
 MARIADB_DATABASE = "ds_faults"
 
 
