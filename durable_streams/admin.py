@@ -37,7 +37,7 @@ from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.formats import number_format
-from django.utils.functional import cached_property
+from django.utils.functional import Promise, cached_property
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
 from django.utils.translation import gettext, ngettext
@@ -214,7 +214,7 @@ def status_badge(status: str) -> SafeString:
 # The changelist's count
 
 
-class CappedCountPaginator(Paginator):
+class CappedCountPaginator(Paginator):  # type: ignore[type-arg]  # generic only in the stubs
     """Counts at most ``COUNT_LIMIT + 1`` rows: a full COUNT(*) of a large table is slow."""
 
     @cached_property
@@ -250,6 +250,7 @@ class StepRow:
 
     @classmethod
     def of(cls, step: Step) -> StepRow:
+        # output_head: annotated by the page's queryset.
         output, cut = clip(step.output_head, PREVIEW_CHARS)  # type: ignore[attr-defined]
         return cls(
             operation=step.operation,
@@ -279,11 +280,13 @@ class EntryRow:
 
     @classmethod
     def preview(cls, entry: StreamEntry) -> EntryRow:
+        # value_head: annotated by the page's queryset.
         value, cut = clip(entry.value_head, PREVIEW_CHARS)  # type: ignore[attr-defined]
         return cls(entry.offset, entry.operation, format_time(entry.created_at), value, cut, 0)
 
     @classmethod
     def full(cls, entry: StreamEntry) -> EntryRow:
+        # value_head and value_size: annotated by the page's queryset.
         value, cut = clip(entry.value_head, VALUE_CHARS)  # type: ignore[attr-defined]
         size: int = entry.value_size  # type: ignore[attr-defined]
         if not cut and len(value) > INLINE_CHARS:
@@ -400,14 +403,14 @@ def cancel_all(queryset: QuerySet[Workflow]) -> Outcome:
 
 
 def resume_all(queryset: QuerySet[Workflow]) -> Outcome:
-    resumed = queryset.resume()  # type: ignore[attr-defined]
+    resumed = queryset.resume()  # type: ignore[attr-defined]  # a WorkflowQuerySet
     done = set(resumed)
     refused = [pk for pk in queryset.values_list("pk", flat=True) if pk not in done]
     return Outcome(resumed, refused)
 
 
 def retry_all(queryset: QuerySet[Workflow]) -> tuple[Outcome, list[str]]:
-    pairs = queryset.retry()  # type: ignore[attr-defined]
+    pairs = queryset.retry()  # type: ignore[attr-defined]  # a WorkflowQuerySet
     originals = {original for original, _ in pairs}
     refused = [pk for pk in queryset.values_list("pk", flat=True) if pk not in originals]
     return Outcome([original for original, _ in pairs], refused), [new for _, new in pairs]
@@ -418,8 +421,8 @@ class ActionSpec:
     name: str
     permission: str
     applies_to: frozenset[str]
-    button: str
-    confirm: str
+    button: str | Promise  # translated when shown
+    confirm: str | Promise
 
 
 OBJECT_ACTIONS = {
@@ -468,7 +471,8 @@ class IndexedValuesFilter(admin.AllValuesFieldListFilter):
         field_path: str,
     ) -> None:
         super().__init__(field, request, params, model, model_admin, field_path)
-        self.lookup_choices = LazyValues(model, field.column, alias())
+        # Iterated like the queryset it replaces, and queried only then.
+        self.lookup_choices = LazyValues(model, field.column, alias())  # type: ignore[assignment]
 
 
 class LazyValues:
@@ -509,14 +513,16 @@ class CreatedFilter(admin.DateFieldListFilter):
 
 
 class WorkflowChangeList(ChangeList):
-    def get_queryset(self, request: HttpRequest, exclude_parameters: Any = None) -> QuerySet:
+    def get_queryset(
+        self, request: HttpRequest, exclude_parameters: Any = None
+    ) -> QuerySet[Workflow]:
         # The JSON columns can be large and the list never shows them.
         queryset = super().get_queryset(request, exclude_parameters)
         return queryset.defer("inputs", "output", "error")
 
 
 @admin.register(Workflow)
-class WorkflowAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+class WorkflowAdmin(admin.ModelAdmin):  # type: ignore[type-arg]  # generic only in the stubs
     list_display = (
         "id_column",
         "name_column",
@@ -676,7 +682,7 @@ class WorkflowAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         for batch in _batches(workflow_ids):
             objects = list(self.get_queryset(request).filter(pk__in=batch).only("pk", "name"))
             LogEntry.objects.log_actions(
-                user_id=request.user.pk,
+                user_id=request.user.pk,  # type: ignore[arg-type]  # signed in: it has one
                 queryset=objects,
                 action_flag=CHANGE,
                 change_message=message,
@@ -820,7 +826,8 @@ class WorkflowAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
                     content_type="text/plain; charset=utf-8",
                 )
         return super().changelist_view(
-            request, {"title": self.opts.verbose_name_plural.capitalize(), **(extra_context or {})}
+            request,
+            {"title": str(self.opts.verbose_name_plural).capitalize(), **(extra_context or {})},
         )
 
     # The workflow page

@@ -10,12 +10,12 @@ import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any, Generic, ParamSpec, TypeVar, overload
+from typing import Any, Generic, ParamSpec, TypeVar, cast, overload
 
 from asgiref.sync import sync_to_async
-from django.db import InterfaceError, OperationalError, connections
+from django.db import DatabaseError, InterfaceError, OperationalError, connections
 
-from . import encoding, registry, runtime
+from . import encoding, registry, runtime, schema
 from .conf import MAXIMA, get_config
 from .db import alias
 from .exceptions import (
@@ -98,7 +98,7 @@ class Workflow(Generic[P, R]):
         self.name = _check_name("name", name) if name is not None else _qualified_name(fn)
         self.queue = queue
         self._max_attempts = max_attempts
-        functools.update_wrapper(self, fn)  # type: ignore[arg-type]
+        functools.update_wrapper(self, fn)
         registry.register(self)
 
     @property
@@ -111,7 +111,8 @@ class Workflow(Generic[P, R]):
 
     def start(self, *args: P.args, **kwargs: P.kwargs) -> WorkflowHandle:
         """Enqueue a run; a worker picks it up."""
-        return start_workflow(self, *args, **kwargs)
+        # The body's keyword arguments share start_workflow's, options included.
+        return start_workflow(self, *args, **kwargs)  # type: ignore[arg-type]
 
     def __repr__(self) -> str:
         return f"<Workflow {self.name}>"
@@ -201,11 +202,15 @@ def step(
 
         @functools.wraps(fn)
         def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-            return runtime.run_step(
-                fn, step_name, retries, float(backoff), args, kwargs, atomic=atomic
+            # A replayed step returns its checkpoint: the decoded JSON of what it returned.
+            return cast(
+                R,
+                runtime.run_step(
+                    fn, step_name, retries, float(backoff), args, kwargs, atomic=atomic
+                ),
             )
 
-        wrapper.step_name = step_name  # type: ignore[attr-defined]
+        wrapper.step_name = step_name  # type: ignore[attr-defined]  # read by run_step()
         return wrapper
 
     if fn is not None:
@@ -222,7 +227,7 @@ def current_workflow_id() -> str | None:
 def run_step(fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:
     """Run an undecorated callable as a step (no retries), named module.qualname."""
     name = getattr(fn, "step_name", None) or _qualified_name(fn)
-    return runtime.run_step(fn, name, 0, 0.0, args, kwargs)
+    return cast(R, runtime.run_step(fn, name, 0, 0.0, args, kwargs))
 
 
 # Starting and inspecting workflows
@@ -285,18 +290,34 @@ def start_workflow(
     # A taken id is kept; the second try is for a run deleted between the two queries.
     for _ in range(2):
         with runtime.on_behalf_of_body(f"starting workflow {wf.name!r}"):
-            if runs.enqueue(run):
-                break
-            existing = (
-                runs.filter(pk=run.id)
-                .values_list("name", "owner_id", "is_public", "inputs")
-                .first()
-            )
+            try:
+                if runs.enqueue(run):
+                    break
+                existing = (
+                    runs.filter(pk=run.id)
+                    .values_list("name", "owner_id", "is_public", "inputs")
+                    .first()
+                )
+            except DatabaseError as exc:
+                _raise_if_unmigrated(exc, using)
+                raise
         if existing is None:
             continue
         _check_same_run(run, *existing)
         break
     return WorkflowHandle(run.id)
+
+
+def _raise_if_unmigrated(exc: DatabaseError, using: str) -> None:
+    """Turn "no such table" into the error that says to run ``migrate``."""
+    connection = connections[using]
+    if connection.in_atomic_block:
+        # The failed statement may have broken the caller's transaction: asking the
+        # migration recorder now would fail too, and hide the original error.
+        return
+    missing = schema.explain(exc, using)
+    if missing is not None:
+        raise missing from exc
 
 
 def _owner_id(owner: Any) -> Any:
@@ -679,7 +700,7 @@ class _StreamCursor:
         """Decode up to ``limit`` stored values from ``offset`` on, and move past them."""
         assert self._stream_id is not None
         rows = StreamEntry.objects.using(self.using).texts_from(self._stream_id, self.offset, limit)
-        texts = []
+        texts: list[str] = []
         for offset, text in rows:
             if offset != self.offset + len(texts):
                 break  # offsets are dense; never step over one

@@ -59,11 +59,14 @@ DEFAULTS: dict[str, Any] = {
     "REAUTHORIZE_SECONDS": 60.0,
     # Database alias holding durable_streams' tables.
     "DATABASE": "default",
+    # Days an ended run is kept before ``manage.py durable_streams_prune`` deletes it
+    # (with its steps and streams); None keeps everything unless --older-than is given.
+    "RETENTION_DAYS": None,
 }
 
 # Inclusive lower bounds; beyond the maxima below a value is a mistake (a day-long poll)
 # or overflows the arithmetic it meets (timedelta, float) far from where it was set.
-_NUMBERS = {
+_NUMBERS: dict[str, tuple[type[int | float], float]] = {
     "LEASE_SECONDS": (float, 0.5),
     "POLL_INTERVAL": (float, 0.001),
     "NOTIFY_FALLBACK_POLL": (float, 0.01),
@@ -91,6 +94,7 @@ MAXIMA: dict[str, int] = {
     "READER_RETRY_SECONDS": DAY,
     "READER_WINDOW_BYTES": 64 * 1024 * 1024,
     "READER_STALL_SECONDS": DAY,
+    "RETENTION_DAYS": 36_500,
 }
 
 
@@ -114,6 +118,7 @@ class Config:
     AUTHORIZE_READER: str
     REAUTHORIZE_SECONDS: float
     DATABASE: str
+    RETENTION_DAYS: float | None
 
 
 def _invalid(name: str, problem: str) -> ConfigurationError:
@@ -127,7 +132,7 @@ def _shown(value: float) -> str:
     return repr(value)
 
 
-def _check_number(name: str, value: Any, kind: type, minimum: float) -> float:
+def _check_number(name: str, value: Any, kind: type[int | float], minimum: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _invalid(name, f"must be a number, not {type(value).__name__}")
     # math.isfinite() of a huge int raises OverflowError: only floats can be inf or nan.
@@ -175,6 +180,10 @@ def get_config() -> Config:
             f"({_shown(heartbeat)}) must be shorter than LEASE_SECONDS ({values['LEASE_SECONDS']})",
         )
     values["HEARTBEAT_SECONDS"] = float(heartbeat)
+    if values["RETENTION_DAYS"] is not None:
+        values["RETENTION_DAYS"] = _check_number(
+            "RETENTION_DAYS", values["RETENTION_DAYS"], float, 0.0
+        )
     for name in ("AUTHORIZE_READER", "DATABASE"):
         if not isinstance(values[name], str) or not values[name]:
             raise _invalid(name, f"must be a non-empty string, not {values[name]!r}")

@@ -100,7 +100,7 @@ def _session_key(scope: dict[str, Any]) -> str | None:
     return getattr(session, "session_key", None) if session is not None else None
 
 
-class StreamConsumer(AsyncWebsocketConsumer):
+class StreamConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]  # channels: no types
     """Sends one stream from the requested offset, live, until it is closed.
 
     The socket has no channel of its own on the channel layer and joins no group:
@@ -111,10 +111,10 @@ class StreamConsumer(AsyncWebsocketConsumer):
     # Channels looks the consumer's layer up by this alias; no CHANNEL_LAYERS entry is
     # named None, so the socket gets no layer and no per-socket channel to receive
     # from (and a failing layer cannot end it).
-    channel_layer_alias = None  # type: ignore[assignment]
+    channel_layer_alias = None
 
     feed: delivery.StreamFeed | None = None
-    _pump: Any = None
+    _pump: asyncio.Task[None] | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -217,14 +217,14 @@ class StreamConsumer(AsyncWebsocketConsumer):
         self._acked.set()
 
 
-class BadAddressConsumer(AsyncWebsocketConsumer):
+class BadAddressConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]  # see above
     """Answers a path under the stream prefix that is no stream's address: 4400.
 
     Without it the router finds no route and raises, and the server logs a traceback
     and fails the handshake.
     """
 
-    channel_layer_alias = None  # type: ignore[assignment]
+    channel_layer_alias = None
 
     async def connect(self) -> None:
         await self.accept()

@@ -36,9 +36,9 @@ import random
 import re
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Coroutine, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
 from asgiref.sync import sync_to_async
 from django.db import close_old_connections
@@ -100,16 +100,33 @@ def workflow_group(workflow_id: str) -> str:
 # The channel layer
 
 
-def channel_layer() -> Any:
+class ChannelLayer(Protocol):
+    """The part of a channels layer that durable_streams uses (channels has no type hints)."""
+
+    async def send(self, channel: str, message: dict[str, Any]) -> None: ...
+
+    async def receive(self, channel: str) -> dict[str, Any]: ...
+
+    async def new_channel(self, prefix: str = ...) -> str: ...
+
+    async def group_add(self, group: str, channel: str) -> None: ...
+
+    async def group_discard(self, group: str, channel: str) -> None: ...
+
+    async def group_send(self, group: str, message: dict[str, Any]) -> None: ...
+
+
+def channel_layer() -> ChannelLayer | None:
     """The default channel layer, or None without channels or CHANNEL_LAYERS."""
     try:
         from channels.layers import get_channel_layer
     except ImportError:
         return None
-    return get_channel_layer()
+    layer: ChannelLayer | None = get_channel_layer()
+    return layer
 
 
-def crosses_processes(layer: Any) -> bool:
+def crosses_processes(layer: ChannelLayer | None) -> bool:
     """Whether a message sent on ``layer`` reaches other processes."""
     if layer is None:
         return False
@@ -173,7 +190,7 @@ class _Throttled:
 _send_failures = _Throttled()
 
 
-def _spawn_send(layer: Any, group: str, message: dict[str, Any]) -> None:
+def _spawn_send(layer: ChannelLayer, group: str, message: dict[str, Any]) -> None:
     # Runs on the subscribers' loop: the coroutine is created where it is awaited.
     task = asyncio.ensure_future(layer.group_send(group, message))
     task.add_done_callback(_log_failure)
@@ -182,6 +199,10 @@ def _spawn_send(layer: Any, group: str, message: dict[str, Any]) -> None:
 def _log_failure(task: asyncio.Future[Any]) -> None:
     if not task.cancelled() and task.exception() is not None:
         _send_failures.warning("Could not notify stream subscribers", task.exception())
+
+
+# A message for a group of a layer, waiting for the sender thread.
+_Outgoing = tuple[ChannelLayer, str, dict[str, Any]]
 
 
 class _Sender:
@@ -194,12 +215,12 @@ class _Sender:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._queue: asyncio.Queue[tuple[Any, str, dict[str, Any]]] | None = None
+        self._queue: asyncio.Queue[_Outgoing] | None = None
         self._pid = 0
         self._pending = 0
         self._dropped = 0
 
-    def _ensure(self) -> tuple[asyncio.AbstractEventLoop, asyncio.Queue[Any]]:
+    def _ensure(self) -> tuple[asyncio.AbstractEventLoop, asyncio.Queue[_Outgoing]]:
         with self._lock:
             if self._loop is None or self._pid != os.getpid():
                 ready = threading.Event()
@@ -221,7 +242,7 @@ class _Sender:
         ready.set()
         loop.run_until_complete(self._serve())
 
-    def put(self, layer: Any, group: str, message: dict[str, Any]) -> None:
+    def put(self, layer: ChannelLayer, group: str, message: dict[str, Any]) -> None:
         loop, queue = self._ensure()
         with self._lock:
             if self._pending >= MAX_PENDING:
@@ -262,10 +283,10 @@ class _Sender:
 
 
 def _coalesce(
-    batch: list[tuple[Any, str, dict[str, Any]]],
-) -> list[tuple[Any, str, dict[str, Any]]]:
+    batch: list[_Outgoing],
+) -> list[_Outgoing]:
     """Merge back-to-back entries of one stream into one message, keeping each group's order."""
-    out: list[tuple[Any, str, dict[str, Any]]] = []
+    out: list[_Outgoing] = []
     last: dict[str, int] = {}
     for layer, group, message in batch:
         index = last.get(group)
@@ -411,7 +432,7 @@ def read_batch(workflow_id: str, key: str, offset: int) -> Batch:
         return Batch(offset, [], 0, True)
     stream_id, length, closed = position
     texts: list[str] = []
-    if length > offset:
+    if stream_id is not None and length > offset:
         limit = min(get_config().READ_BATCH_SIZE, length - offset)
         rows = StreamEntry.objects.using(using).texts_from(stream_id, offset, limit)
         texts = [text for _, text in rows]
@@ -583,7 +604,7 @@ class StreamFeed:
     def _done(self) -> bool:
         return self._length is not None and self.next_offset >= self._length
 
-    async def events(self) -> AsyncIterator[Entry | Closed]:
+    async def events(self) -> AsyncGenerator[Entry | Closed | Revoked, None]:
         config = get_config()
         if self.pushed:
             base, ceiling = (
@@ -688,7 +709,7 @@ class _Hub:
     database after a silence, as they do after any lost message.
     """
 
-    def __init__(self, layer: Any) -> None:
+    def __init__(self, layer: ChannelLayer) -> None:
         self.layer = layer
         self.channel: str | None = None
         self._feeds: dict[str, dict[str, set[StreamFeed]]] = {}
@@ -741,11 +762,11 @@ class _Hub:
     async def unsubscribe(self, feed: StreamFeed) -> None:
         streams = self._feeds.get(feed.workflow_id)
         feeds = streams.get(feed.key) if streams else None
-        if feeds is None or feed not in feeds:
+        if streams is None or feeds is None or feed not in feeds:
             return
         feeds.discard(feed)
         if not feeds:
-            del streams[feed.key]  # type: ignore[index]
+            del streams[feed.key]
             if not streams:
                 del self._feeds[feed.workflow_id]
         pending = []
@@ -774,10 +795,12 @@ class _Hub:
             started = asyncio.get_running_loop().time()
             task = asyncio.ensure_future(run_db(read_batch, *key))
             flight = self._reads[key] = (started, task)
-            task.add_done_callback(lambda _, key=key, flight=flight: self._landed(key, flight))
+            task.add_done_callback(lambda _: self._landed(key, flight))
         return await asyncio.shield(flight[1])
 
-    def _landed(self, key: tuple[str, str, int], flight: tuple[float, Any]) -> None:
+    def _landed(
+        self, key: tuple[str, str, int], flight: tuple[float, asyncio.Future[Batch]]
+    ) -> None:
         if self._reads.get(key) is flight:
             del self._reads[key]
         task = flight[1]
@@ -786,7 +809,7 @@ class _Hub:
 
     # The layer's side
 
-    def _spawn(self, coroutine: Any) -> asyncio.Task[None]:
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.ensure_future(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -820,6 +843,7 @@ class _Hub:
             elif member.count <= 0 and member.joined:
                 member.joined = False
                 try:
+                    assert self.channel is not None  # a group was joined: the channel is open
                     await self.layer.group_discard(name, self.channel)
                 except Exception as exc:
                     # The layer drops the member after group_expiry; its messages are ignored.
@@ -875,6 +899,7 @@ class _Hub:
                 logger.exception("Could not hand a stream message to its readers.")
 
     def _deliver(self, message: dict[str, Any]) -> None:
+        # A message without a workflow or key (not one of ours) finds no feed.
         streams = self._feeds.get(message.get("workflow"))  # type: ignore[arg-type]
         if not streams:
             return
@@ -882,7 +907,7 @@ class _Hub:
         if kind == ENDED:
             targets = [feed for feeds in streams.values() for feed in feeds]
         else:
-            targets = list(streams.get(message.get("key"), ()))  # type: ignore[arg-type]
+            targets = list(streams.get(message.get("key"), ()))  # type: ignore[arg-type]  # see above
             values = message.get("values")
             if kind == ENTRIES and targets and isinstance(values, list):
                 # This message is the hub's own copy: its frames are encoded once here.
@@ -950,7 +975,7 @@ def _cancel_until_done(task: asyncio.Task[Any], every: float = 0.1) -> None:
         task.get_loop().call_later(every, _cancel_until_done, task, every)
 
 
-_hubs: dict[tuple[asyncio.AbstractEventLoop, Any], _Hub] = {}
+_hubs: dict[tuple[asyncio.AbstractEventLoop, ChannelLayer], _Hub] = {}
 _hubs_lock = threading.Lock()
 _subscribe_failures = _Throttled()
 _receive_failures = _Throttled()

@@ -125,3 +125,7 @@ class LeaseLost(DurableStreamsError):
 
     Raised inside the workflow's thread to stop it without recording anything.
     """
+
+
+class SchemaMissing(ConfigurationError):
+    """durable_streams' migrations are not applied to its database; run ``migrate``."""

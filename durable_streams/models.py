@@ -434,6 +434,36 @@ class WorkflowQuerySet(models.QuerySet["Workflow"]):
                 announce([queue_topic(run.queue) for run in runs], self.db)
         return [(original[0], run.pk) for original, run in zip(originals, runs)]
 
+    # Retention
+
+    def ended_before(self, cutoff: datetime) -> WorkflowQuerySet:
+        """Runs that ended before ``cutoff``.
+
+        ``created_at`` is bounded too (a run ended before ``cutoff`` was created before
+        it), so that the status index narrows the scan.
+        """
+        return self.terminal().filter(finished_at__lt=cutoff, created_at__lt=cutoff)
+
+    def delete_batch(self, limit: int) -> tuple[int, int]:
+        """Delete up to ``limit`` runs of this queryset with their steps and streams.
+
+        One short transaction, deleting the rows of each table by the runs' ids, so
+        that the tables stay writable between batches. Returns (runs, stream values)
+        deleted; (0, 0) when none is left.
+        """
+        with transaction.atomic(using=self.db):
+            take_write_lock(self.db)
+            ids = list(self.order_by("created_at", "pk").values_list("pk", flat=True)[:limit])
+            if not ids:
+                return 0, 0
+            streams = Stream.objects.using(self.db).filter(workflow_id__in=ids)
+            values, _ = StreamEntry.objects.using(self.db).filter(stream__in=streams).delete()
+            streams.delete()
+            Step.objects.using(self.db).filter(workflow_id__in=ids).delete()
+            # Retries of these runs keep their rows; their retry_of becomes NULL.
+            _, deleted = Workflow.objects.using(self.db).filter(pk__in=ids).delete()
+        return deleted.get(Workflow._meta.label, 0), values
+
 
 class Workflow(models.Model):
     id = models.CharField(primary_key=True, max_length=255, default=new_workflow_id, editable=False)
@@ -532,7 +562,8 @@ class Workflow(models.Model):
 
     @property
     def decoded_inputs(self) -> dict[str, Any]:
-        return json.loads(self.inputs)
+        inputs: dict[str, Any] = json.loads(self.inputs)
+        return inputs
 
     @property
     def decoded_output(self) -> Any:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .exceptions import WorkflowNotRegistered
 
@@ -11,10 +11,10 @@ if TYPE_CHECKING:
     from .api import Workflow
 
 _lock = threading.Lock()
-_workflows: dict[str, Workflow] = {}
+_workflows: dict[str, Workflow[..., Any]] = {}
 
 
-def register(workflow: Workflow) -> None:
+def register(workflow: Workflow[..., Any]) -> None:
     with _lock:
         existing = _workflows.get(workflow.name)
         if existing is not None and existing.fn is not workflow.fn:
@@ -28,7 +28,7 @@ def register(workflow: Workflow) -> None:
         _workflows[workflow.name] = workflow
 
 
-def get(name: str) -> Workflow:
+def get(name: str) -> Workflow[..., Any]:
     try:
         return _workflows[name]
     except KeyError:

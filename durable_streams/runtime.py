@@ -103,8 +103,10 @@ class Execution:
             using
         ).history(workflow_id):
             if kind == STEP:
+                assert operation is not None  # a checkpoint's column is NOT NULL
                 execution.recorded[operation] = (STEP, name)
             elif kind == WRITE:
+                assert operation is not None  # the query keeps only numbered writes
                 execution.recorded[operation] = (WRITE, name)
             else:
                 execution.streams[name] = _StreamState(stream_id, length, bool(closed))

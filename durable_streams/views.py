@@ -39,7 +39,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 from asgiref.sync import SyncToAsync
@@ -52,6 +52,7 @@ from django.http import (
     HttpResponseNotFound,
     StreamingHttpResponse,
 )
+from django.http.response import HttpResponseBase
 from django.views.decorators.http import require_GET
 
 from . import delivery
@@ -84,8 +85,8 @@ def _plain(response_class: type[HttpResponse], message: str) -> HttpResponse:
 
 
 def _asgi_only(
-    view: Callable[..., Awaitable[HttpResponse]],
-) -> Callable[..., Awaitable[HttpResponse]]:
+    view: Callable[..., Coroutine[Any, Any, HttpResponseBase]],
+) -> Callable[..., Coroutine[Any, Any, HttpResponseBase]]:
     """Refuse (501) requests that came through WSGI.
 
     Django serves an async iterator under WSGI by collecting all of it first: an open
@@ -93,7 +94,7 @@ def _asgi_only(
     """
 
     @functools.wraps(view)
-    async def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+    async def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
         if not isinstance(request, ASGIRequest):
             return HttpResponse(
                 "Server-Sent Events need an ASGI server (daphne or uvicorn, for example); "
@@ -108,7 +109,7 @@ def _asgi_only(
 
 @require_GET
 @_asgi_only
-async def stream_events(request: HttpRequest, workflow_id: str, key: str) -> HttpResponse:
+async def stream_events(request: HttpRequest, workflow_id: str, key: str) -> HttpResponseBase:
     try:
         workflow_id, key = parse_address(workflow_id, key)
         offset = _start_offset(request)

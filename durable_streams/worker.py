@@ -29,9 +29,15 @@ from .notify import Waiter, flush_notifications, poll_interval, queue_topic, sub
 
 logger = logging.getLogger("durable_streams.worker")
 
+# How often a worker looks for enqueued runs of workflows it does not know, and how
+# long it keeps quiet about one it has already warned of.
+UNKNOWN_CHECK_SECONDS = 60.0
+UNKNOWN_WARNING_SECONDS = 600.0
 
-class WorkflowAdapter(logging.LoggerAdapter):  # type: ignore[type-arg]
+
+class WorkflowAdapter(logging.LoggerAdapter[logging.Logger]):
     def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        # extra, None for the stubs, is always given: {"workflow_id": ...}.
         return f"[{self.extra['workflow_id']}] {msg}", kwargs  # type: ignore[index]
 
 
@@ -80,6 +86,8 @@ class Worker:
         self._keepers = threading.local()
         self._signals = 0
         self._next_exhausted_check = 0.0
+        self._next_unknown_check = 0.0
+        self._unknown_warned: dict[str, float] = {}
         self.completed = 0
 
     # Control
@@ -128,6 +136,7 @@ class Worker:
             self.concurrency,
             len(names),
         )
+        self._describe_registry()
         heartbeat = threading.Thread(
             target=self._heartbeat, name="durable-streams-heartbeat", daemon=True
         )
@@ -143,7 +152,9 @@ class Worker:
                     free = self.concurrency - len(self._running)
                     try:
                         keeper.ready()
-                        claimed = self._claim(free, registry.names()) if free > 0 else []
+                        names = registry.names()
+                        claimed = self._claim(free, names) if free > 0 else []
+                        self._warn_unknown(names)
                     except DatabaseError:
                         # The database restarted or the network blipped: try again later.
                         logger.exception("Could not claim work; retrying in %ss.", interval)
@@ -170,6 +181,62 @@ class Worker:
             flush_notifications()
             writer.release_connections()
             connections.close_all()
+
+    def _describe_registry(self) -> None:
+        """Say which workflows this worker can run, and which of its queues none uses."""
+        queues_of = {name: registry.get(name).queue for name in registry.names()}
+        logger.debug(
+            "Registered workflows: %s.",
+            ", ".join(f"{name} (queue {queue!r})" for name, queue in sorted(queues_of.items()))
+            or "none",
+        )
+        if not queues_of:
+            logger.warning(
+                "No workflow is registered in this process, so it will run nothing. Define "
+                "workflows in a workflows.py module of an installed app (it is imported at "
+                "start-up, like admin.py)."
+            )
+            return
+        used = set(queues_of.values())
+        for queue in self.queues:
+            if queue not in used:
+                logger.warning(
+                    "No registered workflow uses queue %r by default (they use %s); this "
+                    "worker runs only what is started with queue=%r.",
+                    queue,
+                    ", ".join(repr(q) for q in sorted(used)),
+                    queue,
+                )
+
+    def _warn_unknown(self, names: list[str]) -> None:
+        """Warn, now and then, about enqueued runs of workflows this worker does not know.
+
+        No claim ever takes them, so without this they would wait in silence.
+        """
+        now = time.monotonic()
+        if now < self._next_unknown_check:
+            return
+        self._next_unknown_check = now + UNKNOWN_CHECK_SECONDS
+        waiting = (
+            Workflow.objects.using(self.using)
+            .filter(status=Status.ENQUEUED, queue__in=self.queues)
+            .exclude(name__in=names)
+            .values_list("name", "queue")
+            .order_by()
+            .distinct()[:20]
+        )
+        for name, queue in waiting:
+            if now < self._unknown_warned.get(name, 0.0):
+                continue
+            self._unknown_warned[name] = now + UNKNOWN_WARNING_SECONDS
+            logger.warning(
+                "Runs of workflow %r wait in queue %r, but it is not registered in this worker, "
+                "so it never takes them. Is the module that defines it a workflows.py module "
+                "of an installed app, and is this worker running the same code as the process "
+                "that started them?",
+                name,
+                queue,
+            )
 
     def _done_callback(self, workflow_id: str) -> Any:
         def done(future: Future[None]) -> None:
@@ -411,7 +478,17 @@ class Worker:
             return
         if finished:
             self.completed += 1
-            log.info("%s in %.3fs.", status, time.monotonic() - started)
+            took = time.monotonic() - started
+            if status == Status.ERROR:
+                record = encoding.loads(error) if error else {}
+                log.error(
+                    "ERROR in %.3fs: %s: %s",
+                    took,
+                    record.get("type", "Exception"),
+                    record.get("message", ""),
+                )
+            else:
+                log.info("%s in %.3fs.", status, took)
         else:
             log.info(
                 "Ended with %s, but it was cancelled or reclaimed meanwhile; nothing recorded.",

@@ -19,7 +19,7 @@ import threading
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
 from django.db import transaction
 from django.utils import timezone
@@ -160,13 +160,33 @@ class GroupCommitter:
                 self._stored.notify_all()
 
 
+class _EntryRow(NamedTuple):
+    """A value to insert."""
+
+    workflow_id: str
+    key: str
+    offset: int
+    text: str  # JSON
+    operation: int | None
+
+
+class _DeliveryHook(NamedTuple):
+    """What live delivery hears once the batch has committed: values, or a close."""
+
+    workflow_id: str
+    key: str
+    first: int  # the offset of the first value
+    texts: list[str]  # the values, as JSON; empty for a close
+    closed_length: int | None  # None for values; the stream's length for a close
+
+
 @dataclass
 class _Stored:
     """What one transaction stored, to apply once it has committed."""
 
     failures: dict[Execution, BaseException]
     created: list[tuple[Execution, str, int]]
-    hooks: list[tuple[str, str, int, list[str], int | None]]
+    hooks: list[_DeliveryHook]
 
     def set_stream_ids(self) -> None:
         for execution, key, stream_id in self.created:
@@ -193,10 +213,9 @@ class _Plan:
     """A batch, laid out as the rows to write."""
 
     streams: dict[tuple[str, str], _StreamChange]
-    # (workflow id, key, offset, JSON text, operation)
-    entries: list[tuple[str, str, int, str, int | None]]
+    entries: list[_EntryRow]
     topics: list[tuple[str, str]]  # (workflow id, topic)
-    hooks: dict[str, list[tuple[str, str, int, list[str], int | None]]]
+    hooks: dict[str, list[_DeliveryHook]]
     steps: list[Step]
 
 
@@ -219,15 +238,15 @@ def _plan(batch: dict[Execution, list[Pending]]) -> _Plan:
             if write.text is None:
                 change.closed = True
                 change.close_operation = write.operation
-                hooks.append((workflow_id, write.key, write.offset, [], write.offset))
+                hooks.append(_DeliveryHook(workflow_id, write.key, write.offset, [], write.offset))
             else:
                 plan.entries.append(
-                    (workflow_id, write.key, write.offset, write.text, write.operation)
+                    _EntryRow(workflow_id, write.key, write.offset, write.text, write.operation)
                 )
                 change.length = write.offset + 1
                 runs.setdefault(write.key, (write.offset, []))[1].append(write.text)
         for key, (first, texts) in runs.items():
-            hooks.append((workflow_id, key, first, texts, None))
+            hooks.append(_DeliveryHook(workflow_id, key, first, texts, None))
     return plan
 
 
@@ -279,8 +298,8 @@ def _store_with_the_orm(using: str, batch: dict[Execution, list[Pending]]) -> _S
     limit = backend_for(using).max_statement_bytes()
     for chunk in _by_size(entries, limit, lambda entry: entry.value):
         StreamEntry.objects.using(using).bulk_create(chunk, batch_size=1000)
-    for chunk in _by_size(plan.steps, limit, lambda step: (step.output or "") + (step.error or "")):
-        Step.objects.using(using).bulk_create(chunk)
+    for steps in _by_size(plan.steps, limit, lambda step: (step.output or "") + (step.error or "")):
+        Step.objects.using(using).bulk_create(steps)
     if plan.steps:
         Workflow.objects.using(using).filter(
             pk__in={step.workflow_id for step in plan.steps}
@@ -397,10 +416,10 @@ def _fence(using: str, batch: dict[Execution, list[Pending]]) -> set[str]:
     return held
 
 
-def _deliver(hooks: list[tuple[str, str, int, list[str], int | None]]) -> None:
+def _deliver(hooks: list[_DeliveryHook]) -> None:
     # Values first, then closes, so a subscriber never sees a close before the last value.
     for workflow_id, key, first, texts, closed_length in sorted(
-        hooks, key=lambda h: h[4] is not None
+        hooks, key=lambda h: h.closed_length is not None
     ):
         try:
             if closed_length is None:

@@ -10,13 +10,14 @@ portable ORM forms inside a transaction.
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from django.apps import apps
 from django.db import connections
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
+    from datetime import datetime
 
     from django.core.checks import CheckMessage
     from django.db.backends.base.base import BaseDatabaseWrapper
@@ -101,7 +102,8 @@ class Backend:
         ]
         with connection.cursor() as cursor:
             cursor.execute(self.insert_sql(type(row), skip_taken=True), values)
-            return cursor.rowcount == 1
+            inserted: int = cursor.rowcount
+        return inserted == 1
 
     def insert_sql(self, model: type[Model], *, skip_taken: bool) -> str:
         """An INSERT of every concrete field of ``model``; with ``skip_taken`` a row whose
@@ -111,13 +113,13 @@ class Backend:
         sql = self._sql.get(cache_key)
         if sql is None:
             fields = opts.concrete_fields
-            columns = ", ".join(self.quote(field.column) for field in fields)
+            columns = ", ".join(self.quote(cast(str, field.column)) for field in fields)
             sql = (
                 f"INSERT INTO {self.quote(opts.db_table)} ({columns}) "
                 f"VALUES ({', '.join(['%s'] * len(fields))})"
             )
             if skip_taken:
-                sql += f" {self.skip_taken_clause(self.quote(opts.pk.column))}"
+                sql += f" {self.skip_taken_clause(self.quote(cast(str, opts.pk.column)))}"
             with self._lock:
                 self._sql[cache_key] = sql
         return sql
@@ -125,6 +127,37 @@ class Backend:
     def skip_taken_clause(self, pk_column: str) -> str:
         """What makes an INSERT skip a row whose primary key is taken."""
         return f"ON CONFLICT ({pk_column}) DO NOTHING"
+
+    # The single statements of a backend with ``one_statement``
+
+    def claim(self, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+        """Claim rows: (id, name, inputs, attempts, previous status, previous owner, recorded)."""
+        raise NotImplementedError
+
+    def held_target(self) -> str:
+        """A ``finish()`` target: the run (workflow id, worker) if that worker holds it."""
+        raise NotImplementedError
+
+    def finish(
+        self,
+        target_sql: str,
+        target_params: Sequence[Any],
+        status: str,
+        output: str | None,
+        error: str | None,
+        now: datetime,
+    ) -> bool:
+        """End the run that ``target_sql`` selects (as ``pk``) and close its open streams."""
+        raise NotImplementedError
+
+    def checkpoint(self, step: Any, worker_id: str, lease_until: datetime, *, flush: bool) -> bool:
+        """Insert the step's row if the worker holds its workflow, renewing the lease."""
+        raise NotImplementedError
+
+    def store_batch(self, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+        """The writer's batch: rows (held workflow id, None, None) and (workflow id, key,
+        new stream id)."""
+        raise NotImplementedError
 
     def max_statement_bytes(self) -> int | None:
         """Largest statement the server accepts, in bytes; None: no limit that matters here."""

@@ -8,7 +8,7 @@ transactions are written and tested for; the connection charset is utf8mb4.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from django.core.checks import Error, Warning
 from django.db import IntegrityError
@@ -18,7 +18,7 @@ from .base import Backend
 if TYPE_CHECKING:
     from django.core.checks import CheckMessage
     from django.db.backends.base.schema import BaseDatabaseSchemaEditor
-    from django.db.models import Model
+    from django.db.models import Field, Model
 
 # ER_DUP_ENTRY: a unique key is taken.
 _DUPLICATE_KEY = 1062
@@ -60,7 +60,10 @@ class MySQLBackend(Backend):
     ) -> None:
         # No conditional unique indexes here (Django leaves such a constraint out), but
         # a plain unique index never compares NULLs: it allows the same rows.
-        columns = ", ".join(self.quote(model._meta.get_field(f).column) for f in fields)
+        columns = ", ".join(
+            self.quote(cast(str, cast("Field[Any, Any]", model._meta.get_field(f)).column))
+            for f in fields
+        )
         schema_editor.execute(
             f"CREATE UNIQUE INDEX {self.quote(name)} ON {self.quote(model._meta.db_table)} "
             f"({columns})"
@@ -98,8 +101,10 @@ class MySQLBackend(Backend):
         ]
 
     def check_server(self) -> list[CheckMessage]:
-        connection = self.connection
-        version = connection.mysql_version
+        # Django's MySQL wrapper, which knows the server's flavour and version.
+        connection: Any = self.connection
+        version: tuple[int, ...] = connection.mysql_version
+        minimum: tuple[int, ...]
         if connection.mysql_is_mariadb:
             name, minimum = "MariaDB", MINIMUM_MARIADB
         else:

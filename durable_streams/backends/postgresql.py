@@ -217,10 +217,11 @@ class PostgreSQLBackend(Backend):
         try:
             raw = psycopg.Cursor(connection)
             # Django's wrapper: its error classes, execute_wrapper() hooks and query logging.
+            # (make_cursor() takes the driver's cursor; django-stubs say Django's wrapper.)
             cursor = (
                 _LoggedStatement(raw, wrapper)
                 if wrapper.queries_logged
-                else wrapper.make_cursor(raw)
+                else wrapper.make_cursor(raw)  # type: ignore[arg-type]
             )
             with cursor:
                 cursor.execute(sql, params)
@@ -273,9 +274,7 @@ class PostgreSQLBackend(Backend):
         rows, _ = self.run(sql, [*target_params, status, output, error, now, now, now])
         return bool(rows and rows[0][0])
 
-    def checkpoint(
-        self, step: Model, worker_id: str, lease_until: datetime, *, flush: bool
-    ) -> bool:
+    def checkpoint(self, step: Any, worker_id: str, lease_until: datetime, *, flush: bool) -> bool:
         """Insert ``step`` if the worker holds its workflow, renewing the lease. One
         statement, committed on its own outside a transaction."""
         sql = self.sql(
@@ -345,7 +344,8 @@ class _LoggedStatement(CursorDebugWrapper):
     bind on the server, so the text is composed here, for the log only.
     """
 
-    def execute(self, sql: str, params: Any = None) -> Any:
+    # Narrower than Django's (SQL text or composed SQL): these statements are text.
+    def execute(self, sql: str, params: Any = None) -> Any:  # type: ignore[override]
         with self.debug_sql(_composed(self.cursor, sql, params), params):
             return CursorWrapper.execute(self, sql, params)
 

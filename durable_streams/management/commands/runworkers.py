@@ -4,8 +4,11 @@ import argparse
 import logging
 from typing import Any
 
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 
+from durable_streams.db import alias
+from durable_streams.exceptions import SchemaMissing
+from durable_streams.schema import require_schema
 from durable_streams.worker import Worker
 
 VERBOSITY_TO_LEVEL = {
@@ -74,6 +77,10 @@ class Command(BaseCommand):
         **options: Any,
     ) -> None:
         self._configure_logging(verbosity)
+        try:
+            require_schema(alias())
+        except SchemaMissing as exc:
+            raise CommandError(str(exc)) from None
         worker = self.worker_class(
             queues=queues or ["default"],
             concurrency=concurrency,
@@ -87,7 +94,8 @@ class Command(BaseCommand):
         logger = logging.getLogger("durable_streams")
         logger.setLevel(VERBOSITY_TO_LEVEL.get(verbosity, logging.DEBUG))
         if not logger.handlers and not logging.getLogger().handlers:
-            handler = logging.StreamHandler(self.stderr._out)
+            # The wrapped stream; django-stubs do not declare OutputWrapper._out.
+            handler = logging.StreamHandler(self.stderr._out)  # type: ignore[call-overload]
             handler.setFormatter(
                 logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
             )
