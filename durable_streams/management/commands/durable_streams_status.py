@@ -72,12 +72,12 @@ class Command(BaseCommand):
             .annotate(n=Count("pk"), expires=Max("lease_expires_at"))
             .order_by("lease_owner")
         )
-        for row in held:
-            expires = row["expires"]
+        for lease_row in held:
+            expires = lease_row["expires"]
             workers.append(
                 {
-                    "worker_id": row["lease_owner"],
-                    "running": row["n"],
+                    "worker_id": lease_row["lease_owner"],
+                    "running": lease_row["n"],
                     # Renewals push the lease LEASE_SECONDS ahead.
                     "last_renewal": None if expires is None else expires - lease,
                     "lease_expires_at": expires,
