@@ -24,7 +24,7 @@ from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.db import connections
 from django.db.models import Q, QuerySet
-from django.db.models.functions import Length, Substr
+from django.db.models.functions import Length, Lower, Substr
 from django.http import (
     Http404,
     HttpRequest,
@@ -610,7 +610,11 @@ class WorkflowAdmin(admin.ModelAdmin):  # type: ignore[type-arg]  # generic only
         by_id = queryset.filter(pk__startswith=term)
         if by_id.exists():
             return by_id, False
-        return queryset.filter(name__icontains=term), False
+        # Lower() on both sides, not icontains: case-insensitive whatever the column's
+        # collation (a case-sensitive one makes icontains case-sensitive on some databases).
+        return queryset.alias(lower_name=Lower("name")).filter(
+            lower_name__contains=term.lower()
+        ), False
 
     # Columns
 

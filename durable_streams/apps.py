@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-from typing import Any
-
 from django.apps import AppConfig
 from django.db.backends.signals import connection_created
 from django.utils.translation import gettext_lazy as _
@@ -17,19 +15,8 @@ class DurableStreamsConfig(AppConfig):
         from django.utils.module_loading import autodiscover_modules
 
         from . import checks  # noqa: F401 - registers the system checks
+        from .backends import connection_created as set_up_connection
 
-        connection_created.connect(configure_sqlite, dispatch_uid="durable_streams.sqlite")
+        connection_created.connect(set_up_connection, dispatch_uid="durable_streams.connections")
         # Workflows live in each app's workflows.py, found like admin.py.
         autodiscover_modules("workflows")
-
-
-def configure_sqlite(sender: Any, connection: Any, **kwargs: Any) -> None:
-    """Let the worker and the web server share one SQLite file."""
-    if connection.vendor != "sqlite":
-        return
-    with connection.cursor() as cursor:
-        # WAL: readers never block the writer, nor the writer the readers.
-        cursor.execute("PRAGMA journal_mode=WAL")
-        if "timeout" not in connection.settings_dict.get("OPTIONS", {}):
-            # Wait for the write lock rather than fail at once.
-            cursor.execute("PRAGMA busy_timeout = 20000")

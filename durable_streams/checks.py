@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Any
 
 from django.conf import settings
-from django.core.checks import CheckMessage, Error, Warning, register
+from django.core.checks import CheckMessage, Error, Tags, Warning, register
 
+from .backends import check_database, check_server
 from .conf import get_config
 from .exceptions import ConfigurationError
 
@@ -47,21 +47,22 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
             )
         )
     if config.DATABASE in settings.DATABASES:
-        engine = settings.DATABASES[config.DATABASE].get("ENGINE", "")
-        if (
-            engine == "django.db.backends.postgresql"
-            and config.LISTEN_NOTIFY
-            and importlib.util.find_spec("psycopg") is None
-        ):
-            messages.append(
-                Warning(
-                    "PostgreSQL notifications need psycopg 3; without it readers and idle "
-                    f"workers poll every {config.NOTIFY_FALLBACK_POLL}s.",
-                    hint='pip install "durable-streams[postgres]"',
-                    id="durable_streams.W001",
-                )
-            )
+        messages += check_database(config.DATABASE)
     return messages
+
+
+@register(Tags.database)
+def check_database_server(
+    app_configs: Any = None, databases: Any = None, **kwargs: Any
+) -> list[CheckMessage]:
+    """The server's version; run by ``migrate`` and ``check --database``, which connect."""
+    try:
+        using = get_config().DATABASE
+    except ConfigurationError:
+        return []  # E001 says why
+    if using not in settings.DATABASES or using not in (databases or ()):
+        return []
+    return check_server(using)
 
 
 @register()

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import uuid
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, NamedTuple, cast
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from django.conf import settings
-from django.db import IntegrityError, connections, models, transaction
+from django.db import models, transaction
 from django.db.models import F, Q, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
-from .db import run_statement, take_write_lock
+from .backends import backend_for
+from .db import take_write_lock
 
 if TYPE_CHECKING:
     from collections.abc import Collection, Iterator, Sequence
@@ -52,52 +52,13 @@ class Claim(NamedTuple):
     recorded: bool = True
 
 
-# WorkflowQuerySet.claimable() with attempts left, expired leases first, locked and
-# leased in one statement whose text does not change with the lists in it (so it is
-# prepared once). Each SELECT goes through its own partial index in created_at order:
-# one SELECT with an OR of both would sort every enqueued row on every claim. Rows
-# the second SELECT locks beyond the limit are let go when the statement commits.
-# The last column says whether to load what earlier runs recorded: a queued row was
-# queued again only after those runs' writes committed, so this snapshot sees them;
-# a reclaimed row is always loaded, since its last holder may have committed a write
-# between this statement's snapshot and its lock.
-_CLAIM = """
-WITH expired AS (
-    SELECT id, status, lease_owner FROM {workflow}
-    WHERE status = 'RUNNING' AND lease_expires_at < %(now)s
-        AND queue = ANY(%(queues)s::text[]) AND name = ANY(%(names)s::text[])
-        AND attempts < max_attempts AND NOT id = ANY(%(exclude)s::text[])
-    ORDER BY created_at LIMIT %(limit)s
-    FOR UPDATE SKIP LOCKED
-),
-enqueued AS (
-    SELECT id, status, lease_owner FROM {workflow}
-    WHERE status = 'ENQUEUED'
-        AND queue = ANY(%(queues)s::text[]) AND name = ANY(%(names)s::text[])
-        AND attempts < max_attempts AND NOT id = ANY(%(exclude)s::text[])
-    ORDER BY created_at LIMIT %(limit)s
-    FOR UPDATE SKIP LOCKED
-),
-picked AS (SELECT * FROM expired UNION ALL SELECT * FROM enqueued LIMIT %(limit)s)
-UPDATE {workflow} w
-SET status = 'RUNNING', lease_owner = %(worker)s, lease_expires_at = %(until)s,
-    attempts = w.attempts + 1, updated_at = %(now)s, started_at = COALESCE(w.started_at, %(now)s)
-FROM picked
-WHERE w.id = picked.id
-RETURNING w.id, w.name, w.inputs, w.attempts, picked.status, picked.lease_owner,
-    picked.status = 'RUNNING'
-    OR EXISTS (SELECT FROM {step} s WHERE s.workflow_id = w.id)
-    OR EXISTS (SELECT FROM {stream} s WHERE s.workflow_id = w.id)
-"""
-
-
 _HISTORY = """
 SELECT 'step', operation, name, NULL, NULL, NULL FROM {step} WHERE workflow_id = %s
 UNION ALL
-SELECT 'stream', close_operation, "key", id, "length", closed_at IS NOT NULL
+SELECT 'stream', close_operation, {key}, id, {length}, closed_at IS NOT NULL
 FROM {stream} WHERE workflow_id = %s
 UNION ALL
-SELECT 'write_stream', e.operation, s."key", NULL, NULL, NULL
+SELECT 'write_stream', e.operation, s.{key}, NULL, NULL, NULL
 FROM {entry} e JOIN {stream} s ON e.stream_id = s.id
 WHERE s.workflow_id = %s AND e.operation IS NOT NULL
 """
@@ -105,40 +66,16 @@ WHERE s.workflow_id = %s AND e.operation IS NOT NULL
 # Stream.objects.position(): the stream's row and its workflow's status, or no row when
 # the workflow does not exist. (key, workflow id)
 _POSITION = """
-SELECT s.id, s."length", s.closed_at IS NOT NULL, s.closed_by_end, w.status
-FROM {workflow} w LEFT JOIN {stream} s ON s.workflow_id = w.id AND s."key" = %s
+SELECT s.id, s.{length}, s.closed_at IS NOT NULL, s.closed_by_end, w.status
+FROM {workflow} w LEFT JOIN {stream} s ON s.workflow_id = w.id AND s.{key} = %s
 WHERE w.id = %s
 """
 
 # StreamEntry.objects.texts_from(): (stream id, first offset, offset past the last)
 _ENTRIES = """
-SELECT "offset", "value" FROM {entry}
-WHERE stream_id = %s AND "offset" >= %s AND "offset" < %s
-ORDER BY "offset"
-"""
-
-# WorkflowQuerySet.held_by(worker).filter(pk=...) as a _FINISH target: (workflow id, worker)
-_HELD_TARGET = """
-SELECT id AS pk FROM {workflow} WHERE id = %s AND status = 'RUNNING' AND lease_owner = %s
-"""
-
-# Lock the row if this queryset still matches it (the fence), record the end, and close
-# the open streams.
-_FINISH = """
-WITH target AS ({target} FOR UPDATE),
-finished AS (
-    UPDATE {workflow} w
-    SET status = %s, output = %s, error = %s, finished_at = %s, updated_at = %s,
-        lease_owner = NULL, lease_expires_at = NULL
-    FROM target
-    WHERE w.id = target.pk
-    RETURNING w.id
-),
-closed AS (
-    UPDATE {stream} SET closed_at = %s, closed_by_end = true
-    WHERE workflow_id IN (SELECT id FROM finished) AND closed_at IS NULL
-)
-SELECT count(*) FROM finished
+SELECT {offset}, {value} FROM {entry}
+WHERE stream_id = %s AND {offset} >= %s AND {offset} < %s
+ORDER BY {offset}
 """
 
 
@@ -162,32 +99,12 @@ class WorkflowQuerySet(models.QuerySet["Workflow"]):
         """Insert the new ``run`` and announce its queue to idle workers.
 
         False, with nothing written, if its id is taken. One statement, inside a
-        transaction too: there a taken id is skipped (``ON CONFLICT DO NOTHING``), not
-        an error that would break the transaction, so no savepoint is needed.
+        transaction too: a taken id is skipped, not an error that would break the
+        transaction, so no savepoint is needed.
         """
         from .notify import announce, queue_topic
 
-        connection = connections[self.db]
-        fields = Workflow._meta.concrete_fields
-        in_transaction = connection.in_atomic_block
-        if on_postgresql(self.db):
-            # Prepared, like the worker's statements: starting many is a hot path too.
-            values = [getattr(run, field.attname) for field in fields]
-            try:
-                _, inserted = run_statement(self.db, _enqueue_sql(self.db, in_transaction), values)
-            except IntegrityError:
-                # Outside a transaction the plain INSERT, a little cheaper, is used.
-                if in_transaction or not Workflow.objects.using(self.db).filter(pk=run.pk).exists():
-                    raise
-                return False
-        else:
-            values = [
-                field.get_db_prep_save(getattr(run, field.attname), connection) for field in fields
-            ]
-            with connection.cursor() as cursor:
-                cursor.execute(_enqueue_sql(self.db, True), values)
-                inserted = cursor.rowcount
-        if inserted != 1:
+        if not backend_for(self.db).insert_unless_taken(run):
             return False
         run._state.adding, run._state.db = False, self.db
         announce([queue_topic(run.queue)], self.db)
@@ -201,7 +118,7 @@ class WorkflowQuerySet(models.QuerySet["Workflow"]):
         body wrote, and ``("stream", close operation, key, id, length, closed)`` for
         each stream.
         """
-        return _fetch(self.db, table_sql(self.db, _HISTORY), [workflow_id] * 3)
+        return backend_for(self.db).fetch(table_sql(self.db, _HISTORY), [workflow_id] * 3)
 
     def exhausted(self, queues: Collection[str], names: Collection[str]) -> WorkflowQuerySet:
         """Claimable workflows that used all their attempts: nobody runs them again."""
@@ -221,13 +138,14 @@ class WorkflowQuerySet(models.QuerySet["Workflow"]):
 
         Oldest first, skipping rows that other workers are claiming at the same moment,
         and counting an attempt for each. Returns what the worker needs to run them.
-        On PostgreSQL this is one statement over the whole table (call it on the
-        manager); elsewhere a transaction of three.
+        Where the backend has a statement of its own this is one statement over the
+        whole table (call it on the manager); elsewhere a transaction of three.
         """
         if limit < 1 or not names:
             return []
         now = timezone.now()
-        if on_postgresql(self.db):
+        backend = backend_for(self.db)
+        if backend.one_statement:
             params = {
                 "queues": list(queues),
                 "names": list(names),
@@ -237,8 +155,7 @@ class WorkflowQuerySet(models.QuerySet["Workflow"]):
                 "worker": worker_id,
                 "until": lease_until,
             }
-            rows, _ = run_statement(self.db, table_sql(self.db, _CLAIM), params)
-            return [Claim(*row) for row in rows]
+            return [Claim(*row) for row in backend.claim(params)]
         with transaction.atomic(using=self.db):
             take_write_lock(self.db)
             picked_rows = list(
@@ -341,7 +258,7 @@ class WorkflowQuerySet(models.QuerySet["Workflow"]):
         from .notify import announce, workflow_topic
 
         now = timezone.now()
-        if on_postgresql(self.db):
+        if backend_for(self.db).one_statement:
             query = self.filter(pk=workflow_id).order_by().values("pk").query
             target_sql, params = query.get_compiler(self.db).as_sql()
             return self._finish_in_one_statement(
@@ -379,12 +296,14 @@ class WorkflowQuerySet(models.QuerySet["Workflow"]):
     ) -> bool:
         """``held_by(worker_id).finish(...)``: how a worker ends the runs it holds.
 
-        On PostgreSQL its statement is written once, not compiled from a queryset
-        at every end. Call it on the manager (or an unfiltered queryset).
+        Where the backend has statements of its own, this one is written once, not
+        compiled from a queryset at every end. Call it on the manager (or an
+        unfiltered queryset).
         """
-        if not on_postgresql(self.db):
+        backend = backend_for(self.db)
+        if not backend.one_statement:
             return self.held_by(worker_id).finish(workflow_id, status, output=output, error=error)
-        target_sql = table_sql(self.db, _HELD_TARGET)
+        target_sql = backend.held_target()
         return self._finish_in_one_statement(
             workflow_id, status, output, error, target_sql, [workflow_id, worker_id]
         )
@@ -398,15 +317,13 @@ class WorkflowQuerySet(models.QuerySet["Workflow"]):
         target_sql: str,
         target_params: Sequence[Any],
     ) -> bool:
-        """``_FINISH`` for the rows that ``target_sql`` selects (as ``pk``)."""
+        """The backend's ``finish()`` for the rows that ``target_sql`` selects (as ``pk``)."""
         from . import delivery
         from .notify import announce, workflow_topic
 
-        now = timezone.now()
-        sql = table_sql(self.db, _FINISH, target=target_sql)
-        params = [*target_params, status, output, error, now, now, now]
-        rows, _ = run_statement(self.db, sql, params)
-        changed = bool(rows and rows[0][0])
+        changed = backend_for(self.db).finish(
+            target_sql, target_params, status, output, error, timezone.now()
+        )
         if changed:
             announce([workflow_topic(workflow_id)], self.db)
             transaction.on_commit(
@@ -613,7 +530,7 @@ class Workflow(models.Model):
             ),
             # The reclaim query: running work per queue (a row per busy worker slot),
             # whose lease is checked on the row. Leaving the lease out of every index
-            # lets PostgreSQL renew a lease in place (a HOT update), touching no index.
+            # lets the database renew a lease in place (a HOT update), touching no index.
             models.Index(
                 fields=["queue", "created_at"],
                 name="ds_workflow_running_q_idx",
@@ -675,12 +592,13 @@ class StepQuerySet(models.QuerySet["Step"]):
     def checkpoint(self, step: Step, worker_id: str, lease_until: datetime) -> bool:
         """Store ``step`` if ``worker_id`` still holds its workflow, renewing the lease.
 
-        False, with nothing stored, when the worker no longer holds it (fencing). On
-        PostgreSQL this is one statement, committed on its own outside a transaction:
-        a step's checkpoint costs one round trip. Elsewhere the lease UPDATE and the
-        INSERT share a transaction.
+        False, with nothing stored, when the worker no longer holds it (fencing). Where
+        the backend has a statement of its own this is one statement, committed on its
+        own outside a transaction: a step's checkpoint costs one round trip. Elsewhere
+        the lease UPDATE and the INSERT share a transaction.
         """
-        if not on_postgresql(self.db):
+        backend = backend_for(self.db)
+        if not backend.one_statement:
             held = Workflow.objects.using(self.db).held_by(worker_id).filter(pk=step.workflow_id)
             with transaction.atomic(using=self.db):
                 if not held.update(lease_expires_at=lease_until):
@@ -689,97 +607,15 @@ class StepQuerySet(models.QuerySet["Step"]):
             return True
         from .conf import get_config
 
-        sql = _checkpoint_sql(self.db, get_config().FLUSH_EACH_CHECKPOINT)
-        values = [getattr(step, column) for column in _STEP_COLUMNS]
-        _, count = run_statement(self.db, sql, [lease_until, step.workflow_id, worker_id, *values])
-        return count == 1
+        return backend.checkpoint(
+            step, worker_id, lease_until, flush=get_config().FLUSH_EACH_CHECKPOINT
+        )
 
 
-_STEP_COLUMNS = (
-    "workflow_id",
-    "operation",
-    "name",
-    "status",
-    "output",
-    "error",
-    "attempts",
-    "started_at",
-    "finished_at",
-)
-
-
-@functools.cache
-def _enqueue_sql(using: str, skip_taken: bool) -> str:
-    quote = connections[using].ops.quote_name
-    fields = Workflow._meta.concrete_fields
-    columns = ", ".join(quote(cast(str, field.column)) for field in fields)
-    values = ", ".join(["%s"] * len(fields))
-    sql = f"INSERT INTO {quote(Workflow._meta.db_table)} ({columns}) VALUES ({values})"
-    if skip_taken:
-        sql += f" ON CONFLICT ({quote(cast(str, Workflow._meta.pk.column))}) DO NOTHING"
-    return sql
-
-
-@functools.cache
 def table_sql(using: str, template: str, **fields: str) -> str:
-    """A statement template of this package with its quoted table names (and ``fields``)."""
-    return template.format(**_tables(using), **fields)
-
-
-def _fetch(using: str, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
-    """The rows of one of the statements written here; prepared on PostgreSQL."""
-    if on_postgresql(using):
-        return run_statement(using, sql, params)[0]
-    with connections[using].cursor() as cursor:
-        cursor.execute(sql, params)
-        rows: list[tuple[Any, ...]] = cursor.fetchall()
-        return rows
-
-
-@functools.cache
-def _checkpoint_sql(using: str, flush: bool) -> str:
-    return _CHECKPOINT.format(
-        **_tables(using),
-        columns=", ".join(_STEP_COLUMNS),
-        values=", ".join(["%s"] * len(_STEP_COLUMNS)),
-        flush="on" if flush else "off",
-    )
-
-
-# The INSERT selects from the fencing UPDATE: no row, nothing stored. ``flush`` sets
-# synchronous_commit for this statement's own transaction only. Off, the commit does
-# not wait for the disk: the write-ahead log is flushed in order, so the next commit
-# that waits (a stream value, the workflow's end, any other transaction) makes this
-# checkpoint durable too, and a crash of the database server before then can only
-# lose checkpoints that nothing durable depends on yet. Their steps run again, as
-# any step may. A worker's crash loses nothing: the checkpoint is committed.
-_CHECKPOINT = """
-WITH commit_mode AS (SELECT set_config('synchronous_commit', '{flush}', true)),
-fence AS (
-    UPDATE {workflow} SET lease_expires_at = %s
-    WHERE id = %s AND status = 'RUNNING' AND lease_owner = %s
-    RETURNING id
-)
-INSERT INTO {step} ({columns}) SELECT {values} FROM fence CROSS JOIN commit_mode
-"""
-
-
-def on_postgresql(using: str) -> bool:
-    return connections[using].vendor == "postgresql"
-
-
-def _tables(using: str) -> dict[str, str]:
-    """The quoted table names, for the statements written for PostgreSQL."""
-    quote = connections[using].ops.quote_name
-    return {
-        name: quote(model._meta.db_table)
-        for name, model in [
-            ("workflow", Workflow),
-            ("step", Step),
-            ("stream", Stream),
-            ("entry", StreamEntry),
-        ]
-    }
+    """A statement template of this package with its quoted table and column names
+    (and ``fields``)."""
+    return backend_for(using).sql(template, **fields)
 
 
 class Step(models.Model):
@@ -884,7 +720,7 @@ class StreamQuerySet(models.QuerySet["Stream"]):
         stream never written to is empty and ends with its workflow. An end that the
         workflow's failure or cancellation caused is reported as an interruption.
         """
-        rows = _fetch(self.db, table_sql(self.db, _POSITION), [key, workflow_id])
+        rows = backend_for(self.db).fetch(table_sql(self.db, _POSITION), [key, workflow_id])
         if not rows:
             return None
         stream_id, length, closed, closed_by_end, status = rows[0]
@@ -947,10 +783,12 @@ class StreamEntryQuerySet(models.QuerySet["StreamEntry"]):
     def texts_from(self, stream_id: int, offset: int, limit: int) -> list[tuple[int, str]]:
         """``from_offset()`` as (offset, stored JSON text) rows: readers' hot path.
 
-        A statement written once (prepared on PostgreSQL), not a queryset compiled at
+        A statement written once (prepared where the backend prepares), not a queryset compiled at
         every read. Call it on the manager.
         """
-        return _fetch(self.db, table_sql(self.db, _ENTRIES), [stream_id, offset, offset + limit])
+        return backend_for(self.db).fetch(
+            table_sql(self.db, _ENTRIES), [stream_id, offset, offset + limit]
+        )
 
 
 class StreamEntry(models.Model):
@@ -990,7 +828,7 @@ class StreamEntry(models.Model):
 
 
 def _chunks(items: list[str], size: int = 500) -> Iterator[list[str]]:
-    # Keeps IN lists under SQLite's limit on query parameters.
+    # Keeps IN lists under the databases' limits on query parameters.
     for start in range(0, len(items), size):
         yield items[start : start + size]
 

@@ -4,16 +4,15 @@ A *doorbell*, never a data channel: a waiter that is woken re-reads the database
 and every wait is bounded, so a lost notification costs latency, never a value.
 
 Within one process, a commit rings the bell through ``transaction.on_commit``.
-Across processes on PostgreSQL, the commit hands its topics to the process's
-notifier thread, which sends them as ``NOTIFY`` on a connection of its own, and one
-listener thread per process rings the bell for its local waiters. Elsewhere (SQLite
-across processes) waiters poll every ``POLL_INTERVAL`` seconds.
+Across processes, on a database whose backend carries notifications
+(``Backend.notifies``), the commit hands its topics to the process's notifier
+thread, which sends them on a connection of its own, and one listener thread per
+process rings the bell for its local waiters. Elsewhere waiters in other processes
+poll every ``POLL_INTERVAL`` seconds.
 
-The notifications leave after the commit, not inside it: PostgreSQL serializes the
-commits of notifying transactions, disk flush included, so a ``NOTIFY`` in every
-data transaction would make every commit wait for the others. The notifier's own
-transactions write nothing, so theirs cost no flush; it sends whatever gathered
-while its previous batch was on the way, in one statement.
+The notifications leave after the commit, not inside it (see the backend for why),
+from the notifier's own connection, which writes nothing else: it sends whatever
+gathered while its previous batch was on the way, in one statement.
 """
 
 from __future__ import annotations
@@ -31,13 +30,12 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from django.db import connections, transaction
+from django.db import transaction
 
+from .backends import backend_for
 from .conf import get_config
 
 logger = logging.getLogger("durable_streams.notify")
-
-PG_CHANNEL = "durable_streams"
 
 
 def workflow_topic(workflow_id: str) -> str:
@@ -124,7 +122,7 @@ hub = Hub()
 
 
 def uses_listen_notify(using: str) -> bool:
-    return connections[using].vendor == "postgresql" and get_config().LISTEN_NOTIFY
+    return backend_for(using).notifies and get_config().LISTEN_NOTIFY
 
 
 def announce(topics: Iterable[str], using: str) -> None:
@@ -151,6 +149,7 @@ class _Notifier:
 
     def __init__(self, using: str) -> None:
         self.using = using
+        self._backend = backend_for(using)
         self._cond = threading.Condition()
         self._pending: dict[str, None] = {}
         self._sending = False
@@ -194,22 +193,14 @@ class _Notifier:
                     return
                 topics, self._pending = list(self._pending), {}
                 self._sending = True
-            conn.execute(
-                "SELECT pg_notify(%s, topic) FROM unnest(%s::text[]) AS topic",
-                [PG_CHANNEL, topics],
-            )
+            self._backend.send_notifications(conn, topics)
             self._failures = 0
 
     def _run(self) -> None:
-        import psycopg
-
         while not self._stopping:
             try:
-                params = connections[self.using].get_connection_params()
-                params.pop("cursor_factory", None)
-                params.pop("context", None)
-                with psycopg.connect(**params, autocommit=True) as conn:
-                    pid = conn.info.backend_pid
+                with self._backend.notification_connection() as conn:
+                    pid = self._backend.session_id(conn)
                     _sender_pids[self.using].add(pid)
                     try:
                         self._send_until_stopped(conn)
@@ -276,24 +267,20 @@ class _Listener(threading.Thread):
         self.connected = False
 
     def run(self) -> None:
-        import psycopg
-
+        backend = backend_for(self.using)
         backoff = 0.1
         while not self.stopping.is_set():
             try:
-                params = connections[self.using].get_connection_params()
-                params.pop("cursor_factory", None)
-                params.pop("context", None)
-                with psycopg.connect(**params, autocommit=True) as conn:
-                    conn.execute(f"LISTEN {PG_CHANNEL}")
+                with backend.notification_connection() as conn:
+                    backend.listen(conn)
                     self.connected = True
                     self.ready.set()
                     backoff = 0.1
                     while not self.stopping.is_set():
-                        for notification in conn.notifies(timeout=0.5):
+                        for pid, topic in backend.notifications(conn, 0.5):
                             # This process rang its own waiters when it committed.
-                            if notification.pid not in _sender_pids[self.using]:
-                                hub.ring(notification.payload)
+                            if pid not in _sender_pids[self.using]:
+                                hub.ring(topic)
             except Exception:
                 logger.warning(
                     "LISTEN connection to database %r failed; readers poll until it is back.",

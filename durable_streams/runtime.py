@@ -22,6 +22,7 @@ from django.db import Error, connections, transaction
 from django.utils import timezone
 
 from . import encoding, writer
+from .backends import backend_for
 from .conf import get_config
 from .exceptions import (
     LeaseLost,
@@ -30,7 +31,7 @@ from .exceptions import (
     StepFailed,
     StreamClosed,
 )
-from .models import Step, Workflow, on_postgresql
+from .models import Step, Workflow
 
 WRITE = "write_stream"
 CLOSE = "close_stream"
@@ -137,7 +138,8 @@ class Execution:
     def fence(self) -> None:
         """Prove inside the current transaction that this worker still holds the workflow.
 
-        The UPDATE also renews the lease, and (on SQLite) takes the write lock.
+        The UPDATE also renews the lease, and takes the write lock where the database
+        locks the whole file.
         """
         held = (
             Workflow.objects.using(self.using)
@@ -284,12 +286,13 @@ def run_step(
                 # checkpoint commit together, or not at all.
                 saved = {key: replace(state) for key, state in execution.streams.items()}
                 execution.in_transaction = True
-                # On SQLite the fence comes first: its UPDATE takes the write lock before
-                # the step reads, so the step never has to upgrade a read lock (which
-                # fails at once rather than waiting). On PostgreSQL it comes last, so the
-                # workflow's row stays unlocked while the step runs: the heartbeat renews
-                # the lease and a cancel does not wait for the step.
-                fence_last = on_postgresql(execution.using)
+                # Where the database locks rows, the fence comes last, so the workflow's
+                # row stays unlocked while the step runs: the heartbeat renews the lease
+                # and a cancel does not wait for the step. Where it locks the whole file
+                # it comes first: its UPDATE takes the write lock before the step reads,
+                # so the step never has to upgrade a read lock (which fails at once
+                # rather than waiting).
+                fence_last = backend_for(execution.using).fence_after_atomic_step
                 # What the step's own code raised, told apart from the errors of the
                 # fence, the checkpoint and the commit (the library's statements).
                 raised: BaseException | None = None

@@ -19,20 +19,25 @@ import threading
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
 from django.db import transaction
 from django.utils import timezone
 
 from . import delivery
+from .backends import backend_for
 from .conf import get_config
-from .db import ConnectionKeeper, run_statement, take_write_lock
+from .db import ConnectionKeeper, take_write_lock
 from .exceptions import LeaseLost
-from .models import Step, Stream, StreamEntry, Workflow, on_postgresql, table_sql
+from .models import Step, Stream, StreamEntry, Workflow
 from .notify import announce, stream_topic
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
     from .runtime import Execution
+
+_Row = TypeVar("_Row")
 
 logger = logging.getLogger("durable_streams.writer")
 
@@ -246,9 +251,9 @@ def _plan(batch: dict[Execution, list[Pending]]) -> _Plan:
 
 
 def _store(using: str, batch: dict[Execution, list[Pending]]) -> _Stored:
-    """Store ``batch``: on PostgreSQL in one statement (which commits on its own outside a
-    transaction), elsewhere in a transaction (a savepoint inside one)."""
-    if on_postgresql(using):
+    """Store ``batch``: in one statement where the backend has one (it commits on its own
+    outside a transaction), elsewhere in a transaction (a savepoint inside one)."""
+    if backend_for(using).one_statement:
         return _store_in_one_statement(using, batch)
     with transaction.atomic(using=using):
         return _store_with_the_orm(using, batch)
@@ -280,21 +285,22 @@ def _store_with_the_orm(using: str, batch: dict[Execution, list[Pending]]) -> _S
         else:
             ids[workflow_id, key] = change.stream_id
             streams.filter(pk=change.stream_id).update(**fields)
-    StreamEntry.objects.using(using).bulk_create(
-        [
-            StreamEntry(
-                stream_id=ids[workflow_id, key],
-                offset=offset,
-                value=text,
-                operation=operation,
-                created_at=now,
-            )
-            for workflow_id, key, offset, text, operation in plan.entries
-        ],
-        batch_size=1000,
-    )
+    entries = [
+        StreamEntry(
+            stream_id=ids[workflow_id, key],
+            offset=offset,
+            value=text,
+            operation=operation,
+            created_at=now,
+        )
+        for workflow_id, key, offset, text, operation in plan.entries
+    ]
+    limit = backend_for(using).max_statement_bytes()
+    for chunk in _by_size(entries, limit, lambda entry: entry.value):
+        StreamEntry.objects.using(using).bulk_create(chunk, batch_size=1000)
+    for steps in _by_size(plan.steps, limit, lambda step: (step.output or "") + (step.error or "")):
+        Step.objects.using(using).bulk_create(steps)
     if plan.steps:
-        Step.objects.using(using).bulk_create(plan.steps)
         Workflow.objects.using(using).filter(
             pk__in={step.workflow_id for step in plan.steps}
         ).update(lease_expires_at=_lease_until())
@@ -303,77 +309,30 @@ def _store_with_the_orm(using: str, batch: dict[Execution, list[Pending]]) -> _S
     return stored
 
 
+def _by_size(
+    rows: list[_Row], limit: int | None, text: Callable[[_Row], str]
+) -> Iterator[list[_Row]]:
+    """``rows`` in runs whose texts stay well within a server's statement size limit."""
+    if limit is None:
+        if rows:
+            yield rows
+        return
+    budget = limit // 2  # room for the statement's other columns and its escaping
+    run: list[_Row] = []
+    size = 0
+    for row in rows:
+        row_size = len(text(row).encode()) + 256
+        if run and size + row_size > budget:
+            yield run
+            run, size = [], 0
+        run.append(row)
+        size += row_size
+    if run:
+        yield run
+
+
 def _lease_until() -> datetime:
     return timezone.now() + timedelta(seconds=get_config().LEASE_SECONDS)
-
-
-# One round trip on PostgreSQL: lock the workflows' rows that their workers still hold
-# (in primary-key order, like every other locker), create the new streams, update the
-# others, insert the values, insert the step checkpoints and renew those workflows'
-# leases, all for the held workflows only; return the held ids and the new
-# streams' ids. Outside a transaction it commits on its own.
-_ONE_STATEMENT = """
-WITH held AS (
-    SELECT w.id FROM {workflow} w
-    JOIN unnest(%(held_ids)s::text[], %(held_owners)s::text[]) AS h(id, owner)
-        ON w.id = h.id AND w.lease_owner = h.owner
-    WHERE w.status = 'RUNNING'
-    ORDER BY w.id
-    FOR UPDATE OF w
-),
-created AS (
-    INSERT INTO {stream} (workflow_id, "key", "length", created_at, closed_at,
-                          close_operation, closed_by_end)
-    SELECT n.workflow_id, n.key, COALESCE(n.length, 0), %(now)s, n.closed_at,
-           n.close_operation, false
-    FROM unnest(%(new_workflows)s::text[], %(new_keys)s::text[], %(new_lengths)s::integer[],
-                %(new_closed)s::timestamptz[], %(new_close_operations)s::integer[])
-        AS n(workflow_id, key, length, closed_at, close_operation)
-    WHERE n.workflow_id IN (SELECT id FROM held)
-    RETURNING id, workflow_id, "key"
-),
-updated AS (
-    UPDATE {stream} s
-    SET "length" = COALESCE(u.length, s."length"),
-        closed_at = COALESCE(u.closed_at, s.closed_at),
-        close_operation = CASE WHEN u.closed_at IS NULL THEN s.close_operation
-                               ELSE u.close_operation END
-    FROM unnest(%(old_ids)s::bigint[], %(old_workflows)s::text[], %(old_lengths)s::integer[],
-                %(old_closed)s::timestamptz[], %(old_close_operations)s::integer[])
-        AS u(id, workflow_id, length, closed_at, close_operation)
-    WHERE s.id = u.id AND u.workflow_id IN (SELECT id FROM held)
-),
-inserted AS (
-    INSERT INTO {entry} (stream_id, "offset", "value", operation, created_at)
-    SELECT COALESCE(e.stream_id, c.id), e.offset, e.value, e.operation, %(now)s
-    FROM unnest(%(entry_streams)s::bigint[], %(entry_workflows)s::text[],
-                %(entry_keys)s::text[], %(entry_offsets)s::integer[], %(entry_values)s::text[],
-                %(entry_operations)s::integer[])
-        AS e(stream_id, workflow_id, key, "offset", value, operation)
-    LEFT JOIN created c
-        ON e.stream_id IS NULL AND c.workflow_id = e.workflow_id AND c.key = e.key
-    WHERE e.workflow_id IN (SELECT id FROM held)
-),
-renewed AS (
-    UPDATE {workflow} SET lease_expires_at = %(lease_until)s
-    WHERE id IN (SELECT id FROM held) AND id = ANY(%(step_workflows)s::text[])
-),
-checkpoints AS (
-    INSERT INTO {step} (workflow_id, operation, name, status, output, error, attempts,
-                        started_at, finished_at)
-    SELECT c.* FROM unnest(%(step_workflows)s::text[], %(step_operations)s::integer[],
-                           %(step_names)s::text[], %(step_statuses)s::text[],
-                           %(step_outputs)s::text[], %(step_errors)s::text[],
-                           %(step_attempts)s::integer[], %(step_started)s::timestamptz[],
-                           %(step_finished)s::timestamptz[])
-        AS c(workflow_id, operation, name, status, output, error, attempts, started_at,
-             finished_at)
-    WHERE c.workflow_id IN (SELECT id FROM held)
-)
-SELECT h.id, NULL, NULL FROM held h
-UNION ALL
-SELECT c.workflow_id, c.key, c.id FROM created c
-"""
 
 
 def _store_in_one_statement(using: str, batch: dict[Execution, list[Pending]]) -> _Stored:
@@ -412,7 +371,7 @@ def _store_in_one_statement(using: str, batch: dict[Execution, list[Pending]]) -
         "step_started": [step.started_at for step in plan.steps],
         "step_finished": [step.finished_at for step in plan.steps],
     }
-    rows, _ = run_statement(using, table_sql(using, _ONE_STATEMENT), params)
+    rows = backend_for(using).store_batch(params)
     held = {workflow_id for workflow_id, key, _ in rows if workflow_id is not None and key is None}
     stored = _Stored({e: e.lease_lost_error() for e in batch if e.workflow_id not in held}, [], [])
     for workflow_id, key, stream_id in rows:

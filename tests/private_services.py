@@ -21,10 +21,13 @@ import pytest
 from tests.processes import ROOT, process_env
 from tests.waiting import wait_until
 
+# Ports (and the cluster's name) may be moved, for test runs side by side on one machine.
 PG_VERSION = "15"
 # Other ports (and so another cluster) for test runs side by side on one machine.
 PG_PORT = int(os.environ.get("DS_PRIVATE_PG_PORT", "5441"))
-PG_CLUSTER = "dsfaults" if PG_PORT == 5441 else f"dsfaults{PG_PORT}"
+PG_CLUSTER = os.environ.get(
+    "DS_PRIVATE_PG_CLUSTER", "dsfaults" if PG_PORT == 5441 else f"dsfaults{PG_PORT}"
+)
 PG_DATABASE = "ds_faults"
 REDIS_PORT = int(os.environ.get("DS_PRIVATE_REDIS_PORT", "6391"))
 
@@ -189,3 +192,102 @@ def private_redis() -> Iterator[PrivateRedis]:
         yield server
     finally:
         server.remove()
+
+
+MARIADB_PORT = int(os.environ.get("DS_PRIVATE_MARIADB_PORT", "3316"))
+MARIADB_DATABASE = "ds_faults"
+
+
+class PrivateMariaDB:
+    """A mariadbd of its own (``mariadb-install-db``) in a temporary directory, root without
+    a password."""
+
+    def __init__(self, port: int = MARIADB_PORT) -> None:
+        self.port = port
+        self.dir = Path(tempfile.mkdtemp(prefix="ds-mariadb-"))
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mysql://root@127.0.0.1:{self.port}/{MARIADB_DATABASE}"
+
+    def create(self) -> None:
+        done = _run(
+            "mariadb-install-db", "--no-defaults", f"--datadir={self.dir / 'data'}",
+            "--user=root", "--auth-root-authentication-method=normal", "--skip-test-db",
+            timeout=120,
+        )  # fmt: skip
+        if done.returncode != 0:
+            pytest.skip(f"mariadb-install-db could not create a server: {done.stderr.strip()}")
+        self.start()
+        self.sql(f"CREATE DATABASE {MARIADB_DATABASE} CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
+
+    def sql(self, statement: str) -> str:
+        done = _run("mariadb", "-h", "127.0.0.1", "-P", str(self.port), "-u", "root",
+                    "-N", "-B", "-e", statement)  # fmt: skip
+        if done.returncode != 0:
+            raise RuntimeError(f"{statement}: {done.stderr}")
+        return done.stdout
+
+    def start(self) -> None:
+        log = (self.dir / "server.log").open("ab")
+        self.process = subprocess.Popen(
+            ["mariadbd", "--no-defaults", f"--datadir={self.dir / 'data'}",
+             f"--port={self.port}", "--bind-address=127.0.0.1",
+             f"--socket={self.dir / 'mariadb.sock'}", "--user=root", "--skip-log-bin",
+             # A test server: a killed mariadbd loses nothing committed (the log is in
+             # the OS's cache); only a crash of the machine would.
+             "--innodb-flush-log-at-trx-commit=2", "--innodb-buffer-pool-size=64M",
+             "--max-connections=300"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        log.close()
+        wait_until(lambda: _accepts(self.port), timeout=60, what="the private MariaDB")
+
+    def kill(self) -> None:
+        """SIGKILL: the server dies mid-transaction and recovers from its log at start."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(30)
+        wait_until(lambda: not _accepts(self.port), timeout=30, what="the port to close")
+
+    def drop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def migrate(self) -> None:
+        done = subprocess.run(
+            [sys.executable, "-m", "django", "migrate", "--noinput", "-v", "0"],
+            cwd=ROOT,
+            env=django_env(self.url),
+            capture_output=True,
+            text=True,
+            timeout=180,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"migrate failed on the private MariaDB:\n{done.stderr}")
+
+
+@pytest.fixture(scope="module")
+def private_mariadb() -> Iterator[PrivateMariaDB]:
+    """A private MariaDB server with the project's tables, removed after the module."""
+    if shutil.which("mariadb-install-db") is None or shutil.which("mariadbd") is None:
+        pytest.skip("mariadb-install-db is not installed: no private MariaDB server")
+    pytest.importorskip("MySQLdb", reason="the mysql extra (mysqlclient) is not installed")
+    if _accepts(MARIADB_PORT):
+        pytest.skip(f"port {MARIADB_PORT} is taken by a server these tests do not own")
+    server = PrivateMariaDB()
+    try:
+        server.create()
+        server.migrate()
+        yield server
+    finally:
+        server.drop()

@@ -60,6 +60,9 @@ if DATABASE_URL:
     import dj_database_url
 
     DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=0)}
+    if DATABASES["default"]["ENGINE"] == "django.db.backends.mysql":
+        # Case-sensitive text, as on the other databases: stream keys "a" and "A" differ.
+        DATABASES["default"]["TEST"] = {"CHARSET": "utf8mb4", "COLLATION": "utf8mb4_bin"}
 else:
     # A file, not memory: worker threads and worker processes share it.
     _sqlite_dir = os.environ.setdefault("DS_TEST_SQLITE_DIR", tempfile.mkdtemp(prefix="ds-tests-"))

@@ -1,4 +1,4 @@
-"""The DURABLE_STREAMS setting and the system checks E001 to E004 and W001."""
+"""The DURABLE_STREAMS setting and the system checks E001 to E007, W002 and W003."""
 
 from __future__ import annotations
 
@@ -10,13 +10,16 @@ from typing import Any
 
 import pytest
 from django.conf import settings
-from django.core.checks import CheckMessage
+from django.core.checks import CheckMessage, Error
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management import call_command
 from django.core.management.base import SystemCheckError
+from django.db import connection
 from django.test import override_settings
 
-from durable_streams import checks
+from durable_streams import backends, checks
+from durable_streams.backends import postgresql
+from durable_streams.backends.mysql import MySQLBackend
 from durable_streams.conf import DEFAULTS, get_config
 from durable_streams.exceptions import ConfigurationError, DurableStreamsError
 
@@ -228,34 +231,149 @@ def test_no_e003_for_a_callable() -> None:
 
 
 POSTGRES = {"ENGINE": "django.db.backends.postgresql", "NAME": "unused"}
+MYSQL = {"ENGINE": "django.db.backends.mysql", "NAME": "unused"}
 
 
-def test_w001_postgresql_without_psycopg(monkeypatch: pytest.MonkeyPatch) -> None:
+def hide_modules(monkeypatch: pytest.MonkeyPatch, *names: str) -> None:
     find_spec = importlib.util.find_spec
 
-    def without_psycopg(name: str, *args: Any) -> Any:
-        return None if name == "psycopg" else find_spec(name, *args)
+    def without(name: str, *args: Any) -> Any:
+        return None if name in names else find_spec(name, *args)
 
-    monkeypatch.setattr(checks.importlib.util, "find_spec", without_psycopg)
-    with databases(pg=POSTGRES), override_settings(DURABLE_STREAMS={"DATABASE": "pg"}):
-        messages = checks.check_settings()
-    assert ids(messages) == ["durable_streams.W001"]
-    assert "psycopg 3" in messages[0].msg
-    assert "durable-streams[postgres]" in messages[0].hint
-
-    # Nothing to warn about when notifications are off.
-    with (
-        databases(pg=POSTGRES),
-        override_settings(DURABLE_STREAMS={"DATABASE": "pg", "LISTEN_NOTIFY": False}),
-    ):
-        assert ids(checks.check_settings()) == []
+    monkeypatch.setattr(postgresql.importlib.util, "find_spec", without)
 
 
-def test_no_w001_with_psycopg_installed() -> None:
+@pytest.mark.parametrize(
+    ("hidden", "found"), [(("psycopg",), "psycopg2"), (("psycopg", "psycopg2"), "no psycopg")]
+)
+def test_e006_postgresql_without_psycopg_3(
+    monkeypatch: pytest.MonkeyPatch, hidden: tuple[str, ...], found: str
+) -> None:
+    # Django runs on psycopg2 too, but the worker's own statements need psycopg 3:
+    # without it the first claim failed. An error, notifications on or off.
+    if "psycopg2" not in hidden and importlib.util.find_spec("psycopg2") is None:
+        pytest.skip("psycopg2 is not installed")
+    hide_modules(monkeypatch, *hidden)
+    for options in ({}, {"LISTEN_NOTIFY": False}):
+        with (
+            databases(pg=POSTGRES),
+            override_settings(DURABLE_STREAMS={"DATABASE": "pg", **options}),
+        ):
+            messages = checks.check_settings()
+        assert ids(messages) == ["durable_streams.E006"]
+        assert messages[0].is_serious()
+        assert "psycopg 3" in messages[0].msg
+        assert f"{found} is installed" in messages[0].msg
+        assert messages[0].hint == 'pip install "durable-streams[postgres]"'
+
+
+def test_no_e006_with_psycopg_installed() -> None:
     # Runs where the postgres extra is installed (the PostgreSQL run).
     pytest.importorskip("psycopg")
     with databases(pg=POSTGRES), override_settings(DURABLE_STREAMS={"DATABASE": "pg"}):
         assert ids(checks.check_settings()) == []
+
+
+@pytest.mark.parametrize(
+    "engine", ["django.db.backends.oracle", "tests.no_such_backend", "django.db.backends.dummy"]
+)
+def test_e005_an_unsupported_database(engine: str) -> None:
+    with (
+        databases(other={"ENGINE": engine, "NAME": "unused"}),
+        override_settings(DURABLE_STREAMS={"DATABASE": "other"}),
+    ):
+        messages = checks.check_settings()
+        assert ids(messages) == ["durable_streams.E005"]
+        assert f"uses {engine!r}, which durable_streams does not support" in messages[0].msg
+        assert "MariaDB 10.6+" in messages[0].msg
+        assert 'pip install "durable-streams[mysql]"' in messages[0].hint
+        with pytest.raises(SystemCheckError, match=r"durable_streams\.E005"):
+            call_command("check")
+
+
+def test_e005_names_the_extra_of_a_missing_driver(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_driver(engine: str) -> Any:
+        raise ImproperlyConfigured("Error loading MySQLdb module.")
+
+    monkeypatch.setattr(backends, "load_backend", no_driver)
+    with databases(my=MYSQL), override_settings(DURABLE_STREAMS={"DATABASE": "my"}):
+        messages = checks.check_settings()
+    assert ids(messages) == ["durable_streams.E005"]
+    assert "Error loading MySQLdb module." in messages[0].msg
+    assert messages[0].hint == 'pip install "durable-streams[mysql]"'
+
+
+def test_w003_mysql_outside_read_committed() -> None:
+    pytest.importorskip("MySQLdb")
+    for level, expected in [
+        ("repeatable read", ["durable_streams.W003"]),
+        ("read committed", []),
+        (None, []),
+    ]:
+        mysql = {**MYSQL, "OPTIONS": {"isolation_level": level} if level else {}}
+        with databases(my=mysql), override_settings(DURABLE_STREAMS={"DATABASE": "my"}):
+            messages = checks.check_settings()
+        assert ids(messages) == expected
+        if expected:
+            assert "REPEATABLE READ" in messages[0].msg
+            assert "read committed" in messages[0].hint
+
+
+class FakeMySQL:
+    def __init__(self, version: tuple[int, ...], mariadb: bool) -> None:
+        self.mysql_version = version
+        self.mysql_is_mariadb = mariadb
+
+
+@pytest.mark.parametrize(
+    ("version", "mariadb", "expected"),
+    [
+        ((10, 5, 27), True, "MariaDB 10.5.27; durable_streams needs MariaDB 10.6 or later"),
+        ((10, 6, 0), True, None),
+        ((11, 4, 2), True, None),
+        ((5, 7, 44), False, "MySQL 5.7.44; durable_streams needs MySQL 8.0.1 or later"),
+        ((8, 0, 36), False, None),
+    ],
+)
+def test_e007_a_mysql_server_without_skip_locked(
+    monkeypatch: pytest.MonkeyPatch, version: tuple[int, ...], mariadb: bool, expected: str | None
+) -> None:
+    monkeypatch.setattr(
+        MySQLBackend, "connection", property(lambda self: FakeMySQL(version, mariadb))
+    )
+    messages = MySQLBackend("default").check_server()
+    if expected is None:
+        assert messages == []
+    else:
+        assert ids(messages) == ["durable_streams.E007"]
+        assert expected in messages[0].msg
+        assert "SKIP LOCKED" in messages[0].msg
+
+
+def test_the_server_check_runs_when_django_connects(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Tagged "database": migrate and check --database run it, plain check does not.
+    seen: list[str] = []
+
+    def check_server(self: Any) -> list[CheckMessage]:
+        seen.append(self.using)
+        return [Error("too old", id="durable_streams.E007")]
+
+    backend = type(backends.backend_for("default"))
+    monkeypatch.setattr(backend, "check_server", check_server)
+    call_command("check")
+    assert seen == []
+    with pytest.raises(SystemCheckError, match=r"durable_streams\.E007"):
+        call_command("check", databases=["default"])
+    assert seen == ["default"]
+
+
+def test_a_backend_per_alias_and_vendor() -> None:
+    first = backends.backend_for("default")
+    assert backends.backend_for("default") is first
+    assert first.vendor == connection.vendor
+    with databases(extra=dict(settings.DATABASES["default"])):
+        # New settings, new backends.
+        assert backends.backend_for("default") is not first
 
 
 @pytest.mark.parametrize(
