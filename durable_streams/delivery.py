@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
 from asgiref.sync import sync_to_async
-from django.db import close_old_connections
+from django.db import InterfaceError, OperationalError, close_old_connections
 
 from . import encoding
 from .conf import get_config
@@ -480,6 +480,41 @@ async def run_db(fn: Callable[..., T], *args: Any) -> T:
     return await sync_to_async(call, thread_sensitive=False)()
 
 
+class _Outage:
+    """How a feed rides out a failing database: it reads again, a little later each
+    time, for up to ``READER_RETRY_SECONDS`` from the first failure, then gives up
+    with the last error (the socket closes with 1011, the client reconnects). The
+    connection of a failed read is replaced by ``run_db`` at the next one.
+    """
+
+    FIRST_DELAY, MAX_DELAY = 0.1, 2.0
+
+    def __init__(self) -> None:
+        self._since: float | None = None
+        self._delay = self.FIRST_DELAY
+
+    def failed(self, exc: Exception, feed: StreamFeed) -> float:
+        now = time.monotonic()
+        limit = get_config().READER_RETRY_SECONDS
+        if self._since is None:
+            self._since, self._delay = now, self.FIRST_DELAY
+            _read_failures.warning(
+                f"Could not read stream {feed.key!r} of workflow {feed.workflow_id!r}; "
+                f"reading again for up to {limit}s",
+                exc,
+            )
+        if now - self._since >= limit:
+            raise exc
+        wait = min(self._delay, self._since + limit - now)
+        self._delay = min(self._delay * 2, self.MAX_DELAY)
+        return wait
+
+    def succeeded(self, feed: StreamFeed) -> None:
+        if self._since is not None:
+            logger.info("Reading stream %r of workflow %r again.", feed.key, feed.workflow_id)
+            self._since = None
+
+
 class StreamFeed:
     """The values of one stream from ``offset`` on, then its close, each exactly once.
 
@@ -654,6 +689,7 @@ class StreamFeed:
             base = ceiling = config.POLL_INTERVAL
         silence = base
         behind = True
+        outage = _Outage()
         hub = _local_hub()
         with loops.attached(asyncio.get_running_loop()):
             try:
@@ -672,12 +708,17 @@ class StreamFeed:
                         return
                     if behind:
                         self.fetches += 1
-                        if hub is not None:
-                            batch = await hub.read(self, subscribed_at)
-                        else:
-                            batch = await run_db(
-                                read_batch, self.workflow_id, self.key, self.next_offset
-                            )
+                        try:
+                            if hub is not None:
+                                batch = await hub.read(self, subscribed_at)
+                            else:
+                                batch = await run_db(
+                                    read_batch, self.workflow_id, self.key, self.next_offset
+                                )
+                        except (OperationalError, InterfaceError) as exc:
+                            await asyncio.sleep(outage.failed(exc, self))
+                            continue
+                        outage.succeeded(self)
                         for entry in self._take(batch.offset, batch.texts):
                             yield entry
                         if batch.closed:
@@ -1038,6 +1079,7 @@ _hubs: dict[tuple[asyncio.AbstractEventLoop, ChannelLayer], _Hub] = {}
 _hubs_lock = threading.Lock()
 _subscribe_failures = _Throttled()
 _receive_failures = _Throttled()
+_read_failures = _Throttled()
 
 
 def _local_hub() -> _Hub | None:
