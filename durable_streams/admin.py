@@ -261,8 +261,25 @@ class StepRow:
             duration=format_duration(step.duration),
             output=output,
             output_cut=cut,
-            error=decode_error(step.error),
+            # error_head: annotated by the page's queryset.
+            error=step_error(step.error_head),  # type: ignore[attr-defined]  # annotated field
         )
+
+
+def step_error(head: str | None) -> dict[str, str] | None:
+    """A step's error record for the steps table, from at most DETAIL_CHARS + 1 of it.
+
+    A record cut short is no JSON any more: its type, read from its head, and a note.
+    """
+    text, cut = clip(head, DETAIL_CHARS)
+    if not cut:
+        return decode_error(head)
+    return {
+        "type": error_type_of(text),
+        "message": gettext("the error record is longer than %(limit)s characters; not shown")
+        % {"limit": number_format(DETAIL_CHARS, force_grouping=True)},
+        "traceback": "",
+    }
 
 
 @dataclass(frozen=True)
@@ -911,8 +928,11 @@ class WorkflowAdmin(admin.ModelAdmin):  # type: ignore[type-arg]  # generic only
             Step.objects.using(using)
             .filter(workflow_id=obj.pk)
             .order_by("operation")
-            .defer("output")
-            .annotate(output_head=Substr("output", 1, PREVIEW_CHARS + 1))[: PAGE_STEPS + 1]
+            .defer("output", "error")
+            .annotate(
+                output_head=Substr("output", 1, PREVIEW_CHARS + 1),
+                error_head=Substr("error", 1, DETAIL_CHARS + 1),
+            )[: PAGE_STEPS + 1]
         )
         more_steps = len(steps) > PAGE_STEPS
         streams = list(
@@ -1023,10 +1043,11 @@ class WorkflowAdmin(admin.ModelAdmin):  # type: ignore[type-arg]  # generic only
             return offset
         page = list(
             steps.order_by("operation")
-            .defer("output")
-            .annotate(output_head=Substr("output", 1, PREVIEW_CHARS + 1))[
-                offset : offset + STEPS_PER_PAGE
-            ]
+            .defer("output", "error")
+            .annotate(
+                output_head=Substr("output", 1, PREVIEW_CHARS + 1),
+                error_head=Substr("error", 1, DETAIL_CHARS + 1),
+            )[offset : offset + STEPS_PER_PAGE]
         )
         context = {
             **self._history_context(

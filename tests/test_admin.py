@@ -700,3 +700,29 @@ def test_cancel_then_resume_finishes_every_step_and_value_once(live_worker: Any)
         Effect.objects.filter(workflow_id=handle.workflow_id).values_list("label", flat=True)
     )
     assert sorted(labels) == sorted(f"step-{i}" for i in range(8))
+
+
+def test_a_large_step_error_is_cut_on_the_workflow_and_steps_pages(
+    admin_client: Client, django_assert_max_num_queries: Any
+) -> None:
+    big = "y" * (2 * 1024 * 1024)
+    workflow = make_workflow(Status.ERROR)
+    Step.objects.create(
+        workflow=workflow,
+        operation=0,
+        name="tests.workflows.flaky",
+        status=Step.Outcome.ERROR,
+        error=json.dumps({"type": "OverflowError", "message": big, "traceback": big}),
+        attempts=1,
+        started_at=timezone.now(),
+        finished_at=timezone.now(),
+    )
+    steps_url = reverse("admin:durable_streams_workflow_steps", args=[workflow.pk])
+    for url in (page_url(workflow), steps_url):
+        with django_assert_max_num_queries(14) as queries:
+            response = admin_client.get(url)
+        assert response.status_code == 200
+        assert not any(big[:1000] in str(q["sql"]) for q in queries.captured_queries)
+        html = response.content.decode()
+        assert len(html) < 200_000, url
+        assert "<strong>OverflowError</strong>: the error record is longer than" in html
