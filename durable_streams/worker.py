@@ -21,6 +21,7 @@ from django.db.backends.base.base import BaseDatabaseWrapper
 from django.utils import timezone
 
 from . import encoding, registry, runtime, writer
+from .backends import backend_for
 from .conf import get_config
 from .db import ConnectionKeeper, alias, take_write_lock
 from .exceptions import LeaseLost, WorkflowNotRegistered
@@ -155,9 +156,15 @@ class Worker:
                         names = registry.names()
                         claimed = self._claim(free, names) if free > 0 else []
                         self._warn_unknown(names)
-                    except DatabaseError:
+                    except DatabaseError as exc:
                         # The database restarted or the network blipped: try again later.
-                        logger.exception("Could not claim work; retrying in %ss.", interval)
+                        hint = backend_for(self.using).explain(exc)
+                        if hint is None:
+                            logger.exception("Could not claim work; retrying in %ss.", interval)
+                        else:
+                            logger.warning(
+                                "Could not claim work: %s Retrying in %ss.", hint, interval
+                            )
                         keeper.broken()
                         claimed = []
                     for claim in claimed:

@@ -121,3 +121,34 @@ def test_a_failed_run_logs_the_error_type_and_message(
     assert ends[0].levelno == logging.ERROR
     assert handle.workflow_id in ends[0].getMessage()
     assert ends[0].getMessage().endswith("the disk is full")
+
+
+def test_a_locked_sqlite_database_is_explained_without_a_traceback(
+    worker_thread: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    db_vendor: str,
+) -> None:
+    if db_vendor != "sqlite":
+        pytest.skip("SQLite's write lock")
+    from django.db import OperationalError
+
+    from durable_streams.models import WorkflowQuerySet
+    from tests.waiting import wait_until
+
+    def locked(*args: Any, **kwargs: Any) -> Any:
+        raise OperationalError("database is locked")
+
+    monkeypatch.setattr(WorkflowQuerySet, "claim", locked)
+    with caplog.at_level(logging.WARNING, logger="durable_streams"):
+        worker_thread()
+        record = wait_until(
+            lambda: next((r for r in caplog.records if "stayed locked" in r.getMessage()), None),
+            timeout=10,
+            what="the locked-database warning",
+        )
+    message = record.getMessage()
+    assert record.exc_info is None
+    assert message.startswith("Could not claim work: The SQLite database ")
+    assert "its busy timeout (20 s)" in message
+    assert "a sqlite3 shell" in message

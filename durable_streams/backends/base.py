@@ -203,6 +203,11 @@ class Backend:
 
     # Transactions and connections
 
+    def explain(self, exc: Exception) -> str | None:
+        """What an operator should know about ``exc``, where this database has a known
+        cause for it (said instead of a traceback); None otherwise."""
+        return None
+
     def take_write_lock(self) -> None:
         """Start the current transaction as a writer (databases that lock rows need nothing)."""
 

@@ -30,6 +30,20 @@ class SQLiteBackend(Backend):
             with connection.cursor() as cursor:
                 cursor.execute(f'UPDATE {table} SET "id" = "id" WHERE 0 = 1')
 
+    def explain(self, exc: Exception) -> str | None:
+        if "database is locked" not in str(exc):
+            return None
+        options = self.connection.settings_dict.get("OPTIONS", {})
+        timeout = options.get("timeout", 20)
+        return (
+            f"The SQLite database {self.connection.settings_dict['NAME']!s} stayed locked for "
+            f"its busy timeout ({timeout} s): another connection held its write lock all that "
+            "time. SQLite lets one connection write at a time; look for a long transaction "
+            "(a step or a command inside transaction.atomic()) or another program writing to "
+            "the file (a sqlite3 shell, a database browser). For many writers, use PostgreSQL "
+            "or MariaDB."
+        )
+
     @classmethod
     def connection_created(cls, connection: BaseDatabaseWrapper) -> None:
         """Let the worker and the web server share one SQLite file."""
