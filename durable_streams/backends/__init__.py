@@ -105,6 +105,11 @@ def check_database(using: str) -> list[CheckMessage]:
         wrapper = load_backend(engine).DatabaseWrapper
     except (ImproperlyConfigured, ImportError) as exc:
         # Django could not load the engine or its driver.
+        if "postg" in engine:
+            # Without psycopg 3 (whatever else is missing): the error that says so.
+            missing = BACKENDS["postgresql"].check_installed(using, settings_dict)
+            if missing:
+                return missing
         extra = "postgres" if "postg" in engine else "mysql" if "mysql" in engine else None
         if extra is None:
             return [unsupported]
