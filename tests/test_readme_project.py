@@ -37,6 +37,7 @@ HOST = "127.0.0.1"
 BIN = Path(sys.executable).parent
 README = ROOT / "README.md"
 PROMPT = "durable streams survive restarts"  # the value the README's page fills in
+ADMIN_USER, ADMIN_PASSWORD = "admin", "readme-admin-password"
 
 pytestmark = [
     pytest.mark.browser,
@@ -158,15 +159,26 @@ def run_command(command: str, project: Project, cwd: Path, server: str) -> Path:
     if argv[0] == "cd":
         return cwd / argv[1]
     if argv[:3] == ["python", "manage.py", "runworkers"]:
+        # Someone to sign in to the admin with (not a README step: the test's own).
+        createsuperuser = ["createsuperuser", "--noinput", "--username", ADMIN_USER]
+        done = subprocess.run(
+            [sys.executable, "manage.py", *createsuperuser, "--email", "admin@example.com"],
+            cwd=cwd,
+            env={**project.env, "DJANGO_SUPERUSER_PASSWORD": ADMIN_PASSWORD},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
         worker = background("runworkers", [sys.executable, *argv[1:]], project, cwd)
         worker.wait_for(r"Worker \S+ started")
         return cwd
     if argv[0] == "daphne":
-        if server == "uvicorn":
-            # The README's alternative, named beside this line.
-            app = argv[-1]
-            assert f"uvicorn {app}" in README.read_text()
-            argv = ["uvicorn", app]
+        # The README's alternatives are named beside this line.
+        alternative = {"uvicorn": f"uvicorn {argv[-1]}", "runserver": "python manage.py runserver"}
+        if server in alternative:
+            assert f"`{alternative[server]}`" in README.read_text()
+            argv = shlex.split(alternative[server])
         project.base = start_server(argv, project, cwd)
         return cwd
     argv[0] = sys.executable if argv[0] == "python" else executable(argv[0])
@@ -197,6 +209,16 @@ def background(name: str, argv: list[str], project: Project, cwd: Path, **popen:
 def start_server(argv: list[str], project: Project, cwd: Path) -> str:
     """The README's server command, on a port of the OS's choosing on the loopback."""
     app = argv[-1]
+    if argv[0] == "python":  # runserver: daphne's, with "daphne" in INSTALLED_APPS
+        with socket.socket() as probe:
+            probe.bind((HOST, 0))
+            port = probe.getsockname()[1]
+        command = [sys.executable, *argv[1:], f"{HOST}:{port}", "--noreload"]
+        server = background("runserver", command, project, cwd)
+        server.wait_for("Starting ASGI/Daphne")
+        base = f"http://{HOST}:{port}"
+        wait_until(lambda: status_of(base + "/") == 200, timeout=30, what="runserver to answer")
+        return base
     if argv[0] == "daphne":
         server = background(
             "daphne", [executable("daphne"), "-b", HOST, "-p", "0", app], project, cwd
@@ -222,7 +244,7 @@ def start_server(argv: list[str], project: Project, cwd: Path) -> str:
     return f"http://{HOST}:{port}"
 
 
-@pytest.fixture(params=["daphne", "uvicorn"])
+@pytest.fixture(params=["daphne", "uvicorn", "runserver"])
 def project(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Project]:
     server = request.param
     blocks = readme_blocks()
@@ -278,6 +300,8 @@ def status_of(url: str) -> int:
             return int(response.status)
     except urllib.error.HTTPError as error:
         return int(error.code)
+    except OSError:  # not listening yet
+        return 0
 
 
 def test_the_readme_project_streams_to_the_browser(browser: Any, project: Project) -> None:
@@ -308,12 +332,19 @@ def test_the_readme_project_streams_to_the_browser(browser: Any, project: Projec
         script = project.base + "/static/durable_streams/durable-streams.js"
         assert responses.get(script) == 200, responses
 
-        # The admin is styled: its stylesheets are served too.
-        page.goto(project.base + "/admin/login/")
-        sheets = [url for url in responses if url.endswith(".css") and "/static/admin/" in url]
-        assert sheets, responses
-        assert {responses[url] for url in sheets} == {200}, responses
-        assert page.evaluate("document.styleSheets.length") >= 1
+        workflow_id = page.url.rstrip("/").rsplit("/", 1)[1]
+
+        # The admin is styled and shows the run's stream: its static files are served too.
+        page.goto(f"{project.base}/admin/durable_streams/workflow/{workflow_id}/change/")
+        page.fill("input[name=username]", ADMIN_USER)
+        page.fill("input[name=password]", ADMIN_PASSWORD)
+        page.click("input[type=submit]")
+        page.wait_for_selector("#ds-streams [data-ds-length]")
+        assert page.inner_text("#ds-streams [data-ds-length]") == str(len(words))
+        assert words[0].upper() in page.inner_text("#ds-streams")
+        static = project.base + "/static/"
+        for path in ("admin/css/base.css", "durable_streams/admin.css", "durable_streams/admin.js"):
+            assert responses.get(static + path) == 200, (path, responses)
         assert errors == [], errors
         # Every request the pages made was answered (the browser's own favicon guess aside).
         failed = {url: code for url, code in responses.items() if code >= 400}
@@ -321,4 +352,5 @@ def test_the_readme_project_streams_to_the_browser(browser: Any, project: Projec
     finally:
         context.close()
     for path in ("durable_streams/durable-streams.js", "admin/css/base.css"):
+        # Asked directly too, with no browser cache in the way.
         assert status_of(f"{project.base}/static/{path}") == 200, path
