@@ -69,7 +69,8 @@ def readme_blocks() -> list[Block]:
     text = README.read_text()
     blocks = [Block(m["target"], bool(m["append"]), m["body"]) for m in _BLOCK.finditer(text)]
     # A marker that no fenced block follows would silently drop part of the setup.
-    assert len(blocks) == text.count("<!-- readme-project: "), "a marker without its block"
+    markers = re.findall(r"^<!-- readme-project: ", text, re.MULTILINE)
+    assert len(blocks) == len(markers), "a marker without its block"
     return blocks
 
 
