@@ -20,7 +20,7 @@ from django.db import DatabaseError, Error, connections, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.utils import timezone
 
-from . import encoding, registry, runtime, writer
+from . import encoding, registry, runtime, telemetry, writer
 from .conf import get_config
 from .db import ConnectionKeeper, alias, take_write_lock
 from .exceptions import LeaseLost, WorkflowNotRegistered
@@ -359,7 +359,8 @@ class Worker:
         log = WorkflowAdapter(logger, {"workflow_id": claim.workflow_id})
         try:
             self._unpark_connection()
-            self._run_workflow(claim, log)
+            with telemetry.workflow_run(claim):
+                self._run_workflow(claim, log)
         except Exception:
             log.exception("Worker error while running the workflow; its lease will expire.")
         finally:
@@ -477,6 +478,7 @@ class Worker:
             self._hand_back(workflow_id, log)
             return
         if finished:
+            telemetry.workflow_ended(status, error)
             self.completed += 1
             took = time.monotonic() - started
             if status == Status.ERROR:
