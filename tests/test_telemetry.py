@@ -36,6 +36,8 @@ from tests.sockets import (
     open_socket,
     path,
 )
+from tests.test_sse import get, url
+from tests.waiting import wait_until_async
 from tests.workflows_readers import gated
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -269,6 +271,21 @@ async def test_websocket_readers_are_counted(telemetry_on: None) -> None:
     assert value(await sync_to_async(points)(), metric, transport="websocket") == before + 1
     await communicator.disconnect()
     assert value(await sync_to_async(points)(), metric, transport="websocket") == before
+
+
+async def test_sse_readers_are_counted(telemetry_on: None) -> None:
+    # An enqueued run: the response stays open, waiting for the stream's first value.
+    handle = await sync_to_async(start_workflow)(gated, "out", [], [], "never", public=True)
+    metric = "durable_streams.readers.connected"
+
+    def readers() -> int:
+        return int(value(points(), metric, transport="sse"))
+
+    before = await sync_to_async(readers)()
+    response = await get(url(handle.workflow_id, "out"))
+    await wait_until_async(lambda: readers() == before + 1, what="the reader counted")
+    await response.communicator.send_input({"type": "http.disconnect"})
+    await wait_until_async(lambda: readers() == before, what="the reader uncounted")
 
 
 def test_queue_depth_is_one_query_per_collection(telemetry_on: None) -> None:
