@@ -403,12 +403,9 @@ class Worker:
         try:
             wf = registry.get(claim.name)
         except WorkflowNotRegistered as exc:
-            runs.finish_held(
-                self.worker_id,
-                workflow_id,
-                Status.ERROR,
-                error=encoding.dumps(runtime.error_record(exc)),
-            )
+            failure = encoding.dumps(runtime.error_record(exc))
+            if runs.finish_held(self.worker_id, workflow_id, Status.ERROR, error=failure):
+                telemetry.workflow_ended(Status.ERROR, failure)
             log.error("%s", exc)
             return
         if claim.recorded:

@@ -26,9 +26,17 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
-from durable_streams import Status, start_workflow, step, telemetry, workflow, write_stream
+from durable_streams import (
+    Status,
+    registry,
+    start_workflow,
+    step,
+    telemetry,
+    workflow,
+    write_stream,
+)
 from durable_streams.checks import check_settings
-from durable_streams.exceptions import ImproperlyInstalled
+from durable_streams.exceptions import ImproperlyInstalled, WorkflowNotRegistered
 from durable_streams.models import Workflow
 from tests.sockets import (
     _channel_layer_per_test,  # noqa: F401  (autouse: applies here)
@@ -217,6 +225,26 @@ def test_a_successful_run_and_replayed_steps(
     [again] = by_name(spans, telemetry.WORKFLOW_SPAN)
     assert (again.attributes or {})["durable_streams.workflow.attempt"] == 2
     assert by_name(spans, telemetry.STEP_SPAN) == []
+
+
+def test_a_run_no_worker_function_knows_ends_in_error(
+    telemetry_on: None, run_burst: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    handle = three_steps.start(1, False)
+    real_get = registry.get
+
+    def get(name: str) -> Any:
+        if name == three_steps.name and sys._getframe(1).f_code.co_name == "_run_workflow":
+            raise WorkflowNotRegistered(f"no {name}")
+        return real_get(name)
+
+    # The registry lost it between the claim and the run.
+    monkeypatch.setattr(registry, "get", get)
+    run_burst(queues=["telemetry"])
+    assert Workflow.objects.get(pk=handle.workflow_id).status == Status.ERROR
+    [run] = by_name(SPANS.get_finished_spans(), telemetry.WORKFLOW_SPAN)
+    assert (run.attributes or {})["durable_streams.workflow.status"] == "ERROR"
+    assert run.status.description == f"WorkflowNotRegistered: no {three_steps.name}"
 
 
 def test_off_by_default_nothing_is_reported(run_burst: Callable[..., Any]) -> None:
