@@ -15,7 +15,7 @@ from typing import Any, Generic, ParamSpec, TypeVar, cast, overload
 from asgiref.sync import sync_to_async
 from django.db import DatabaseError, InterfaceError, OperationalError, connections
 
-from . import encoding, registry, runtime, schema
+from . import encoding, registry, runtime, schema, telemetry
 from .conf import MAXIMA, get_config
 from .db import alias
 from .exceptions import (
@@ -292,6 +292,7 @@ def start_workflow(
         with runtime.on_behalf_of_body(f"starting workflow {wf.name!r}"):
             try:
                 if runs.enqueue(run):
+                    telemetry.workflow_started(wf.name, queue)
                     break
                 existing = (
                     runs.filter(pk=run.id)

@@ -7,6 +7,7 @@ from typing import Any
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Tags, Warning, register
 
+from . import telemetry
 from .backends import check_database, check_server
 from .conf import get_config
 from .exceptions import ConfigurationError
@@ -48,6 +49,15 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
         )
     if config.DATABASE in settings.DATABASES:
         messages += check_database(config.DATABASE)
+    if config.TELEMETRY and not telemetry.available():
+        messages.append(
+            Error(
+                "settings.DURABLE_STREAMS['TELEMETRY'] is True, but the OpenTelemetry API "
+                "(opentelemetry-api) is not installed.",
+                hint=telemetry.INSTALL_HINT,
+                id="durable_streams.E008",
+            )
+        )
     return messages
 
 

@@ -62,6 +62,8 @@ DEFAULTS: dict[str, Any] = {
     # Days an ended run is kept before ``manage.py durable_streams_prune`` deletes it
     # (with its steps and streams); None keeps everything unless --older-than is given.
     "RETENTION_DAYS": None,
+    # Report OpenTelemetry spans and metrics (needs the [otel] extra).
+    "TELEMETRY": False,
 }
 
 # Inclusive lower bounds; beyond the maxima below a value is a mistake (a day-long poll)
@@ -119,6 +121,7 @@ class Config:
     REAUTHORIZE_SECONDS: float
     DATABASE: str
     RETENTION_DAYS: float | None
+    TELEMETRY: bool
 
 
 def _invalid(name: str, problem: str) -> ConfigurationError:
@@ -187,7 +190,12 @@ def get_config() -> Config:
     for name in ("AUTHORIZE_READER", "DATABASE"):
         if not isinstance(values[name], str) or not values[name]:
             raise _invalid(name, f"must be a non-empty string, not {values[name]!r}")
-    for name in ("LISTEN_NOTIFY", "FLUSH_EACH_CHECKPOINT", "PREPARED_STATEMENTS"):
+    for name in (
+        "LISTEN_NOTIFY",
+        "FLUSH_EACH_CHECKPOINT",
+        "PREPARED_STATEMENTS",
+        "TELEMETRY",
+    ):
         if not isinstance(values[name], bool):
             raise _invalid(name, f"must be True or False, not {values[name]!r}")
     return Config(**values)

@@ -53,7 +53,7 @@ from urllib.parse import parse_qs
 
 from channels.generic.websocket import AsyncWebsocketConsumer
 
-from . import delivery
+from . import delivery, telemetry
 from .auth import ReaderAccess
 from .conf import get_config
 from .delivery import (
@@ -159,6 +159,7 @@ class StreamConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]  # channels:
         access = ReaderAccess(user, _session_key(self.scope), workflow_id, key)
         self.feed = delivery.StreamFeed(workflow_id, key, offset, access)
         self._pump = asyncio.create_task(self._send_feed(self.feed))
+        telemetry.reader_connected("websocket")
 
     async def _refuse(self, code: int, reason: str) -> None:
         # Accept first: a close before the handshake reaches the browser as a bare 403.
@@ -215,6 +216,7 @@ class StreamConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]  # channels:
 
     async def disconnect(self, code: int) -> None:
         if self._pump is not None:
+            telemetry.reader_disconnected("websocket")
             self._pump.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._pump

@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 from django.db import Error, connections, transaction
 from django.utils import timezone
 
-from . import encoding, writer
+from . import encoding, telemetry, writer
 from .backends import backend_for
 from .conf import get_config
 from .exceptions import (
@@ -280,6 +280,7 @@ def run_step(
     while True:
         attempt += 1
         execution.step_name = name
+        call = telemetry.step_attempt(fn, name, operation, attempt)
         try:
             if atomic:
                 # The step's own database writes, its stream writes and its
@@ -301,7 +302,7 @@ def run_step(
                         if not fence_last:
                             execution.fence()
                         try:
-                            result = fn(*args, **kwargs)
+                            result = call(*args, **kwargs)
                             output = encoding.encode(result, f"The result of step {name!r}")
                         except BaseException as exc:
                             raised = exc
@@ -331,7 +332,7 @@ def run_step(
                 finally:
                     execution.in_transaction = False
                 return encoding.loads(output)
-            result = fn(*args, **kwargs)
+            result = call(*args, **kwargs)
         except (LeaseLost, NonDeterministicWorkflow):
             raise
         except Exception as exc:

@@ -58,7 +58,7 @@ from django.http import (
 from django.http.response import HttpResponseBase
 from django.views.decorators.http import require_GET
 
-from . import delivery
+from . import delivery, telemetry
 from .auth import ReaderAccess
 from .conf import get_config
 from .delivery import BadParameters, parse_address, parse_offset
@@ -184,6 +184,7 @@ async def _event_stream(feed: delivery.StreamFeed) -> AsyncIterator[bytes]:
         await _release_request_thread()
         yield f"retry: {RETRY_MILLISECONDS}\n\n".encode()
         pump = asyncio.create_task(_pump(feed, out))
+        telemetry.reader_connected("sse")
         while True:
             try:
                 async with asyncio.timeout(KEEPALIVE_SECONDS):
@@ -221,6 +222,7 @@ async def _event_stream(feed: delivery.StreamFeed) -> AsyncIterator[bytes]:
                 return
     finally:
         if pump is not None:
+            telemetry.reader_disconnected("sse")
             pump.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await pump

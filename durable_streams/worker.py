@@ -20,7 +20,7 @@ from django.db import DatabaseError, Error, connections, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.utils import timezone
 
-from . import encoding, registry, runtime, writer
+from . import encoding, registry, runtime, telemetry, writer
 from .backends import backend_for
 from .conf import get_config
 from .db import ConnectionKeeper, alias, take_write_lock
@@ -366,7 +366,8 @@ class Worker:
         log = WorkflowAdapter(logger, {"workflow_id": claim.workflow_id})
         try:
             self._unpark_connection()
-            self._run_workflow(claim, log)
+            with telemetry.workflow_run(claim):
+                self._run_workflow(claim, log)
         except Exception:
             log.exception("Worker error while running the workflow; its lease will expire.")
         finally:
@@ -409,12 +410,9 @@ class Worker:
         try:
             wf = registry.get(claim.name)
         except WorkflowNotRegistered as exc:
-            runs.finish_held(
-                self.worker_id,
-                workflow_id,
-                Status.ERROR,
-                error=encoding.dumps(runtime.error_record(exc)),
-            )
+            failure = encoding.dumps(runtime.error_record(exc))
+            if runs.finish_held(self.worker_id, workflow_id, Status.ERROR, error=failure):
+                telemetry.workflow_ended(Status.ERROR, failure)
             log.error("%s", exc)
             return
         if claim.recorded:
@@ -484,6 +482,7 @@ class Worker:
             self._hand_back(workflow_id, log)
             return
         if finished:
+            telemetry.workflow_ended(status, error)
             self.completed += 1
             took = time.monotonic() - started
             if status == Status.ERROR:

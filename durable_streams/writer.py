@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, NamedTuple, TypeVar
 from django.db import transaction
 from django.utils import timezone
 
-from . import delivery
+from . import delivery, telemetry
 from .backends import backend_for
 from .conf import get_config
 from .db import ConnectionKeeper, take_write_lock
@@ -423,6 +423,7 @@ def _deliver(hooks: list[_DeliveryHook]) -> None:
     ):
         try:
             if closed_length is None:
+                telemetry.values_written(len(texts))
                 delivery.entries_committed(workflow_id, key, first, texts)
             else:
                 delivery.stream_closed(workflow_id, key, closed_length)

@@ -6,6 +6,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
+from durable_streams import telemetry
 from durable_streams.db import alias
 from durable_streams.exceptions import SchemaMissing
 from durable_streams.schema import require_schema
@@ -88,6 +89,7 @@ class Command(BaseCommand):
             worker_id=worker_id,
             handle_signals=True,
         )
+        telemetry.observe_queue_depth(queues or ["default"])
         worker.run()
 
     def _configure_logging(self, verbosity: int) -> None:
