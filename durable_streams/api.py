@@ -31,6 +31,7 @@ from .models import Status, Stream, StreamEntry
 from .models import Workflow as WorkflowRun
 from .notify import (
     poll_interval,
+    publish_changes,
     stream_topic,
     subscribe,
     workflow_topic,
@@ -291,7 +292,9 @@ def start_workflow(
     for _ in range(2):
         with runtime.on_behalf_of_body(f"starting workflow {wf.name!r}"):
             try:
-                if runs.enqueue(run):
+                inserted, changes = runs.enqueue(run)
+                publish_changes(changes, using)
+                if inserted:
                     break
                 existing = (
                     runs.filter(pk=run.id)
@@ -415,7 +418,10 @@ def cancel_workflow(workflow_id: str) -> bool:
     check_workflow_id(workflow_id)
     using = alias()
     with runtime.on_behalf_of_body(f"cancelling workflow {workflow_id!r}"):
-        changed = WorkflowRun.objects.using(using).active().finish(workflow_id, Status.CANCELLED)
+        changed, changes = (
+            WorkflowRun.objects.using(using).active().finish(workflow_id, Status.CANCELLED)
+        )
+        publish_changes(changes, using)
         if not changed and not WorkflowRun.objects.using(using).filter(pk=workflow_id).exists():
             raise WorkflowNotFound(workflow_id)
     return changed

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import cache
 from importlib import import_module
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
@@ -12,10 +12,9 @@ from django.utils.crypto import constant_time_compare
 from django.utils.module_loading import import_string
 
 from .conf import get_config
+from .db import alias
 from .exceptions import ConfigurationError
-
-if TYPE_CHECKING:
-    from .models import Workflow
+from .models import Workflow
 
 
 class ReaderAuthorization(Protocol):
@@ -123,11 +122,27 @@ class ReaderAccess:
         The session and the workflow are read again. A session that is gone, or whose
         user is someone else or no longer verifies, leaves the reader anonymous.
         """
-        from .delivery import may_read
-
         user = self.user
         if self.session_key is not None and getattr(user, "is_authenticated", False):
             current = session_user(self.session_key)
             same = getattr(current, "is_authenticated", False) and current.pk == user.pk
             user = current if same else _anonymous()
-        return may_read(user, self.workflow_id, self.key) is None
+        return may_read(user, self.workflow_id, self.key)
+
+
+def may_read(user: Any, workflow_id: str, key: str) -> bool:
+    """Whether ``user`` may read the stream (blocking): False for a missing workflow too.
+
+    A reader who may not read a stream is told what it would be told for a missing
+    workflow, so that nobody can probe which ids exist; the socket and the event
+    stream each say so in their own protocol.
+    """
+    # The JSON columns can be large and the default rule needs none of them; a custom
+    # rule that reads one still gets it, loaded on access.
+    workflow = (
+        Workflow.objects.using(alias())
+        .defer("inputs", "output", "error")
+        .filter(pk=workflow_id)
+        .first()
+    )
+    return workflow is not None and can_read(user, workflow, key)

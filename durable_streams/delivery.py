@@ -46,6 +46,7 @@ from django.db import close_old_connections
 from . import encoding
 from .conf import get_config
 from .db import alias
+from .models import Stream, StreamEntry
 
 if TYPE_CHECKING:
     from .auth import ReaderAccess
@@ -372,8 +373,6 @@ def workflows_resumed(workflow_ids: list[str]) -> None:
 
 def _final_lengths(workflow_id: str) -> dict[str, int] | None:
     try:
-        from .models import Stream
-
         rows = list(
             Stream.objects.using(alias())
             .filter(workflow_id=workflow_id)
@@ -452,8 +451,6 @@ def read_batch(workflow_id: str, key: str, offset: int) -> Batch:
     A stream that does not exist yet is empty; it has ended once its workflow has.
     ``closed`` is a final close; an interruption (``interrupted``) is not.
     """
-    from .models import Stream, StreamEntry
-
     using = alias()
     position = Stream.objects.using(using).position(workflow_id, key)
     if position is None:  # the workflow is gone: nothing more will come
@@ -1091,31 +1088,6 @@ def parse_address(workflow_id: Any, key: Any) -> tuple[str, str]:
     except (TypeError, ValueError) as exc:
         raise BadParameters(str(exc)) from None
     return workflow_id, key
-
-
-def may_read(user: Any, workflow_id: str, key: str) -> int | None:
-    """None when ``user`` may read the stream, else NOT_FOUND.
-
-    A reader who may not read a stream is told what it would be told for a missing
-    workflow, so that nobody can probe which ids exist. FORBIDDEN is for a reader
-    whose access was withdrawn while it read (``StreamFeed``'s checks).
-    """
-    from .auth import can_read
-    from .models import Workflow
-
-    # The JSON columns can be large and the default rule needs none of them; a custom
-    # rule that reads one still gets it, loaded on access.
-    workflow = (
-        Workflow.objects.using(alias())
-        .defer("inputs", "output", "error")
-        .filter(pk=workflow_id)
-        .first()
-    )
-    if workflow is None:
-        return NOT_FOUND
-    if not can_read(user, workflow, key):
-        return NOT_FOUND
-    return None
 
 
 def entry_frame(key: str, offset: int, text: str) -> str:

@@ -28,7 +28,7 @@ from . import delivery
 from .backends import backend_for
 from .conf import get_config
 from .db import ConnectionKeeper, take_write_lock
-from .exceptions import LeaseLost
+from .exceptions import Interrupted, LeaseLost
 from .models import Step, Stream, StreamEntry, Workflow
 from .notify import announce, stream_topic
 
@@ -438,8 +438,6 @@ def _raise_write_error(execution: Execution) -> None:
         return
     if isinstance(error, LeaseLost):
         raise LeaseLost(str(error))
-    from .runtime import Interrupted
-
     raise Interrupted(str(error))
 
 
