@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import json
@@ -13,7 +14,10 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, Generic, ParamSpec, TypeVar, cast, overload
 
 from asgiref.sync import sync_to_async
+from django.contrib.auth import get_user_model
+from django.core.exceptions import ValidationError
 from django.db import DatabaseError, InterfaceError, OperationalError, connections
+from django.db.models import Model
 
 from . import encoding, registry, runtime, schema
 from .conf import MAXIMA, get_config
@@ -329,10 +333,6 @@ def _owner_id(owner: Any) -> Any:
     The foreign key is checked at commit, so a bad owner would fail the caller's
     transaction far from this call, with a raw IntegrityError.
     """
-    from django.contrib.auth import get_user_model
-    from django.core.exceptions import ValidationError
-    from django.db.models import Model
-
     if owner is None:
         return None
     user_model = get_user_model()
@@ -598,8 +598,6 @@ class WorkflowHandle:
 
     async def aresult(self, timeout: float | None = None) -> Any:
         """``result()`` for async code."""
-        import asyncio
-
         using = alias()
         _check_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -793,8 +791,6 @@ async def aread_stream(
     workflow_id: str, key: str, *, offset: int = 0, timeout: float | None = None
 ) -> AsyncIterator[Any]:
     """``read_stream()`` as an async iterator."""
-    import asyncio
-
     cursor = _StreamCursor(workflow_id, key, offset, timeout)
     # The failed read's thread drops its connection; the wait happens here, not there.
     fetch = sync_to_async(cursor.try_fetch)

@@ -46,7 +46,6 @@ from django.db import close_old_connections
 from . import encoding
 from .conf import get_config
 from .db import alias
-from .models import Stream, StreamEntry
 
 if TYPE_CHECKING:
     from .auth import ReaderAccess
@@ -121,7 +120,7 @@ class ChannelLayer(Protocol):
 
 def channel_layer() -> ChannelLayer | None:
     """The default channel layer, or None without channels or CHANNEL_LAYERS."""
-    try:
+    try:  # channels is optional (the channels extra)
         from channels.layers import get_channel_layer
     except ImportError:
         return None
@@ -133,6 +132,7 @@ def crosses_processes(layer: ChannelLayer | None) -> bool:
     """Whether a message sent on ``layer`` reaches other processes."""
     if layer is None:
         return False
+    # channels is optional (the channels extra); a layer exists only when it is installed.
     from channels.layers import InMemoryChannelLayer
 
     return not isinstance(layer, InMemoryChannelLayer)
@@ -372,6 +372,10 @@ def workflows_resumed(workflow_ids: list[str]) -> None:
 
 
 def _final_lengths(workflow_id: str) -> dict[str, int] | None:
+    # Imported here: the models need the app registry, and this module is imported by
+    # the routing that an ASGI module may load before Django is set up.
+    from .models import Stream
+
     try:
         rows = list(
             Stream.objects.using(alias())
@@ -451,6 +455,10 @@ def read_batch(workflow_id: str, key: str, offset: int) -> Batch:
     A stream that does not exist yet is empty; it has ended once its workflow has.
     ``closed`` is a final close; an interruption (``interrupted``) is not.
     """
+    # Imported here: the models need the app registry, and this module is imported by
+    # the routing that an ASGI module may load before Django is set up.
+    from .models import Stream, StreamEntry
+
     using = alias()
     position = Stream.objects.using(using).position(workflow_id, key)
     if position is None:  # the workflow is gone: nothing more will come

@@ -29,14 +29,16 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.db import transaction
 
 from . import delivery
 from .backends import backend_for
 from .conf import get_config
-from .models import Changes
+
+if TYPE_CHECKING:
+    from .models import Changes
 
 logger = logging.getLogger("durable_streams.notify")
 
