@@ -258,7 +258,8 @@ def start_workflow(
     parent, so a replay finds the same child.
     """
     if isinstance(wf, str):
-        wf = registry.get(wf)
+        # Only Workflow registers itself (in its __init__).
+        wf = cast("Workflow[..., Any]", registry.get(wf))
     elif not isinstance(wf, Workflow):
         raise TypeError(
             f"start_workflow() takes a @workflow function or its name, not {type(wf).__name__}."
