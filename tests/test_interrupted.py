@@ -344,7 +344,7 @@ async def test_the_feed_says_interrupted_once_per_interruption(settings: Any, db
     while feed.fetches < fetches + 5:
         assert time.monotonic() < deadline and not pending.done()
         await asyncio.sleep(0.01)
-    await sync_to_async(Workflow.objects.filter(pk=wid).resume)()
+    await sync_to_async(resume)(wid)
     # A read that started after the resume sees the stream open again.
     fetches = feed.fetches
     while feed.fetches < fetches + 2:
@@ -418,7 +418,7 @@ async def test_a_resume_wakes_the_feeds_of_an_interrupted_stream_at_once(
     fetches = feed.fetches
     await asyncio.sleep(0.3)
     assert feed.fetches == fetches  # waiting, not polling
-    await sync_to_async(Workflow.objects.filter(pk=wid).resume)()
+    await sync_to_async(resume)(wid)
     deadline = time.monotonic() + 5
     while feed.fetches == fetches:  # the resume's message made it read the database
         assert time.monotonic() < deadline, "the resume did not wake the feed"
