@@ -55,6 +55,7 @@ from .models import (
     StreamEntry,
     Workflow,
 )
+from .notify import publish_changes
 
 # Beyond this many matching rows the changelist says "More than 10,000" instead of counting.
 COUNT_LIMIT = 10_000
@@ -420,14 +421,16 @@ def cancel_all(queryset: QuerySet[Workflow]) -> Outcome:
 
 
 def resume_all(queryset: QuerySet[Workflow]) -> Outcome:
-    resumed = queryset.resume()  # type: ignore[attr-defined]  # a WorkflowQuerySet
+    resumed, changes = queryset.resume()  # type: ignore[attr-defined]  # a WorkflowQuerySet
+    publish_changes(changes, queryset.db)
     done = set(resumed)
     refused = [pk for pk in queryset.values_list("pk", flat=True) if pk not in done]
     return Outcome(resumed, refused)
 
 
 def retry_all(queryset: QuerySet[Workflow]) -> tuple[Outcome, list[str]]:
-    pairs = queryset.retry()  # type: ignore[attr-defined]  # a WorkflowQuerySet
+    pairs, changes = queryset.retry()  # type: ignore[attr-defined]  # a WorkflowQuerySet
+    publish_changes(changes, queryset.db)
     originals = {original for original, _ in pairs}
     refused = [pk for pk in queryset.values_list("pk", flat=True) if pk not in originals]
     return Outcome([original for original, _ in pairs], refused), [new for _, new in pairs]

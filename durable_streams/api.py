@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import json
@@ -13,7 +14,10 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, Generic, ParamSpec, TypeVar, cast, overload
 
 from asgiref.sync import sync_to_async
+from django.contrib.auth import get_user_model
+from django.core.exceptions import ValidationError
 from django.db import DatabaseError, InterfaceError, OperationalError, connections
+from django.db.models import Model
 
 from . import encoding, registry, runtime, schema, telemetry
 from .conf import MAXIMA, get_config
@@ -31,6 +35,7 @@ from .models import Status, Stream, StreamEntry
 from .models import Workflow as WorkflowRun
 from .notify import (
     poll_interval,
+    publish_changes,
     stream_topic,
     subscribe,
     workflow_topic,
@@ -253,7 +258,8 @@ def start_workflow(
     parent, so a replay finds the same child.
     """
     if isinstance(wf, str):
-        wf = registry.get(wf)
+        # Only Workflow registers itself (in its __init__).
+        wf = cast("Workflow[..., Any]", registry.get(wf))
     elif not isinstance(wf, Workflow):
         raise TypeError(
             f"start_workflow() takes a @workflow function or its name, not {type(wf).__name__}."
@@ -291,7 +297,9 @@ def start_workflow(
     for _ in range(2):
         with runtime.on_behalf_of_body(f"starting workflow {wf.name!r}"):
             try:
-                if runs.enqueue(run):
+                inserted, changes = runs.enqueue(run)
+                publish_changes(changes, using)
+                if inserted:
                     telemetry.workflow_started(wf.name, queue)
                     break
                 existing = (
@@ -327,10 +335,6 @@ def _owner_id(owner: Any) -> Any:
     The foreign key is checked at commit, so a bad owner would fail the caller's
     transaction far from this call, with a raw IntegrityError.
     """
-    from django.contrib.auth import get_user_model
-    from django.core.exceptions import ValidationError
-    from django.db.models import Model
-
     if owner is None:
         return None
     user_model = get_user_model()
@@ -416,7 +420,10 @@ def cancel_workflow(workflow_id: str) -> bool:
     check_workflow_id(workflow_id)
     using = alias()
     with runtime.on_behalf_of_body(f"cancelling workflow {workflow_id!r}"):
-        changed = WorkflowRun.objects.using(using).active().finish(workflow_id, Status.CANCELLED)
+        changed, changes = (
+            WorkflowRun.objects.using(using).active().finish(workflow_id, Status.CANCELLED)
+        )
+        publish_changes(changes, using)
         if not changed and not WorkflowRun.objects.using(using).filter(pk=workflow_id).exists():
             raise WorkflowNotFound(workflow_id)
     return changed
@@ -593,8 +600,6 @@ class WorkflowHandle:
 
     async def aresult(self, timeout: float | None = None) -> Any:
         """``result()`` for async code."""
-        import asyncio
-
         using = alias()
         _check_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -788,8 +793,6 @@ async def aread_stream(
     workflow_id: str, key: str, *, offset: int = 0, timeout: float | None = None
 ) -> AsyncIterator[Any]:
     """``read_stream()`` as an async iterator."""
-    import asyncio
-
     cursor = _StreamCursor(workflow_id, key, offset, timeout)
     # The failed read's thread drops its connection; the wait happens here, not there.
     fetch = sync_to_async(cursor.try_fetch)

@@ -7,11 +7,13 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any, Protocol
 
 from django.conf import settings
+from django.contrib import auth as django_auth
 from django.core.exceptions import ValidationError
 from django.utils.crypto import constant_time_compare
 from django.utils.module_loading import import_string
 
 from .conf import get_config
+from .db import alias
 from .exceptions import ConfigurationError
 
 if TYPE_CHECKING:
@@ -62,6 +64,8 @@ def can_read(user: Any, workflow: Workflow, key: str) -> bool:
 
 
 def _anonymous() -> Any:
+    # Imported here: django.contrib.auth.models needs the app registry, and this module
+    # is imported by the routing that an ASGI module may load before Django is set up.
     from django.contrib.auth.models import AnonymousUser
 
     return AnonymousUser()
@@ -76,21 +80,19 @@ def session_user(session_key: str) -> Any:
     but changes nothing: ``get_user()`` would flush or rotate the session, which is the
     browser's to do on its next request, not a reader's check.
     """
-    from django.contrib import auth
-
     session = import_module(settings.SESSION_ENGINE).SessionStore(session_key)
     try:
-        user_id = auth.get_user_model()._meta.pk.to_python(session[auth.SESSION_KEY])
-        backend_path = session[auth.BACKEND_SESSION_KEY]
+        user_id = django_auth.get_user_model()._meta.pk.to_python(session[django_auth.SESSION_KEY])
+        backend_path = session[django_auth.BACKEND_SESSION_KEY]
     except (KeyError, ValidationError):
         return _anonymous()
     if backend_path not in settings.AUTHENTICATION_BACKENDS:
         return _anonymous()
-    user = auth.load_backend(backend_path).get_user(user_id)
+    user = django_auth.load_backend(backend_path).get_user(user_id)
     if user is None:
         return _anonymous()
     if hasattr(user, "get_session_auth_hash"):
-        stored = session.get(auth.HASH_SESSION_KEY)
+        stored = session.get(django_auth.HASH_SESSION_KEY)
         hashes = [user.get_session_auth_hash()]
         hashes += list(getattr(user, "get_session_auth_fallback_hash", list)())
         if not stored or not any(constant_time_compare(stored, h) for h in hashes):
@@ -123,11 +125,31 @@ class ReaderAccess:
         The session and the workflow are read again. A session that is gone, or whose
         user is someone else or no longer verifies, leaves the reader anonymous.
         """
-        from .delivery import may_read
-
         user = self.user
         if self.session_key is not None and getattr(user, "is_authenticated", False):
             current = session_user(self.session_key)
             same = getattr(current, "is_authenticated", False) and current.pk == user.pk
             user = current if same else _anonymous()
-        return may_read(user, self.workflow_id, self.key) is None
+        return may_read(user, self.workflow_id, self.key)
+
+
+def may_read(user: Any, workflow_id: str, key: str) -> bool:
+    """Whether ``user`` may read the stream (blocking): False for a missing workflow too.
+
+    A reader who may not read a stream is told what it would be told for a missing
+    workflow, so that nobody can probe which ids exist; the socket and the event
+    stream each say so in their own protocol.
+    """
+    # Imported here: the models need the app registry, and this module is imported by
+    # the routing that an ASGI module may load before Django is set up.
+    from .models import Workflow
+
+    # The JSON columns can be large and the default rule needs none of them; a custom
+    # rule that reads one still gets it, loaded on access.
+    workflow = (
+        Workflow.objects.using(alias())
+        .defer("inputs", "output", "error")
+        .filter(pk=workflow_id)
+        .first()
+    )
+    return workflow is not None and can_read(user, workflow, key)

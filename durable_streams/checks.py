@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.apps import apps
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Tags, Warning, register
 
 from . import telemetry
+from .auth import _load
 from .backends import check_database, check_server
 from .conf import get_config
 from .exceptions import ConfigurationError
@@ -35,8 +37,6 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
                 id="durable_streams.E002",
             )
         )
-    from .auth import _load
-
     try:
         _load(config.AUTHORIZE_READER)
     except ConfigurationError as exc:
@@ -78,8 +78,6 @@ def check_database_server(
 @register()
 def check_live_delivery(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
     """Stream sockets need a channel layer that reaches the worker processes to be pushed to."""
-    from django.apps import apps
-
     if not apps.is_installed("channels"):
         return []
     layers = getattr(settings, "CHANNEL_LAYERS", None) or {}

@@ -54,7 +54,7 @@ from urllib.parse import parse_qs
 from channels.generic.websocket import AsyncWebsocketConsumer
 
 from . import delivery, telemetry
-from .auth import ReaderAccess
+from .auth import ReaderAccess, may_read
 from .conf import get_config
 from .delivery import (
     BAD_REQUEST,
@@ -69,7 +69,6 @@ from .delivery import (
     entry_frame,
     frame_bytes,
     interrupted_frame,
-    may_read,
     parse_address,
     parse_offset,
 )
@@ -147,12 +146,12 @@ class StreamConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]  # channels:
             return
         user = self.scope.get("user")
         try:
-            refusal = await delivery.run_db(may_read, user, workflow_id, key)
+            allowed = await delivery.run_db(may_read, user, workflow_id, key)
         except Exception:
             logger.exception("Could not authorize a reader of stream %r of %r.", key, workflow_id)
             await self._refuse(SERVER_ERROR, "Server error.")
             return
-        if refusal is not None:
+        if not allowed:
             await self._refuse(NOT_FOUND, NOT_FOUND_REASON)
             return
         await self.accept()

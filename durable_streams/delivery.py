@@ -120,7 +120,7 @@ class ChannelLayer(Protocol):
 
 def channel_layer() -> ChannelLayer | None:
     """The default channel layer, or None without channels or CHANNEL_LAYERS."""
-    try:
+    try:  # channels is optional (the channels extra)
         from channels.layers import get_channel_layer
     except ImportError:
         return None
@@ -132,6 +132,7 @@ def crosses_processes(layer: ChannelLayer | None) -> bool:
     """Whether a message sent on ``layer`` reaches other processes."""
     if layer is None:
         return False
+    # channels is optional (the channels extra); a layer exists only when it is installed.
     from channels.layers import InMemoryChannelLayer
 
     return not isinstance(layer, InMemoryChannelLayer)
@@ -371,9 +372,11 @@ def workflows_resumed(workflow_ids: list[str]) -> None:
 
 
 def _final_lengths(workflow_id: str) -> dict[str, int] | None:
-    try:
-        from .models import Stream
+    # Imported here: the models need the app registry, and this module is imported by
+    # the routing that an ASGI module may load before Django is set up.
+    from .models import Stream
 
+    try:
         rows = list(
             Stream.objects.using(alias())
             .filter(workflow_id=workflow_id)
@@ -452,6 +455,8 @@ def read_batch(workflow_id: str, key: str, offset: int) -> Batch:
     A stream that does not exist yet is empty; it has ended once its workflow has.
     ``closed`` is a final close; an interruption (``interrupted``) is not.
     """
+    # Imported here: the models need the app registry, and this module is imported by
+    # the routing that an ASGI module may load before Django is set up.
     from .models import Stream, StreamEntry
 
     using = alias()
@@ -1133,31 +1138,6 @@ def parse_address(workflow_id: Any, key: Any) -> tuple[str, str]:
     except (TypeError, ValueError) as exc:
         raise BadParameters(str(exc)) from None
     return workflow_id, key
-
-
-def may_read(user: Any, workflow_id: str, key: str) -> int | None:
-    """None when ``user`` may read the stream, else NOT_FOUND.
-
-    A reader who may not read a stream is told what it would be told for a missing
-    workflow, so that nobody can probe which ids exist. FORBIDDEN is for a reader
-    whose access was withdrawn while it read (``StreamFeed``'s checks).
-    """
-    from .auth import can_read
-    from .models import Workflow
-
-    # The JSON columns can be large and the default rule needs none of them; a custom
-    # rule that reads one still gets it, loaded on access.
-    workflow = (
-        Workflow.objects.using(alias())
-        .defer("inputs", "output", "error")
-        .filter(pk=workflow_id)
-        .first()
-    )
-    if workflow is None:
-        return NOT_FOUND
-    if not can_read(user, workflow, key):
-        return NOT_FOUND
-    return None
 
 
 def entry_frame(key: str, offset: int, text: str) -> str:

@@ -159,3 +159,14 @@ class LeaseLost(DurableStreamsError):
 
 class SchemaMissing(ConfigurationError):
     """durable_streams' migrations are not applied to its database; run ``migrate``."""
+
+
+class Interrupted(BaseException):
+    """Stops a workflow's thread at a step boundary without recording anything.
+
+    A BaseException so that ``except Exception`` in user code cannot swallow it.
+    """
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)

@@ -15,6 +15,7 @@ from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
 from .backends import backend_for
+from .conf import get_config
 from .db import take_write_lock
 
 if TYPE_CHECKING:
@@ -50,6 +51,25 @@ class Claim(NamedTuple):
     previous_owner: str | None
     # False only when no earlier run can have recorded anything: nothing to replay.
     recorded: bool = True
+
+
+class Changes(NamedTuple):
+    """What a queryset method changed that others wait for, to be published after commit.
+
+    Querysets change rows and return this; the caller publishes it
+    (``notify.publish_changes()``) inside the same transaction, so that waiters hear of
+    it once that transaction commits.
+    """
+
+    # Queues that gained work: idle workers claim it at once.
+    queues: tuple[str, ...] = ()
+    # Workflows that ended, with their final status: result waiters and stream readers.
+    ended: tuple[tuple[str, str], ...] = ()
+    # Workflows sent back to the queue: the readers of their reopened streams follow them.
+    resumed: tuple[str, ...] = ()
+
+
+NO_CHANGES = Changes()
 
 
 _HISTORY = """
@@ -95,20 +115,17 @@ class WorkflowQuerySet(models.QuerySet["Workflow"]):
             name__in=names,
         ).order_by("created_at")
 
-    def enqueue(self, run: Workflow) -> bool:
-        """Insert the new ``run`` and announce its queue to idle workers.
+    def enqueue(self, run: Workflow) -> tuple[bool, Changes]:
+        """Insert the new ``run``; its queue is the change to announce to idle workers.
 
         False, with nothing written, if its id is taken. One statement, inside a
         transaction too: a taken id is skipped, not an error that would break the
         transaction, so no savepoint is needed.
         """
-        from .notify import announce, queue_topic
-
         if not backend_for(self.db).insert_unless_taken(run):
-            return False
+            return False, NO_CHANGES
         run._state.adding, run._state.db = False, self.db
-        announce([queue_topic(run.queue)], self.db)
-        return True
+        return True, Changes(queues=(run.queue,))
 
     def history(self, workflow_id: str) -> list[tuple[str, int | None, str, Any, Any, Any]]:
         """What the runs of a workflow recorded, as rows of one query.
@@ -250,13 +267,11 @@ class WorkflowQuerySet(models.QuerySet["Workflow"]):
         *,
         output: str | None = None,
         error: str | None = None,
-    ) -> bool:
+    ) -> tuple[bool, Changes]:
         """End one workflow of this queryset: record the final status and close its open
-        streams in one transaction. False if the queryset no longer matches it.
+        streams in one transaction. False if the queryset no longer matches it; else the
+        end is the change to publish.
         """
-        from . import delivery
-        from .notify import announce, workflow_topic
-
         now = timezone.now()
         if backend_for(self.db).one_statement:
             query = self.filter(pk=workflow_id).order_by().values("pk").query
@@ -279,11 +294,9 @@ class WorkflowQuerySet(models.QuerySet["Workflow"]):
                 Stream.objects.using(self.db).filter(
                     workflow_id=workflow_id, closed_at__isnull=True
                 ).update(closed_at=now, closed_by_end=True)
-                announce([workflow_topic(workflow_id)], self.db)
-                transaction.on_commit(
-                    lambda: delivery.workflow_ended(workflow_id, status), using=self.db
-                )
-        return bool(changed)
+        if not changed:
+            return False, NO_CHANGES
+        return True, Changes(ended=((workflow_id, status),))
 
     def finish_held(
         self,
@@ -293,7 +306,7 @@ class WorkflowQuerySet(models.QuerySet["Workflow"]):
         *,
         output: str | None = None,
         error: str | None = None,
-    ) -> bool:
+    ) -> tuple[bool, Changes]:
         """``held_by(worker_id).finish(...)``: how a worker ends the runs it holds.
 
         Where the backend has statements of its own, this one is written once, not
@@ -316,30 +329,22 @@ class WorkflowQuerySet(models.QuerySet["Workflow"]):
         error: str | None,
         target_sql: str,
         target_params: Sequence[Any],
-    ) -> bool:
+    ) -> tuple[bool, Changes]:
         """The backend's ``finish()`` for the rows that ``target_sql`` selects (as ``pk``)."""
-        from . import delivery
-        from .notify import announce, workflow_topic
-
         changed = backend_for(self.db).finish(
             target_sql, target_params, status, output, error, timezone.now()
         )
-        if changed:
-            announce([workflow_topic(workflow_id)], self.db)
-            transaction.on_commit(
-                lambda: delivery.workflow_ended(workflow_id, status), using=self.db
-            )
-        return changed
+        if not changed:
+            return False, NO_CHANGES
+        return True, Changes(ended=((workflow_id, status),))
 
     def release(
         self, worker_id: str, workflow_ids: Collection[str], *, count_attempt: bool = False
-    ) -> int:
+    ) -> tuple[int, Changes]:
         """Hand running workflows back to the queue, by default without counting the attempt.
 
-        Their queues are announced, so that idle workers take them over at once.
+        Their queues are the change to announce, so that idle workers take them over at once.
         """
-        from .notify import announce, queue_topic
-
         with transaction.atomic(using=self.db):
             take_write_lock(self.db)
             held = self.held_by(worker_id).filter(pk__in=workflow_ids)
@@ -351,16 +356,16 @@ class WorkflowQuerySet(models.QuerySet["Workflow"]):
                 attempts=F("attempts") if count_attempt else F("attempts") - 1,
                 updated_at=timezone.now(),
             )
-            if released:
-                announce([queue_topic(queue) for queue in sorted(queues)], self.db)
-        return released
+        if not released:
+            return 0, NO_CHANGES
+        return released, Changes(queues=tuple(sorted(queues)))
 
     # Operator actions (the admin uses them): resume and retry failed or cancelled runs.
 
     def resumable(self) -> WorkflowQuerySet:
         return self.filter(status__in=RESUMABLE_STATUSES)
 
-    def resume(self) -> list[str]:
+    def resume(self) -> tuple[list[str], Changes]:
         """Send this queryset's failed and cancelled workflows back to the queue; return their ids.
 
         A worker replays each one from its checkpoints: completed steps return their
@@ -368,11 +373,9 @@ class WorkflowQuerySet(models.QuerySet["Workflow"]):
         twice. Attempts count from zero again, the streams that the end of the run
         closed reopen, and a failed step that was the last thing the run recorded is
         forgotten so that it runs again (kept, it would fail the replay the same way).
-        Live readers of the reopened streams are told after commit.
+        The changes to publish: their queues, and the workflows whose live readers
+        follow the reopened streams.
         """
-        from . import delivery
-        from .notify import announce, queue_topic
-
         now = timezone.now()
         resumed: list[str] = []
         with transaction.atomic(using=self.db):
@@ -397,21 +400,17 @@ class WorkflowQuerySet(models.QuerySet["Workflow"]):
                 ).update(closed_at=None, closed_by_end=False)
                 _forget_final_step_failures(chunk, self.db)
                 resumed.extend(chunk)
-            if rows:
-                announce([queue_topic(queue) for _, queue in rows], self.db)
-                # Readers of their interrupted streams follow them again.
-                transaction.on_commit(lambda: delivery.workflows_resumed(resumed), using=self.db)
-        return resumed
+        if not rows:
+            return resumed, NO_CHANGES
+        return resumed, Changes(queues=tuple(queue for _, queue in rows), resumed=tuple(resumed))
 
-    def retry(self) -> list[tuple[str, str]]:
+    def retry(self) -> tuple[list[tuple[str, str]], Changes]:
         """Start a new run of each failed or cancelled workflow of this queryset.
 
         The new run has a new id, the original's name, inputs, queue, owner and
         visibility, and ``retry_of`` pointing at the original; it starts from scratch.
-        Return (original id, new id) pairs.
+        Return (original id, new id) pairs, and the new runs' queues as the change to publish.
         """
-        from .notify import announce, queue_topic
-
         now = timezone.now()
         with transaction.atomic(using=self.db):
             take_write_lock(self.db)
@@ -438,9 +437,8 @@ class WorkflowQuerySet(models.QuerySet["Workflow"]):
                 for pk, name, queue, inputs, owner_id, is_public, max_attempts in originals
             ]
             Workflow.objects.using(self.db).bulk_create(runs, batch_size=500)
-            if runs:
-                announce([queue_topic(run.queue) for run in runs], self.db)
-        return [(original[0], run.pk) for original, run in zip(originals, runs)]
+        pairs = [(original[0], run.pk) for original, run in zip(originals, runs)]
+        return pairs, Changes(queues=tuple(run.queue for run in runs))
 
     # Retention
 
@@ -605,8 +603,6 @@ class StepQuerySet(models.QuerySet["Step"]):
                     return False
                 step.save(using=self.db, force_insert=True)
             return True
-        from .conf import get_config
-
         return backend.checkpoint(
             step, worker_id, lease_until, flush=get_config().FLUSH_EACH_CHECKPOINT
         )

@@ -28,12 +28,17 @@ import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 from django.db import transaction
 
+from . import delivery
 from .backends import backend_for
 from .conf import get_config
+
+if TYPE_CHECKING:
+    from .models import Changes
 
 logger = logging.getLogger("durable_streams.notify")
 
@@ -142,6 +147,25 @@ def announce(topics: Iterable[str], using: str) -> None:
             notifier(using).send(topics)
 
     transaction.on_commit(ring, using=using)
+
+
+def publish_changes(changes: Changes, using: str) -> None:
+    """Tell every waiter what a queryset method changed, once the current transaction commits.
+
+    Outside a transaction, at once. Idle workers hear of the queues with new work;
+    result waiters, Python readers and live feeds hear of the workflows that ended or
+    were resumed. Whoever asks a queryset for a change calls this with its result.
+    """
+    announce(
+        [queue_topic(queue) for queue in changes.queues]
+        + [workflow_topic(workflow_id) for workflow_id, _ in changes.ended],
+        using,
+    )
+    for workflow_id, status in changes.ended:
+        transaction.on_commit(partial(delivery.workflow_ended, workflow_id, status), using=using)
+    if changes.resumed:
+        resumed = list(changes.resumed)
+        transaction.on_commit(partial(delivery.workflows_resumed, resumed), using=using)
 
 
 class _Notifier:

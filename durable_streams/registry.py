@@ -3,18 +3,30 @@
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from .exceptions import WorkflowNotRegistered
 
-if TYPE_CHECKING:
-    from .api import Workflow
+
+class Registered(Protocol):
+    """What the registry knows of a workflow (``api.Workflow`` is one)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def queue(self) -> str: ...
+
+    @property
+    def fn(self) -> Callable[..., Any]: ...
+
 
 _lock = threading.Lock()
-_workflows: dict[str, Workflow[..., Any]] = {}
+_workflows: dict[str, Registered] = {}
 
 
-def register(workflow: Workflow[..., Any]) -> None:
+def register(workflow: Registered) -> None:
     with _lock:
         existing = _workflows.get(workflow.name)
         if existing is not None and existing.fn is not workflow.fn:
@@ -28,7 +40,7 @@ def register(workflow: Workflow[..., Any]) -> None:
         _workflows[workflow.name] = workflow
 
 
-def get(name: str) -> Workflow[..., Any]:
+def get(name: str) -> Registered:
     try:
         return _workflows[name]
     except KeyError:
@@ -41,3 +53,10 @@ def get(name: str) -> Workflow[..., Any]:
 def names() -> list[str]:
     with _lock:
         return list(_workflows)
+
+
+def queue_of(name: str) -> str | None:
+    """The default queue of the workflow registered as ``name``, if any."""
+    with _lock:
+        workflow = _workflows.get(name)
+    return None if workflow is None else workflow.queue

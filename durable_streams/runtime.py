@@ -25,6 +25,7 @@ from . import encoding, telemetry, writer
 from .backends import backend_for
 from .conf import get_config
 from .exceptions import (
+    Interrupted,
     LeaseLost,
     NonDeterministicWorkflow,
     NotInWorkflow,
@@ -36,17 +37,6 @@ from .models import Step, Workflow
 WRITE = "write_stream"
 CLOSE = "close_stream"
 STEP = "step"
-
-
-class Interrupted(BaseException):
-    """Stops a workflow's thread at a step boundary without recording anything.
-
-    A BaseException so that ``except Exception`` in user code cannot swallow it.
-    """
-
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
-        super().__init__(reason)
 
 
 @dataclass

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import importlib.metadata
 import logging
 import threading
 import time
@@ -74,12 +75,15 @@ def _instruments() -> _Instruments:
         from opentelemetry import metrics, trace
     except ImportError:
         raise ImproperlyInstalled("opentelemetry-api", "otel") from None
-    from . import __version__
+    try:
+        version = importlib.metadata.version("durable-streams")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout, not installed
+        version = "unknown"
 
     # Proxies until the project sets its providers; they follow them from then on.
-    meter = metrics.get_meter(SCOPE, __version__)
+    meter = metrics.get_meter(SCOPE, version)
     return _Instruments(
-        tracer=trace.get_tracer(SCOPE, __version__),
+        tracer=trace.get_tracer(SCOPE, version),
         started=meter.create_counter(
             "durable_streams.workflows.started", unit="{workflow}", description="Runs started."
         ),
@@ -147,25 +151,23 @@ _run: contextvars.ContextVar[_Run | None] = contextvars.ContextVar(
 )
 
 
-def workflow_run(claim: Claim) -> contextlib.AbstractContextManager[None]:
+def workflow_run(claim: Claim, queue: str | None) -> contextlib.AbstractContextManager[None]:
     """A ``durable_streams.workflow`` span around one run attempt of ``claim`` on a worker."""
     ins = _active()
     if ins is None:
         return _NULL
-    return _workflow_run(ins, claim)
+    return _workflow_run(ins, claim, queue)
 
 
 @contextlib.contextmanager
-def _workflow_run(ins: _Instruments, claim: Claim) -> Iterator[None]:
-    from . import registry
-
+def _workflow_run(ins: _Instruments, claim: Claim, queue: str | None) -> Iterator[None]:
     attributes: dict[str, str | int] = {
         "durable_streams.workflow.id": claim.workflow_id,
         "durable_streams.workflow.name": claim.name,
         "durable_streams.workflow.attempt": claim.attempts,
     }
-    with contextlib.suppress(LookupError):
-        attributes["durable_streams.workflow.queue"] = registry.get(claim.name).queue
+    if queue is not None:
+        attributes["durable_streams.workflow.queue"] = queue
     with ins.tracer.start_as_current_span(WORKFLOW_SPAN, attributes=attributes) as span:
         run = _Run(ins, span, claim.name)
         token = _run.set(run)

@@ -59,7 +59,7 @@ from django.http.response import HttpResponseBase
 from django.views.decorators.http import require_GET
 
 from . import delivery, telemetry
-from .auth import ReaderAccess
+from .auth import ReaderAccess, may_read
 from .conf import get_config
 from .delivery import BadParameters, parse_address, parse_offset
 
@@ -135,7 +135,7 @@ def _authorize(request: HttpRequest, workflow_id: str, key: str) -> ReaderAccess
     user: Any = getattr(request, "user", None)
     if user is not None:
         user.is_authenticated  # noqa: B018 (resolves the lazy user in this thread)
-    if delivery.may_read(user, workflow_id, key) is not None:
+    if not may_read(user, workflow_id, key):
         return None
     session_key = getattr(getattr(request, "session", None), "session_key", None)
     return ReaderAccess(user, session_key, workflow_id, key)

@@ -24,9 +24,16 @@ from . import encoding, registry, runtime, telemetry, writer
 from .backends import backend_for
 from .conf import get_config
 from .db import ConnectionKeeper, alias, take_write_lock
-from .exceptions import LeaseLost, WorkflowNotRegistered
+from .exceptions import Interrupted, LeaseLost, WorkflowNotRegistered
 from .models import Claim, Status, Workflow, WorkflowQuerySet
-from .notify import Waiter, flush_notifications, poll_interval, queue_topic, subscribe
+from .notify import (
+    Waiter,
+    flush_notifications,
+    poll_interval,
+    publish_changes,
+    queue_topic,
+    subscribe,
+)
 
 logger = logging.getLogger("durable_streams.worker")
 
@@ -263,7 +270,8 @@ class Worker:
             left = list(self._running)
         if left:
             try:
-                released = Workflow.objects.using(self.using).release(self.worker_id, left)
+                released, changes = Workflow.objects.using(self.using).release(self.worker_id, left)
+                publish_changes(changes, self.using)
             except Error:
                 logger.exception("Could not release %d workflows; their leases expire.", len(left))
                 released = 0
@@ -323,7 +331,9 @@ class Worker:
         )
         error = encoding.dumps({"type": "MaxAttemptsExceeded", "message": message, "traceback": ""})
         # Through the same filter: a workflow resumed or ended meanwhile is left alone.
-        if exhausted.finish(workflow_id, Status.ERROR, error=error):
+        finished, changes = exhausted.finish(workflow_id, Status.ERROR, error=error)
+        publish_changes(changes, self.using)
+        if finished:
             logger.error("[%s] %s", workflow_id, message)
 
     # Heartbeats
@@ -366,7 +376,7 @@ class Worker:
         log = WorkflowAdapter(logger, {"workflow_id": claim.workflow_id})
         try:
             self._unpark_connection()
-            with telemetry.workflow_run(claim):
+            with telemetry.workflow_run(claim, registry.queue_of(claim.name)):
                 self._run_workflow(claim, log)
         except Exception:
             log.exception("Worker error while running the workflow; its lease will expire.")
@@ -411,7 +421,11 @@ class Worker:
             wf = registry.get(claim.name)
         except WorkflowNotRegistered as exc:
             failure = encoding.dumps(runtime.error_record(exc))
-            if runs.finish_held(self.worker_id, workflow_id, Status.ERROR, error=failure):
+            finished, changes = runs.finish_held(
+                self.worker_id, workflow_id, Status.ERROR, error=failure
+            )
+            publish_changes(changes, self.using)
+            if finished:
                 telemetry.workflow_ended(Status.ERROR, failure)
             log.error("%s", exc)
             return
@@ -450,7 +464,7 @@ class Worker:
                     status, error = Status.ERROR, encoding.dumps(runtime.error_record(exc))
                 # What the body wrote is stored before its end is recorded.
                 execution.flush()
-            except runtime.Interrupted as stop:
+            except Interrupted as stop:
                 # A shutdown hands the run back uncounted; a failed write or statement
                 # counts, so that a database that keeps failing ends the run at
                 # max_attempts instead of looping.
@@ -458,13 +472,16 @@ class Worker:
                     log.warning("Stopped (%s); replaying from its checkpoints.", stop.reason)
                     # Values still queued are stored (or fail) before the run is handed
                     # back: none may land after a replay has read the history.
-                    with contextlib.suppress(runtime.Interrupted, LeaseLost):
+                    with contextlib.suppress(Interrupted, LeaseLost):
                         execution.flush()
                     self._hand_back(workflow_id, log)
-                elif runs.release(self.worker_id, [workflow_id]):
-                    log.info("Stopped at a step boundary (%s); back in the queue.", stop.reason)
                 else:
-                    log.info("Stopped: %s.", stop.reason)
+                    released, changes = runs.release(self.worker_id, [workflow_id])
+                    publish_changes(changes, self.using)
+                    if released:
+                        log.info("Stopped at a step boundary (%s); back in the queue.", stop.reason)
+                    else:
+                        log.info("Stopped: %s.", stop.reason)
                 return
             except LeaseLost:
                 log.info("Stopped: %s.", execution.stop_reason)
@@ -473,9 +490,10 @@ class Worker:
             status, output = Status.ERROR, None
             error = encoding.dumps(runtime.error_record(execution.fatal))
         try:
-            finished = runs.finish_held(
+            finished, changes = runs.finish_held(
                 self.worker_id, workflow_id, status, output=output, error=error
             )
+            publish_changes(changes, self.using)
         except Error as exc:
             # Not recorded: a replay from the checkpoints ends it again.
             log.warning("Could not record the end (%s); replaying from its checkpoints.", exc)
@@ -514,9 +532,11 @@ class Worker:
                 time.sleep(delay)
             try:
                 keeper.ready()
-                if Workflow.objects.using(self.using).release(
+                released, changes = Workflow.objects.using(self.using).release(
                     self.worker_id, [workflow_id], count_attempt=True
-                ):
+                )
+                publish_changes(changes, self.using)
+                if released:
                     log.info("Back in the queue.")
                 return
             except Error as exc:

@@ -19,7 +19,7 @@ import threading
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, NamedTuple, Protocol, TypeVar
 
 from django.db import transaction
 from django.utils import timezone
@@ -28,16 +28,35 @@ from . import delivery, telemetry
 from .backends import backend_for
 from .conf import get_config
 from .db import ConnectionKeeper, take_write_lock
-from .exceptions import LeaseLost
+from .exceptions import Interrupted, LeaseLost
 from .models import Step, Stream, StreamEntry, Workflow
 from .notify import announce, stream_topic
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
-    from .runtime import Execution
-
 _Row = TypeVar("_Row")
+
+
+class Producer(Protocol):
+    """What the writer needs of a workflow's execution (``runtime.Execution`` is one)."""
+
+    workflow_id: str
+    worker_id: str
+    using: str
+    stop: threading.Event
+    stop_reason: str
+    submitted: int  # writes queued so far (values and checkpoints)
+    stored: int  # writes stored, or failed, so far
+    pending_bytes: int
+    write_error: BaseException | None
+
+    def stream_id(self, key: str) -> int | None: ...
+
+    def set_stream_id(self, key: str, stream_id: int) -> None: ...
+
+    def lease_lost_error(self) -> LeaseLost: ...
+
 
 logger = logging.getLogger("durable_streams.writer")
 
@@ -84,7 +103,7 @@ class GroupCommitter:
         # batch wakes the workflow threads waiting for their writes.
         self._queued = threading.Condition(self._lock)
         self._stored = threading.Condition(self._lock)
-        self._queue: dict[Execution, list[Pending]] = {}
+        self._queue: dict[Producer, list[Pending]] = {}
         self._release_requested = False
         self._released = threading.Event()
         self._thread = threading.Thread(
@@ -92,7 +111,7 @@ class GroupCommitter:
         )
         self._thread.start()
 
-    def submit(self, execution: Execution, write: Pending) -> None:
+    def submit(self, execution: Producer, write: Pending) -> None:
         size = write.size
         with self._lock:
             while execution.write_error is None and (
@@ -109,7 +128,7 @@ class GroupCommitter:
             execution.pending_bytes += size
             self._queued.notify()
 
-    def flush(self, execution: Execution) -> None:
+    def flush(self, execution: Producer) -> None:
         """Wait until everything ``execution`` queued is stored; raise if it could not be."""
         with self._lock:
             while execution.stored < execution.submitted and execution.write_error is None:
@@ -135,7 +154,7 @@ class GroupCommitter:
                         self._released.set()
                     self._queued.wait()
                 batch, self._queue = self._queue, {}
-            failures: dict[Execution, BaseException] = {}
+            failures: dict[Producer, BaseException] = {}
             try:
                 keeper.ready()
                 stored = _store(self.using, batch)
@@ -184,8 +203,8 @@ class _DeliveryHook(NamedTuple):
 class _Stored:
     """What one transaction stored, to apply once it has committed."""
 
-    failures: dict[Execution, BaseException]
-    created: list[tuple[Execution, str, int]]
+    failures: dict[Producer, BaseException]
+    created: list[tuple[Producer, str, int]]
     hooks: list[_DeliveryHook]
 
     def set_stream_ids(self) -> None:
@@ -200,7 +219,7 @@ class _Stored:
 class _StreamChange:
     """What a batch changes in one stream's row."""
 
-    execution: Execution
+    execution: Producer
     key: str
     stream_id: int | None  # None: the batch creates the row
     length: int | None = None  # None: unchanged
@@ -219,7 +238,7 @@ class _Plan:
     steps: list[Step]
 
 
-def _plan(batch: dict[Execution, list[Pending]]) -> _Plan:
+def _plan(batch: dict[Producer, list[Pending]]) -> _Plan:
     plan = _Plan({}, [], [], {}, [])
     for execution, writes in batch.items():
         workflow_id = execution.workflow_id
@@ -250,7 +269,7 @@ def _plan(batch: dict[Execution, list[Pending]]) -> _Plan:
     return plan
 
 
-def _store(using: str, batch: dict[Execution, list[Pending]]) -> _Stored:
+def _store(using: str, batch: dict[Producer, list[Pending]]) -> _Stored:
     """Store ``batch``: in one statement where the backend has one (it commits on its own
     outside a transaction), elsewhere in a transaction (a savepoint inside one)."""
     if backend_for(using).one_statement:
@@ -259,7 +278,7 @@ def _store(using: str, batch: dict[Execution, list[Pending]]) -> _Stored:
         return _store_with_the_orm(using, batch)
 
 
-def _store_with_the_orm(using: str, batch: dict[Execution, list[Pending]]) -> _Stored:
+def _store_with_the_orm(using: str, batch: dict[Producer, list[Pending]]) -> _Stored:
     now = timezone.now()
     take_write_lock(using)
     held = _fence(using, batch)
@@ -335,7 +354,7 @@ def _lease_until() -> datetime:
     return timezone.now() + timedelta(seconds=get_config().LEASE_SECONDS)
 
 
-def _store_in_one_statement(using: str, batch: dict[Execution, list[Pending]]) -> _Stored:
+def _store_in_one_statement(using: str, batch: dict[Producer, list[Pending]]) -> _Stored:
     now = timezone.now()
     plan = _plan(batch)
     new = [c for c in plan.streams.values() if c.stream_id is None]
@@ -385,7 +404,7 @@ def _store_in_one_statement(using: str, batch: dict[Execution, list[Pending]]) -
     return stored
 
 
-def store_in_transaction(execution: Execution, write: PendingWrite) -> None:
+def store_in_transaction(execution: Producer, write: PendingWrite) -> None:
     """Store one write in the caller's open transaction (an atomic step's).
 
     The value commits, or rolls back, with the step. Going through the writer
@@ -399,7 +418,7 @@ def store_in_transaction(execution: Execution, write: PendingWrite) -> None:
     transaction.on_commit(stored.deliver, using=execution.using)
 
 
-def _fence(using: str, batch: dict[Execution, list[Pending]]) -> set[str]:
+def _fence(using: str, batch: dict[Producer, list[Pending]]) -> set[str]:
     """Lock the rows of the batch's workflows; return the ids their workers still hold.
 
     The lock keeps another worker from reclaiming them until the values commit. The
@@ -433,14 +452,12 @@ def _deliver(hooks: list[_DeliveryHook]) -> None:
             )
 
 
-def _raise_write_error(execution: Execution) -> None:
+def _raise_write_error(execution: Producer) -> None:
     error = execution.write_error
     if error is None:
         return
     if isinstance(error, LeaseLost):
         raise LeaseLost(str(error))
-    from .runtime import Interrupted
-
     raise Interrupted(str(error))
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from django.contrib.admin.models import LogEntry
 from django.contrib.auth.models import Permission, User
-from django.db import connection
+from django.db import DEFAULT_DB_ALIAS, connection
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
@@ -18,6 +18,7 @@ from django.utils import timezone
 
 from durable_streams import admin as ds_admin
 from durable_streams.models import Status, Step, Stream, StreamEntry, Workflow
+from durable_streams.notify import publish_changes
 from tests import workflows
 from tests.models import Effect
 from tests.processes import wait_until
@@ -647,7 +648,10 @@ def test_resume_replays_a_failed_run_without_writing_twice(run_burst: Any) -> No
     handle = workflows.fails.start("boom")
     run_burst()
     assert handle.status == Status.ERROR
-    assert Workflow.objects.filter(pk=handle.workflow_id).resume() == [handle.workflow_id]
+    resumed, changes = Workflow.objects.filter(pk=handle.workflow_id).resume()
+    assert resumed == [handle.workflow_id]
+    assert changes.resumed == (handle.workflow_id,)
+    publish_changes(changes, DEFAULT_DB_ALIAS)
     row = handle.get()
     assert (row.status, row.attempts, row.error) == (Status.ENQUEUED, 0, None)
     run_burst()
@@ -662,7 +666,7 @@ def test_resume_runs_again_the_step_that_failed_the_run(run_burst: Any) -> None:
     run_burst()
     assert handle.status == Status.ERROR
     assert Effect.objects.filter(label="r").count() == 3
-    Workflow.objects.filter(pk=handle.workflow_id).resume()
+    publish_changes(Workflow.objects.filter(pk=handle.workflow_id).resume()[1], DEFAULT_DB_ALIAS)
     run_burst()
     assert handle.result(timeout=5) == "r ok"
     assert Effect.objects.filter(label="r").count() == 4
@@ -671,7 +675,9 @@ def test_resume_runs_again_the_step_that_failed_the_run(run_burst: Any) -> None:
 def test_retry_runs_from_scratch_as_a_new_workflow(run_burst: Any) -> None:
     handle = workflows.retrying.start("s", 3)
     run_burst()
-    [(original, new_id)] = Workflow.objects.filter(pk=handle.workflow_id).retry()
+    [(original, new_id)], changes = Workflow.objects.filter(pk=handle.workflow_id).retry()
+    assert changes.queues == (Workflow.objects.get(pk=handle.workflow_id).queue,)
+    publish_changes(changes, DEFAULT_DB_ALIAS)
     assert original == handle.workflow_id
     run_burst()
     retry = Workflow.objects.get(pk=new_id)

@@ -18,11 +18,12 @@ from typing import Any
 
 import pytest
 from django.contrib.auth.models import User
-from django.db import connection, connections
+from django.db import DEFAULT_DB_ALIAS, connection, connections
 from django.urls import reverse
 
 from durable_streams import admin as ds_admin
 from durable_streams.models import Status, StreamEntry, Workflow
+from durable_streams.notify import publish_changes
 from tests import workflows
 from tests.processes import ROOT
 from tests.waiting import wait_until
@@ -227,7 +228,7 @@ def test_an_interrupted_stream_is_shown_so_and_follows_the_resume(
     # The header stream was closed by close_stream() before the cancel: closed for good.
     assert page.locator("[data-key='header'] [data-ds-state]").inner_text() == "Closed"
     Effect.objects.create(workflow_id="", label="admin-gate")
-    Workflow.objects.filter(pk=run.workflow_id).resume()
+    publish_changes(Workflow.objects.filter(pk=run.workflow_id).resume()[1], DEFAULT_DB_ALIAS)
     page.wait_for_function(
         "() => document.querySelector(\"[data-key='out']\").dataset.open === 'false'",
         timeout=20_000,

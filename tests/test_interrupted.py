@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from asgiref.sync import sync_to_async
+from django.db import DEFAULT_DB_ALIAS
 from django.test import Client
 from django.utils import timezone
 
@@ -28,6 +29,7 @@ from durable_streams import (
     start_workflow,
 )
 from durable_streams.models import Status, Stream, StreamEntry, Workflow
+from durable_streams.notify import publish_changes
 from durable_streams.worker import Worker
 from tests.processes import WorkerProcesses, worker_processes
 from tests.sockets import (  # the fixtures apply here too
@@ -58,7 +60,9 @@ def status_of(workflow_id: str) -> str:
 
 
 def resume(workflow_id: str) -> list[str]:
-    return Workflow.objects.filter(pk=workflow_id).resume()
+    resumed, changes = Workflow.objects.filter(pk=workflow_id).resume()
+    publish_changes(changes, DEFAULT_DB_ALIAS)
+    return resumed
 
 
 async def interrupt(workflow_id: str, *, fail: bool) -> str:
@@ -265,7 +269,7 @@ def test_read_stream_raises_workflow_cancelled_after_the_values(
     # A stream that close_stream() closed ends as it always did.
     assert list(read_stream(wid, "header", timeout=5)) == ["hello"]
     # Resumed, the rest can be read from where it stopped.
-    Workflow.objects.filter(pk=wid).resume()
+    resume(wid)
     open_gate_now("read-gate")
     assert list(read_stream(wid, "out", offset=error.length, timeout=10)) == AFTER
 
@@ -340,7 +344,7 @@ async def test_the_feed_says_interrupted_once_per_interruption(settings: Any, db
     while feed.fetches < fetches + 5:
         assert time.monotonic() < deadline and not pending.done()
         await asyncio.sleep(0.01)
-    await sync_to_async(Workflow.objects.filter(pk=wid).resume)()
+    await sync_to_async(resume)(wid)
     # A read that started after the resume sees the stream open again.
     fetches = feed.fetches
     while feed.fetches < fetches + 2:
@@ -414,7 +418,7 @@ async def test_a_resume_wakes_the_feeds_of_an_interrupted_stream_at_once(
     fetches = feed.fetches
     await asyncio.sleep(0.3)
     assert feed.fetches == fetches  # waiting, not polling
-    await sync_to_async(Workflow.objects.filter(pk=wid).resume)()
+    await sync_to_async(resume)(wid)
     deadline = time.monotonic() + 5
     while feed.fetches == fetches:  # the resume's message made it read the database
         assert time.monotonic() < deadline, "the resume did not wake the feed"

@@ -271,7 +271,7 @@ def test_off_it_never_imports_opentelemetry(tmp_path: Path) -> None:
         telemetry.workflow_ended("SUCCESS")
         fn = len
         assert telemetry.step_attempt(fn, "s", 1, 1) is fn
-        with telemetry.workflow_run(None):
+        with telemetry.workflow_run(None, None):  # type: ignore[arg-type]
             pass
         telemetry.observe_queue_depth(["default"])
         loaded = sorted(m for m in sys.modules if m.startswith("opentelemetry"))

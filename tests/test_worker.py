@@ -16,7 +16,7 @@ from django.test import override_settings
 from django.utils import timezone
 
 from durable_streams import Status, WorkflowCancelled, start_workflow, writer
-from durable_streams.models import Step, Stream, StreamEntry, Workflow
+from durable_streams.models import NO_CHANGES, Changes, Step, Stream, StreamEntry, Workflow
 from durable_streams.registry import names
 from durable_streams.worker import Worker
 from tests import workflows
@@ -300,12 +300,18 @@ def test_finish_held_ends_only_a_run_that_its_worker_holds() -> None:
     wid = held_workflow("ending")
     stream = Stream.objects.create(workflow_id=wid, key="out", created_at=timezone.now())
     runs = Workflow.objects
-    assert not runs.finish_held("someone-else", wid, Status.SUCCESS, output="1")
+    assert runs.finish_held("someone-else", wid, Status.SUCCESS, output="1") == (
+        False,
+        NO_CHANGES,
+    )
     assert (runs.get(pk=wid).status, Stream.objects.get(pk=stream.pk).closed_at) == (
         Status.RUNNING,
         None,
     )
-    assert runs.finish_held("holder", wid, Status.SUCCESS, output="1")
+    assert runs.finish_held("holder", wid, Status.SUCCESS, output="1") == (
+        True,
+        Changes(ended=((wid, Status.SUCCESS),)),
+    )
     run = runs.get(pk=wid)
     assert (run.status, run.output, run.lease_owner, run.lease_expires_at) == (
         Status.SUCCESS,
@@ -315,7 +321,7 @@ def test_finish_held_ends_only_a_run_that_its_worker_holds() -> None:
     )
     assert run.finished_at is not None
     assert Stream.objects.get(pk=stream.pk).closed_by_end
-    assert not runs.finish_held("holder", wid, Status.ERROR, error="{}")  # ended already
+    assert not runs.finish_held("holder", wid, Status.ERROR, error="{}")[0]  # ended already
     assert runs.get(pk=wid).status == Status.SUCCESS
 
 

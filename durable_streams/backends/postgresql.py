@@ -296,7 +296,7 @@ class PostgreSQLBackend(Backend):
 
     def notification_connection(self) -> Any:
         """A new autocommit psycopg connection of its own, for LISTEN or NOTIFY."""
-        import psycopg
+        import psycopg  # the postgres extra; check_installed() requires it
 
         params = self.connection.get_connection_params()
         params.pop("cursor_factory", None)
@@ -351,7 +351,7 @@ class _LoggedStatement(CursorDebugWrapper):
 
 
 def _composed(cursor: Any, sql: str, params: Any) -> str:
-    import psycopg
+    import psycopg  # the postgres extra; check_installed() requires it
 
     try:
         return psycopg.ClientCursor(cursor.connection).mogrify(sql, params)
