@@ -7,15 +7,13 @@ them mid-run; the shared servers of the test run are never touched.
 from __future__ import annotations
 
 import asyncio
-import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.database_outage import outage_under_load
 from tests.private_services import (
     PrivatePostgres,
     PrivateRedis,
@@ -23,46 +21,12 @@ from tests.private_services import (
     private_postgres,  # noqa: F401 - a fixture
     private_redis,  # noqa: F401 - a fixture
 )
-from tests.processes import ROOT, worker_processes
-from tests.waiting import wait_until
+from tests.processes import worker_processes
 
 # The cluster is driven through psycopg (the "postgres" extra).
 psycopg = pytest.importorskip("psycopg")
 
 pytestmark = pytest.mark.timeout(240)
-
-WORKFLOWS, VALUES, DELAY = 8, 40, 0.05
-
-
-class Follower:
-    """``tests.fault_client follow``: reads streams and waits for results in a process."""
-
-    def __init__(self, ids: list[str], env: dict[str, str], log: Path) -> None:
-        self.out = log.open("w")
-        self.path = log
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.fault_client", "follow", *ids],
-            cwd=ROOT,
-            env=env,
-            stdout=self.out,
-            stderr=subprocess.STDOUT,
-        )
-
-    def lines(self) -> list[list[Any]]:
-        found = []
-        for line in self.path.read_text().splitlines():
-            if line.startswith("["):
-                found.append(json.loads(line))
-        return found
-
-    def values(self) -> int:
-        return sum(1 for line in self.lines() if line[0] == "value")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(10)
-        self.out.close()
 
 
 def statuses(cluster: PrivatePostgres, ids: list[str]) -> dict[str, tuple[str, int]]:
@@ -77,52 +41,21 @@ def test_a_postgresql_restart_under_load_ends_every_workflow_and_loses_no_value(
     private_postgres: PrivatePostgres,  # noqa: F811 - the fixture
     tmp_path: Path,
 ) -> None:
-    cluster, logs = private_postgres, tmp_path
-    env = django_env(cluster.url)
-    started = subprocess.run(
-        [sys.executable, "-m", "tests.fault_client", "start", "restart", str(WORKFLOWS),
-         str(VALUES), str(DELAY)],  # fmt: skip
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=True,
-    )  # fmt: skip
-    ids = started.stdout.split()
-    assert len(ids) == WORKFLOWS
-    overrides = {k: env[k] for k in ("DATABASE_URL", "DS_TEST_DB_NAME", "REDIS_URL")}
-    follower = Follower(ids, env, logs / "follower.log")
-    try:
-        with worker_processes(logs) as workers:
-            for name in ("restart-a", "restart-b"):
-                workers.start(name, concurrency=4, lease_seconds=3, env_overrides=overrides)
-            # Mid-run: some values are out, most are still to come.
-            wait_until(
-                lambda: follower.values() >= WORKFLOWS * VALUES // 4,
-                timeout=60,
-                what="a quarter of the values",
-            )
-            before = follower.values()
-            cluster.stop()
-            time.sleep(2)  # the outage
-            cluster.start()
-            wait_until(
-                lambda: follower.process.poll() is not None,
-                timeout=120,
-                what="the follower to read every stream to its end",
-            )
-            worker_logs = workers.logs()
-        lines = follower.lines()
-    finally:
-        follower.stop()
-    assert before < WORKFLOWS * VALUES, "the restart came after the end"
-    errors = [line for line in lines if line[0] == "error"]
-    assert not errors, errors
-    for wid in ids:
-        got = [line[2] for line in lines if line[0] == "value" and line[1] == wid]
-        label = got[0][0] if got else None
-        assert got == [[label, i] for i in range(VALUES)], (wid, got)
-        assert ["result", wid, VALUES] in lines, wid
-    ended = statuses(cluster, ids)
-    assert {status for status, _ in ended.values()} == {"SUCCESS"}, ended
-    # The restart cost attempts (replays), not runs.
-    assert any(attempts > 1 for _, attempts in ended.values()), (ended, worker_logs[-3000:])
+    cluster = private_postgres
+
+    def restart() -> None:
+        cluster.stop()
+        time.sleep(2)  # the outage
+        cluster.start()
+
+    outage_under_load(
+        django_env(cluster.url),
+        tmp_path,
+        interrupt=restart,
+        statuses=lambda ids: statuses(cluster, ids),
+        workers_named=("restart-a", "restart-b"),
+        recovery_timeout=120,
+    )
 
 
 # A Redis outage under WebSocket readers
