@@ -19,7 +19,14 @@ from django.core.exceptions import ValidationError
 from django.db import DatabaseError, InterfaceError, OperationalError, connections
 from django.db.models import Model
 
-from . import encoding, registry, runtime, schema, telemetry
+from . import encoding, schema, telemetry
+from .bus import (
+    poll_interval,
+    publish_changes,
+    stream_topic,
+    subscribe,
+    workflow_topic,
+)
 from .conf import MAXIMA, get_config
 from .db import alias
 from .exceptions import (
@@ -33,13 +40,8 @@ from .exceptions import (
 )
 from .models import Status, Stream, StreamEntry
 from .models import Workflow as WorkflowRun
-from .notify import (
-    poll_interval,
-    publish_changes,
-    stream_topic,
-    subscribe,
-    workflow_topic,
-)
+from .runtime import execution as runtime
+from .runtime import registry
 
 P = ParamSpec("P")
 R = TypeVar("R")

@@ -105,7 +105,7 @@ class ReaderAccess:
 
     Readers live for as long as their streams, and a session can be deleted, a password
     changed, a workflow made private or given to someone else meanwhile: the feed calls
-    ``still_allowed()`` every ``REAUTHORIZE_SECONDS`` (see ``delivery.StreamFeed``) and
+    ``still_allowed()`` every ``REAUTHORIZE_SECONDS`` (see ``feed.StreamFeed``) and
     ends the reader once it returns False.
     """
 

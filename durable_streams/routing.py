@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from django.urls import re_path
 
-from .consumers import BadAddressConsumer, StreamConsumer
+from .web.consumers import BadAddressConsumer, StreamConsumer
 
 # The key is the rest of the path, so a key may hold "/" (percent-encoded by clients).
 # A key that ends in "/" needs the trailing slash; without it the last "/" is taken for it.

@@ -13,12 +13,13 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import encoding, registry
+from . import encoding
 from .api import Workflow, WorkflowHandle
 from .db import alias
 from .exceptions import WorkflowTimeout
 from .models import Status, Stream, StreamEntry
 from .models import Workflow as WorkflowRun
+from .runtime import registry
 from .worker import Worker
 
 __all__ = ["Run", "run_workflow"]

@@ -20,13 +20,9 @@ from django.db import DatabaseError, Error, connections, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.utils import timezone
 
-from . import encoding, registry, runtime, telemetry, writer
+from . import encoding, telemetry
 from .backends import backend_for
-from .conf import get_config
-from .db import ConnectionKeeper, alias, take_write_lock
-from .exceptions import Interrupted, LeaseLost, WorkflowNotRegistered
-from .models import Claim, Status, Workflow, WorkflowQuerySet
-from .notify import (
+from .bus import (
     Waiter,
     flush_notifications,
     poll_interval,
@@ -34,6 +30,12 @@ from .notify import (
     queue_topic,
     subscribe,
 )
+from .conf import get_config
+from .db import ConnectionKeeper, alias, take_write_lock
+from .exceptions import Interrupted, LeaseLost, WorkflowNotRegistered
+from .models import Claim, Status, Workflow, WorkflowQuerySet
+from .runtime import execution as runtime
+from .runtime import registry, writer
 
 logger = logging.getLogger("durable_streams.worker")
 

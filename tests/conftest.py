@@ -47,8 +47,8 @@ def db_vendor() -> str:
 def _stop_listeners_before_teardown(django_db_setup: None) -> Iterator[None]:
     # A LISTEN connection would keep the PostgreSQL test database from being dropped.
     yield
-    from durable_streams.notify import stop_listeners
-    from durable_streams.writer import release_connections
+    from durable_streams.bus import stop_listeners
+    from durable_streams.runtime.writer import release_connections
 
     stop_listeners()
     release_connections()

@@ -8,13 +8,13 @@ from typing import Any
 
 from channels.layers import InMemoryChannelLayer
 
-from durable_streams import delivery
+from durable_streams.bus import layer as ds_layer
 from tests.waiting import wait_until_async
 
 
 async def members(group: str) -> set[str]:
     """The channels in ``group``, as the default channel layer holds them."""
-    layer = delivery.channel_layer()
+    layer = ds_layer.channel_layer()
     if isinstance(layer, InMemoryChannelLayer):
         return set(layer.groups.get(group, {}))
     # channels-redis: a sorted set of channel names per group.
@@ -43,8 +43,8 @@ class FeedStub:
     def __init__(self, workflow_id: str, key: str) -> None:
         self.workflow_id, self.key = workflow_id, key
         self.groups = [
-            delivery.stream_group(workflow_id, key),
-            delivery.workflow_group(workflow_id),
+            ds_layer.stream_group(workflow_id, key),
+            ds_layer.workflow_group(workflow_id),
         ]
 
 

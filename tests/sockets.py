@@ -23,7 +23,8 @@ from django.contrib.auth.models import Permission
 from django.db import connections
 from django.test import Client
 
-from durable_streams import delivery, start_workflow
+from durable_streams import start_workflow
+from durable_streams.web import feed as ds_feed
 from tests.asgi import application
 from tests.models import Effect
 
@@ -147,12 +148,12 @@ def record_reads(monkeypatch: pytest.MonkeyPatch, *, times: bool = False) -> lis
     """Every database read of a stream's values from now on, as it happens: its offset,
     or with ``times`` the event loop's clock when it happened."""
     seen: list[Any] = []
-    read_batch = delivery.read_batch
+    read_batch = ds_feed.read_batch
     clock = asyncio.get_running_loop().time if times else None
 
-    def counted(workflow_id: str, key: str, offset: int) -> delivery.Batch:
+    def counted(workflow_id: str, key: str, offset: int) -> ds_feed.Batch:
         seen.append(offset if clock is None else clock())
         return read_batch(workflow_id, key, offset)
 
-    monkeypatch.setattr(delivery, "read_batch", counted)
+    monkeypatch.setattr(ds_feed, "read_batch", counted)
     return seen

@@ -16,9 +16,12 @@ from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
 
-from durable_streams import admin as ds_admin
+from durable_streams.admin import actions as ds_actions
+from durable_streams.admin import display as ds_display
+from durable_streams.admin import filters as ds_filters
+from durable_streams.admin import pages as ds_pages
+from durable_streams.bus import publish_changes
 from durable_streams.models import Status, Step, Stream, StreamEntry, Workflow
-from durable_streams.notify import publish_changes
 from tests import workflows
 from tests.models import Effect
 from tests.processes import wait_until
@@ -188,7 +191,7 @@ def test_changelist_filters(admin_client: Client) -> None:
 def test_name_and_queue_filters_list_at_most_the_limit(
     admin_client: Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(ds_admin, "FILTER_VALUES", 2)
+    monkeypatch.setattr(ds_filters, "FILTER_VALUES", 2)
     for name in ("c.third", "a.first", "b.second", "a.first"):
         make_workflow(name=name)
     html = admin_client.get(CHANGELIST).content.decode()
@@ -227,7 +230,7 @@ def test_changelist_queries_do_not_grow_with_rows(
 def test_changelist_counts_no_further_than_the_limit(
     admin_client: Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(ds_admin, "COUNT_LIMIT", 3)
+    monkeypatch.setattr(ds_pages, "COUNT_LIMIT", 3)
     for _ in range(5):
         make_workflow()
     with CaptureQueriesContext(connection) as queries:
@@ -306,7 +309,7 @@ def test_workflow_page_shows_large_inputs_output_and_error_cut_with_a_download(
     assert not any(big[:1000] in str(q["sql"]) for q in queries.captured_queries)
     html = response.content.decode()
     assert len(html) < 200_000
-    limit = ds_admin.DETAIL_CHARS
+    limit = ds_display.DETAIL_CHARS
     assert response.context["inputs_json"] == inputs[:limit]
     assert response.context["output_json"] == output[:limit]
     assert "<strong>MemoryError</strong>" in html
@@ -362,7 +365,7 @@ def test_workflow_page_queries_do_not_grow_with_history(
         response = admin_client.get(page_url(workflow))
     assert response.status_code == 200
     assert len(response.context["steps"]) == size
-    assert len(response.context["streams"]) == min(size, ds_admin.PAGE_STREAMS)
+    assert len(response.context["streams"]) == min(size, ds_display.PAGE_STREAMS)
 
 
 def test_workflow_page_links_retries_both_ways(admin_client: Client) -> None:
@@ -388,7 +391,7 @@ def test_stream_entries_are_paginated_by_offset(admin_client: Client) -> None:
     assert reads and all(bounded in sql for sql in reads), reads
     first = admin_client.get(stream_url(workflow, stream))
     assert [e.offset for e in first.context["entries"]][:2] == [0, 1]
-    assert len(first.context["entries"]) == ds_admin.ENTRIES_PER_PAGE
+    assert len(first.context["entries"]) == ds_display.ENTRIES_PER_PAGE
 
 
 def test_stream_entries_show_big_values_cut(admin_client: Client) -> None:
@@ -401,8 +404,8 @@ def test_stream_entries_show_big_values_cut(admin_client: Client) -> None:
     StreamEntry.objects.create(stream=stream, offset=2, value=medium)
     response = admin_client.get(stream_url(workflow, stream))
     entries = response.context["entries"]
-    assert entries[0].cut and entries[0].more == len(big) - ds_admin.VALUE_CHARS
-    assert len(entries[0].value) == ds_admin.VALUE_CHARS
+    assert entries[0].cut and entries[0].more == len(big) - ds_display.VALUE_CHARS
+    assert len(entries[0].value) == ds_display.VALUE_CHARS
     # Short values stay on one line as stored; longer ones are indented.
     assert entries[1].value == '{"a":[1,2]}'
     assert entries[2].value.startswith('{\n  "a": [\n    1,\n    2\n  ],\n  "text": "yyy')
@@ -474,7 +477,7 @@ def test_steps_are_paginated(admin_client: Client) -> None:
     workflow = make_workflow(Status.RUNNING)
     make_steps(workflow, 130)
     page = admin_client.get(page_url(workflow))
-    assert len(page.context["steps"]) == ds_admin.PAGE_STEPS
+    assert len(page.context["steps"]) == ds_display.PAGE_STEPS
     steps_url = reverse("admin:durable_streams_workflow_steps", args=[workflow.pk])
     assert steps_url in page.content.decode()
     response = admin_client.get(steps_url, {"offset": 100})
@@ -693,10 +696,10 @@ def test_cancel_then_resume_finishes_every_step_and_value_once(live_worker: Any)
         timeout=10,
         what="three values",
     )
-    assert ds_admin.cancel_all(Workflow.objects.filter(pk=handle.workflow_id)).changed
+    assert ds_actions.cancel_all(Workflow.objects.filter(pk=handle.workflow_id)).changed
     stream = Stream.objects.get(workflow_id=handle.workflow_id)
     assert stream.closed_by_end
-    assert ds_admin.resume_all(Workflow.objects.filter(pk=handle.workflow_id)).changed
+    assert ds_actions.resume_all(Workflow.objects.filter(pk=handle.workflow_id)).changed
     assert handle.result(timeout=20) == 8
     values = [
         json.loads(v) for v in stream.entries.order_by("offset").values_list("value", flat=True)

@@ -21,9 +21,9 @@ from django.contrib.auth.models import User
 from django.db import DEFAULT_DB_ALIAS, connection, connections
 from django.urls import reverse
 
-from durable_streams import admin as ds_admin
+from durable_streams.admin import display as ds_display
+from durable_streams.bus import publish_changes
 from durable_streams.models import Status, StreamEntry, Workflow
-from durable_streams.notify import publish_changes
 from tests import workflows
 from tests.processes import ROOT
 from tests.waiting import wait_until
@@ -181,7 +181,7 @@ def test_a_running_workflows_stream_grows_on_its_page(
     assert panel.locator("[data-ds-length]").inner_text() == str(count)
     shown = offsets_on(page)
     assert shown == list(range(shown[0], count)), shown
-    assert shown[0] == max(rendered - ds_admin.PAGE_TAIL, 0)
+    assert shown[0] == max(rendered - ds_display.PAGE_TAIL, 0)
     values = page.eval_on_selector_all(
         "[data-ds-entries] tr[data-offset] td.ds-value code",
         "cells => cells.map(c => c.textContent)",

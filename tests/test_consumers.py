@@ -13,7 +13,8 @@ from asgiref.sync import sync_to_async
 from channels.testing import WebsocketCommunicator
 from django.contrib.auth import get_user_model
 
-from durable_streams import delivery
+from durable_streams.bus import layer as ds_layer
+from durable_streams.web import feed as ds_feed
 from tests.asgi import application
 from tests.layers import wait_members
 from tests.sockets import (
@@ -265,7 +266,7 @@ async def test_server_error_closes_1011_without_details(
     def broken(*args: Any) -> Any:
         raise RuntimeError("database password is hunter2")
 
-    monkeypatch.setattr(delivery, "read_batch", broken)
+    monkeypatch.setattr(ds_feed, "read_batch", broken)
     communicator = await open_socket(path(wid, "out"))
     message = await communicator.receive_output(timeout=10)
     assert message["type"] == "websocket.close"
@@ -311,21 +312,21 @@ async def test_lost_notifications_are_filled_from_the_database(
 ) -> None:
     # No silence poll within the test: only gap detection can recover the lost values.
     no_polling(settings)
-    publish = delivery.publish
+    publish = ds_layer.publish
     seen = {"entries": 0}
 
     def lossy(group: str, message: dict[str, Any]) -> None:
-        if message["type"] == delivery.ENTRIES:
+        if message["type"] == ds_layer.ENTRIES:
             seen["entries"] += 1
             if seen["entries"] % 2 == 0:
                 return  # dropped, as a full channel would
         publish(group, message)
 
-    monkeypatch.setattr(delivery, "publish", lossy)
+    monkeypatch.setattr(ds_layer, "publish", lossy)
     values = list(range(12))
     wid = await start(paced, "out", values, "gate-lossy", 0.01)
     communicator = await open_socket(path(wid, "out"))
-    await wait_members(delivery.stream_group(wid, "out"), 1)  # what commits now is heard
+    await wait_members(ds_layer.stream_group(wid, "out"), 1)  # what commits now is heard
     await open_gate("gate-lossy")
     frames, code = await read_until_closed(communicator, timeout=10)
     assert entries(frames) == list(enumerate(values))
@@ -378,10 +379,10 @@ def test_check_w002_explains_polling_without_a_shared_layer(settings: Any) -> No
 
 
 async def test_values_too_big_to_travel_are_read_from_the_database(live_worker: Any) -> None:
-    big = "x" * (delivery.INLINE_LIMIT + 1)
+    big = "x" * (ds_layer.INLINE_LIMIT + 1)
     wid = await start(paced, "out", ["small", big, "after"], "gate-big", 0.01)
     communicator = await open_socket(path(wid, "out"))
-    await wait_members(delivery.stream_group(wid, "out"), 1)  # what commits now is heard
+    await wait_members(ds_layer.stream_group(wid, "out"), 1)  # what commits now is heard
     await open_gate("gate-big")
     frames, code = await read_until_closed(communicator)
     assert entries(frames) == [(0, "small"), (1, big), (2, "after")]
@@ -391,7 +392,7 @@ async def test_values_too_big_to_travel_are_read_from_the_database(live_worker: 
 def test_an_unreachable_channel_layer_never_reaches_the_workflow(
     settings: Any, run_burst: Any, caplog: pytest.LogCaptureFixture, monkeypatch: Any
 ) -> None:
-    monkeypatch.setattr(delivery._send_failures, "_last", -1e9)  # log the first failure
+    monkeypatch.setattr(ds_layer._send_failures, "_last", -1e9)  # log the first failure
     # Nothing listens on port 9 of the loopback: every notification fails.
     settings.CHANNEL_LAYERS = {
         "default": {
@@ -405,7 +406,7 @@ def test_an_unreachable_channel_layer_never_reaches_the_workflow(
     assert handle.result(timeout=10) == 20
     assert time.monotonic() - started < 10
     assert [v["i"] for v in read_stream_values(handle.workflow_id)] == list(range(20))
-    delivery._sender.flush(5.0)
+    ds_layer._sender.flush(5.0)
     assert "Could not notify stream subscribers" in caplog.text
 
 

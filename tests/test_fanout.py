@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 from channels.testing import WebsocketCommunicator
 
-from durable_streams import delivery
+from durable_streams.bus import layer as ds_layer
+from durable_streams.web import feed as ds_feed
 from tests.layers import members, wait_members
 from tests.sockets import (
     _channel_layer_per_test,  # noqa: F401  (autouse: applies here)
@@ -48,10 +49,10 @@ async def test_many_sockets_one_group_member_every_value_once_in_order(
     sockets = [await open_socket(path(wid, "out")) for _ in range(40)]
     try:
         # One member for the whole process, in the stream's group and the workflow's.
-        (channel,) = await wait_members(delivery.stream_group(wid, "out"), 1)
-        assert await wait_members(delivery.workflow_group(wid), 1) == {channel}
+        (channel,) = await wait_members(ds_layer.stream_group(wid, "out"), 1)
+        assert await wait_members(ds_layer.workflow_group(wid), 1) == {channel}
         await wait_until_async(lambda: len(reads) >= 40, what="every socket's first read")
-        assert await members(delivery.stream_group(wid, "out")) == {channel}
+        assert await members(ds_layer.stream_group(wid, "out")) == {channel}
         await open_gate("gate-many")
         for communicator in sockets:
             frames, code = await read_until_closed(communicator)
@@ -61,22 +62,22 @@ async def test_many_sockets_one_group_member_every_value_once_in_order(
     finally:
         await close_all(sockets)
     # The last reader gone, the process left both groups.
-    await wait_members(delivery.stream_group(wid, "out"), 0)
-    await wait_members(delivery.workflow_group(wid), 0)
+    await wait_members(ds_layer.stream_group(wid, "out"), 0)
+    await wait_members(ds_layer.workflow_group(wid), 0)
 
 
 async def test_the_last_socket_of_a_stream_leaving_discards_its_group(live_worker: Any) -> None:
     wid = await start(keys, ["a", "b"], 3, "gate-leave")
-    group_a, group_b = delivery.stream_group(wid, "a"), delivery.stream_group(wid, "b")
+    group_a, group_b = ds_layer.stream_group(wid, "a"), ds_layer.stream_group(wid, "b")
     on_a = [await open_socket(path(wid, "a")) for _ in range(3)]
     on_b = await open_socket(path(wid, "b"))
     try:
         (channel,) = await wait_members(group_a, 1)
         assert await wait_members(group_b, 1) == {channel}  # one channel for every stream
-        assert await wait_members(delivery.workflow_group(wid), 1) == {channel}
+        assert await wait_members(ds_layer.workflow_group(wid), 1) == {channel}
         await on_a[0].disconnect()
         await on_a[1].disconnect()
-        hub = delivery._local_hub()
+        hub = ds_layer.local_hub()
         assert hub is not None
 
         async def departures_handled() -> bool:
@@ -90,14 +91,14 @@ async def test_the_last_socket_of_a_stream_leaving_discards_its_group(live_worke
         await wait_members(group_a, 0)
         # "b" still reads: its group and the workflow's stay.
         assert await members(group_b) == {channel}
-        assert await members(delivery.workflow_group(wid)) == {channel}
+        assert await members(ds_layer.workflow_group(wid)) == {channel}
         await open_gate("gate-leave")
         frames, code = await read_until_closed(on_b)
         assert entries(frames) == [(i, f"b:{i}") for i in range(3)] and code == 1000
     finally:
         await close_all([*on_a, on_b])
     await wait_members(group_b, 0)
-    await wait_members(delivery.workflow_group(wid), 0)
+    await wait_members(ds_layer.workflow_group(wid), 0)
 
 
 async def test_a_late_socket_with_an_offset_gets_backlog_then_live_without_gap(
@@ -110,7 +111,7 @@ async def test_a_late_socket_with_an_offset_gets_backlog_then_live_without_gap(
     first = await open_socket(path(wid, "out"))
     late: list[WebsocketCommunicator] = []
     try:
-        await wait_members(delivery.stream_group(wid, "out"), 1)  # what commits now is heard
+        await wait_members(ds_layer.stream_group(wid, "out"), 1)  # what commits now is heard
         await open_gate("gate-late")
         # Join while values flow, at an offset already stored and one not yet.
         await read_entries(first, 10)
@@ -136,7 +137,7 @@ async def test_sse_and_websocket_readers_share_the_subscription(live_worker: Any
     try:
         assert json.loads((await response.event())["data"])["value"] == "a"
         assert (await socket.receive_json_from(timeout=10))["value"] == "a"
-        await wait_members(delivery.stream_group(wid, "out"), 1)
+        await wait_members(ds_layer.stream_group(wid, "out"), 1)
         await open_gate("gate-mixed")
         events = await response.until_closed()
         assert [json.loads(e["data"]).get("value") for e in events] == ["b", "c", None]
@@ -146,14 +147,14 @@ async def test_sse_and_websocket_readers_share_the_subscription(live_worker: Any
         await socket.disconnect()
         await response.communicator.send_input({"type": "http.disconnect"})
         await response.communicator.wait(timeout=5)
-    await wait_members(delivery.stream_group(wid, "out"), 0)
+    await wait_members(ds_layer.stream_group(wid, "out"), 0)
 
 
 async def test_a_failing_receive_is_restarted(
     settings: Any, live_worker: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     no_polling(settings)
-    layer = delivery.channel_layer()
+    layer = ds_layer.channel_layer()
     receive = layer.receive
     failures = {"left": 3}
 
@@ -169,7 +170,7 @@ async def test_a_failing_receive_is_restarted(
     wid = await start(paced, "out", values, "gate-flaky", 0.01)
     communicator = await open_socket(path(wid, "out"))
     try:
-        await wait_members(delivery.stream_group(wid, "out"), 1)
+        await wait_members(ds_layer.stream_group(wid, "out"), 1)
         await wait_until_async(lambda: failures["left"] == 0, what="the three failures")
         await open_gate("gate-flaky")
         frames, code = await read_until_closed(communicator, timeout=10)
@@ -182,13 +183,13 @@ async def test_a_long_subscription_stays_in_its_group_past_the_group_expiry(
     settings: Any, live_worker: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     no_polling(settings)
-    layer = delivery.channel_layer()
+    layer = ds_layer.channel_layer()
     # The hub re-joins every max(expiry / 4, 1) seconds. The layer outlives the test.
     monkeypatch.setattr(layer, "group_expiry", 2, raising=False)
     wid = await start(gated, "out", [], ["late"], "gate-expiry")
     communicator = await open_socket(path(wid, "out"))
     try:
-        await wait_members(delivery.stream_group(wid, "out"), 1)
+        await wait_members(ds_layer.stream_group(wid, "out"), 1)
         # Time passing is the point: a member that joined once would be expired by now.
         await asyncio.sleep(3.5)
         await open_gate("gate-expiry")
@@ -203,14 +204,14 @@ async def test_a_lost_message_costs_one_read_for_all_sockets_not_one_each(
 ) -> None:
     no_polling(settings)
     reads = record_reads(monkeypatch)
-    publish = delivery.publish
+    publish = ds_layer.publish
 
     def lossy(group: str, message: dict[str, Any]) -> None:
-        if message["type"] == delivery.ENTRIES and message["offset"] in (3, 6):
+        if message["type"] == ds_layer.ENTRIES and message["offset"] in (3, 6):
             return  # dropped, as a full channel would
         publish(group, message)
 
-    monkeypatch.setattr(delivery, "publish", lossy)
+    monkeypatch.setattr(ds_layer, "publish", lossy)
     readers = 30
     values = list(range(10))
     wid = await start(paced, "out", values, "gate-shared-read", 0.02)
@@ -234,7 +235,7 @@ async def test_a_message_after_a_long_silence_brings_the_silence_poll_back_to_it
     loop = asyncio.get_running_loop()
     reads = record_reads(monkeypatch, times=True)
     wid = await start(gated, "out", [], [], "gate-never")  # never run: the stream stays empty
-    feed = delivery.StreamFeed(wid, "out", 0)
+    feed = ds_feed.StreamFeed(wid, "out", 0)
     feed.pushed = True  # as with a layer that reaches other processes
     events = feed.events()
     waiting = asyncio.ensure_future(events.__anext__())
@@ -250,7 +251,7 @@ async def test_a_message_after_a_long_silence_brings_the_silence_poll_back_to_it
         polled = len(reads)
         notified = loop.time()
         feed.notify(
-            {"type": delivery.ENTRIES, "workflow": wid, "key": "out", "offset": 0, "count": 0}
+            {"type": ds_layer.ENTRIES, "workflow": wid, "key": "out", "offset": 0, "count": 0}
         )
         await wait_until_async(lambda: len(reads) >= polled + 2, what="two more polls")
         # Two polls well within the 2.4 s that the backed-off ones would take.
@@ -265,7 +266,7 @@ async def test_a_message_after_a_long_silence_brings_the_silence_poll_back_to_it
 async def test_a_failing_join_neither_stalls_the_sockets_nor_stays_unjoined(
     live_worker: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    layer = delivery.channel_layer()
+    layer = ds_layer.channel_layer()
     group_add = layer.group_add
     attempts = {"failed": 0}
 
@@ -274,8 +275,8 @@ async def test_a_failing_join_neither_stalls_the_sockets_nor_stays_unjoined(
         raise ConnectionError("the layer is down")
 
     monkeypatch.setattr(layer, "group_add", down)
-    monkeypatch.setattr(delivery, "RETRY_FIRST", 1.0)  # the hub's first retry after 1 s
-    monkeypatch.setattr(delivery._subscribe_failures, "_last", -1e9)  # log the first failure
+    monkeypatch.setattr(ds_layer, "RETRY_FIRST", 1.0)  # the hub's first retry after 1 s
+    monkeypatch.setattr(ds_layer._subscribe_failures, "_last", -1e9)  # log the first failure
     wid = await start(gated, "out", ["a"], ["b"], "gate-join")
     await wait_until_async(lambda: stream_length(wid, "out") == 1)
     sockets = [await open_socket(path(wid, "out")) for _ in range(5)]
@@ -286,7 +287,7 @@ async def test_a_failing_join_neither_stalls_the_sockets_nor_stays_unjoined(
         assert 1 <= attempts["failed"] <= 2, attempts  # the two groups of the first socket
         assert "Could not join a stream's group" in caplog.text
         monkeypatch.setattr(layer, "group_add", group_add)  # the layer is back
-        await wait_members(delivery.stream_group(wid, "out"), 1)  # rejoined, with backoff
+        await wait_members(ds_layer.stream_group(wid, "out"), 1)  # rejoined, with backoff
         await open_gate("gate-join")
         for communicator in sockets:
             frames, code = await read_until_closed(communicator)

@@ -14,7 +14,7 @@ from django.utils import timezone
 
 from durable_streams import Status, encoding
 from durable_streams.models import Step, StepQuerySet, Workflow, WorkflowQuerySet
-from durable_streams.runtime import Execution
+from durable_streams.runtime.execution import Execution
 from durable_streams.worker import Worker
 from tests import workflows_faults
 from tests.models import Effect

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from django.db import OperationalError
 
-from durable_streams import delivery
+from durable_streams.web import feed as ds_feed
 from tests.sockets import (  # the fixtures apply here too
     _channel_layer_per_test,  # noqa: F401
     _close_thread_connections,  # noqa: F401
@@ -27,15 +27,15 @@ def failing_reads(monkeypatch: pytest.MonkeyPatch, failures: int | None) -> list
     """Make the next ``failures`` stream reads (every one, with None) fail as a lost
     database would; return the offsets of the reads that were tried."""
     tried: list[int] = []
-    read_batch = delivery.read_batch
+    read_batch = ds_feed.read_batch
 
-    def flaky(workflow_id: str, key: str, offset: int) -> delivery.Batch:
+    def flaky(workflow_id: str, key: str, offset: int) -> ds_feed.Batch:
         tried.append(offset)
         if failures is None or len(tried) <= failures:
             raise OperationalError("server closed the connection unexpectedly")
         return read_batch(workflow_id, key, offset)
 
-    monkeypatch.setattr(delivery, "read_batch", flaky)
+    monkeypatch.setattr(ds_feed, "read_batch", flaky)
     return tried
 
 
@@ -79,7 +79,7 @@ async def test_other_errors_are_not_retried(
         calls.append(1)
         raise RuntimeError("a bug, not an outage")
 
-    monkeypatch.setattr(delivery, "read_batch", broken)
+    monkeypatch.setattr(ds_feed, "read_batch", broken)
     communicator = await open_socket(path(wid, "out"))
     frames, code = await read_until_closed(communicator, timeout=10)
     assert (frames, code, len(calls)) == ([], 1011, 1)

@@ -13,8 +13,11 @@ import pytest
 from channels.testing import WebsocketCommunicator
 from django.test import Client
 
-from durable_streams import delivery, start_workflow
-from durable_streams.views import _event_stream
+from durable_streams import start_workflow
+from durable_streams.bus import layer as ds_layer
+from durable_streams.web import feed as ds_feed
+from durable_streams.web import protocol as ds_protocol
+from durable_streams.web.views import _event_stream
 from tests.sockets import (
     _channel_layer_per_test,  # noqa: F401  (autouse: applies here)
     _close_thread_connections,  # noqa: F401  (autouse: applies here)
@@ -32,7 +35,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 
 def frame_size(offset: int) -> int:
-    return len(delivery.entry_frame("out", offset, json.dumps(value(offset))))
+    return len(ds_protocol.entry_frame("out", offset, json.dumps(value(offset))))
 
 
 @pytest.fixture
@@ -204,19 +207,19 @@ async def test_a_feed_that_is_not_pulled_keeps_a_bounded_backlog_of_messages(
     count = 300
     wid = await start(sized, "out", count)
     await run_all(run_burst)
-    feed = delivery.StreamFeed(wid, "out", 0)
+    feed = ds_feed.StreamFeed(wid, "out", 0)
     for offset in range(count):
-        message = {"type": delivery.ENTRIES, "workflow": wid, "key": "out"}
+        message = {"type": ds_layer.ENTRIES, "workflow": wid, "key": "out"}
         feed.notify({**message, "offset": offset, "count": 1, "values": None})
-    feed.notify({"type": delivery.CLOSED, "workflow": wid, "key": "out", "length": count})
-    assert len(feed._notes) <= delivery.MAX_NOTES + 1 < count
+    feed.notify({"type": ds_layer.CLOSED, "workflow": wid, "key": "out", "length": count})
+    assert len(feed._notes) <= ds_feed.MAX_NOTES + 1 < count
     # What it dropped it reads from the database: every value once, in order, then the end.
     events = []
     async with asyncio.timeout(20):
         async for event in feed.events():
             events.append(event)
     assert [e.offset for e in events[:-1]] == list(range(count))  # type: ignore[union-attr]
-    assert events[-1] == delivery.Closed(count)
+    assert events[-1] == ds_feed.Closed(count)
 
 
 # Server-Sent Events: one window per response
@@ -278,7 +281,7 @@ async def test_the_sse_feed_is_pulled_only_as_fast_as_the_response_is_read(
 ) -> None:
     wid = await start(sized, "out", 200)
     await run_all(run_burst)
-    stream = _event_stream(delivery.StreamFeed(wid, "out", 0))
+    stream = _event_stream(ds_feed.StreamFeed(wid, "out", 0))
     try:
         assert (await anext(stream)).startswith(b"retry:")
         for offset in range(3):

@@ -10,13 +10,13 @@ import asyncio
 import gc
 from typing import Any
 
-from durable_streams import delivery
+from durable_streams.bus import layer as ds_layer
 from tests.layers import CarryOnLayer, FailsAfterCancelLayer, FeedStub
 
 
 async def test_the_last_feed_leaving_ends_the_receive_even_if_a_cancellation_is_lost() -> None:
     layer = CarryOnLayer()
-    hub = delivery._Hub(layer)
+    hub = ds_layer._Hub(layer)
     feed = FeedStub("wf-carry-on", "out")
     await hub.subscribe(feed)  # type: ignore[arg-type]
     background = list(hub._background)
@@ -31,7 +31,7 @@ async def test_the_last_feed_leaving_ends_the_receive_even_if_a_cancellation_is_
 async def test_a_cancelled_hub_stops_at_once_even_if_the_layer_carries_on() -> None:
     # What a closing event loop does: cancel every task once.
     layer = CarryOnLayer()
-    hub = delivery._Hub(layer)
+    hub = ds_layer._Hub(layer)
     feed = FeedStub("wf-carry-on-2", "out")
     await hub.subscribe(feed)  # type: ignore[arg-type]
     receiving, keeping = hub._background
@@ -50,7 +50,7 @@ async def test_a_receive_that_fails_after_the_hub_closed_is_retrieved() -> None:
     loop.set_exception_handler(lambda loop, context: unheard.append(context))
     try:
         layer = FailsAfterCancelLayer()
-        hub = delivery._Hub(layer)
+        hub = ds_layer._Hub(layer)
         feed = FeedStub("wf-fails-after-cancel", "out")
         await hub.subscribe(feed)  # type: ignore[arg-type]
         background = list(hub._background)

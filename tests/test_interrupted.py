@@ -24,12 +24,12 @@ from durable_streams import (
     WorkflowFailed,
     aread_stream,
     cancel_workflow,
-    delivery,
     read_stream,
     start_workflow,
 )
+from durable_streams.bus import publish_changes
 from durable_streams.models import Status, Stream, StreamEntry, Workflow
-from durable_streams.notify import publish_changes
+from durable_streams.web import feed as ds_feed
 from durable_streams.worker import Worker
 from tests.processes import WorkerProcesses, worker_processes
 from tests.sockets import (  # the fixtures apply here too
@@ -333,10 +333,10 @@ async def test_the_feed_says_interrupted_once_per_interruption(settings: Any, db
         return workflow.pk
 
     wid = await sync_to_async(setup)()
-    feed = delivery.StreamFeed(wid, "out", 0)
+    feed = ds_feed.StreamFeed(wid, "out", 0)
     events = feed.events()
-    assert await anext(events) == delivery.Entry(0, '"x"')
-    assert await anext(events) == delivery.Interrupted(1, "CANCELLED")
+    assert await anext(events) == ds_feed.Entry(0, '"x"')
+    assert await anext(events) == ds_feed.Interrupted(1, "CANCELLED")
     # Polled again and again meanwhile, it says nothing more until the stream changes.
     fetches = feed.fetches
     pending = asyncio.ensure_future(anext(events))
@@ -359,7 +359,7 @@ async def test_the_feed_says_interrupted_once_per_interruption(settings: Any, db
         )
     )()
     # Resumed, then failed: a second interruption.
-    assert await asyncio.wait_for(pending, 5) == delivery.Interrupted(1, "ERROR")
+    assert await asyncio.wait_for(pending, 5) == ds_feed.Interrupted(1, "ERROR")
     await events.aclose()
 
 
@@ -410,10 +410,10 @@ async def test_a_resume_wakes_the_feeds_of_an_interrupted_stream_at_once(
         return workflow.pk
 
     wid = await sync_to_async(setup)()
-    feed = delivery.StreamFeed(wid, "out", 0)
+    feed = ds_feed.StreamFeed(wid, "out", 0)
     assert feed.pushed
     events = feed.events()
-    assert await anext(events) == delivery.Interrupted(0, "CANCELLED")
+    assert await anext(events) == ds_feed.Interrupted(0, "CANCELLED")
     pending = asyncio.ensure_future(anext(events))
     fetches = feed.fetches
     await asyncio.sleep(0.3)

@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from durable_streams import delivery
+from durable_streams.bus import layer as ds_layer
+from durable_streams.web import feed as ds_feed
 from tests.layers import BreakableLayer
 from tests.sockets import (
     _channel_layer_per_test,  # noqa: F401  (autouse: applies here)
@@ -35,11 +36,11 @@ async def test_readers_poll_at_the_normal_interval_while_the_layer_fails(
         "NOTIFY_FALLBACK_POLL": 1.0,
     }
     layer = BreakableLayer()
-    monkeypatch.setattr(delivery, "channel_layer", lambda: layer)
+    monkeypatch.setattr(ds_layer, "channel_layer", lambda: layer)
     loop = asyncio.get_running_loop()
     reads = record_reads(monkeypatch, times=True)
     wid = await start(gated, "out", [], [], "gate-never")  # never run: the stream stays empty
-    feed = delivery.StreamFeed(wid, "out", 0)
+    feed = ds_feed.StreamFeed(wid, "out", 0)
     assert feed.pushed
     events = feed.events()
     waiting = asyncio.ensure_future(events.__anext__())
@@ -61,7 +62,7 @@ async def test_readers_poll_at_the_normal_interval_while_the_layer_fails(
         assert during()[7] - down_at < 3.0, reads
         layer.come_back()
         back_at = loop.time()
-        hub = delivery._local_hub()
+        hub = ds_layer.local_hub()
         assert hub is not None
         await wait_until_async(lambda: not hub.failing, timeout=5)
         # Pushed again: a message arrives at once, and the polling stops.
@@ -69,7 +70,7 @@ async def test_readers_poll_at_the_normal_interval_while_the_layer_fails(
         assert recovered - back_at < 2.5
         await layer.messages.put(
             {
-                "type": delivery.ENTRIES,
+                "type": ds_layer.ENTRIES,
                 "workflow": wid,
                 "key": "out",
                 "offset": 0,

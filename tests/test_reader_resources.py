@@ -126,7 +126,7 @@ async def test_idle_signed_in_readers_hold_no_connection_and_no_thread(
     server = daphne()
     pid = server.process.pid
     readers: list[SseReader | WebSocketClient] = []
-    # The default executor of the server's loop (delivery.run_db) may start a few more
+    # The default executor of the server's loop (ds_feed.run_db) may start a few more
     # threads under load: a bound shared by all readers, not one per reader.
     pool = min(32, (os.cpu_count() or 1) + 4)
 

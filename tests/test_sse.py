@@ -10,7 +10,7 @@ import pytest
 from asgiref.sync import sync_to_async
 from asgiref.testing import ApplicationCommunicator
 
-from durable_streams import delivery
+from durable_streams.bus import layer as ds_layer
 from tests.asgi import application
 from tests.sockets import (
     _channel_layer_per_test,  # noqa: F401  (autouse: applies here)
@@ -177,10 +177,10 @@ async def test_disconnect_mid_stream_releases_the_subscription(live_worker: Any)
     await wait_until_async(lambda: stream_length(wid, "out") == 1)
     response = await get(url(wid, "out"))
     assert json.loads((await response.event())["data"])["value"] == "a"
-    assert delivery.loops.current()  # the open response listens on this loop
+    assert ds_layer.loops.current()  # the open response listens on this loop
     await response.communicator.send_input({"type": "http.disconnect"})
     await response.communicator.wait(timeout=5)
-    assert delivery.loops.current() == []
+    assert ds_layer.loops.current() == []
     await open_gate("gate-sse-disconnect")
 
 

@@ -26,9 +26,9 @@ from durable_streams import (
     read_stream,
     write_stream,
 )
+from durable_streams.bus import watched_topics
 from durable_streams.exceptions import NotInWorkflow, WorkflowCancelled, WorkflowFailed
 from durable_streams.models import Step, Stream, StreamEntry, Workflow
-from durable_streams.notify import watched_topics
 from durable_streams.worker import Worker
 from tests import workflows
 from tests.models import Effect

@@ -15,9 +15,10 @@ from django.db import OperationalError, connection
 from django.test import override_settings
 from django.utils import timezone
 
-from durable_streams import Status, WorkflowCancelled, start_workflow, writer
+from durable_streams import Status, WorkflowCancelled, start_workflow
 from durable_streams.models import NO_CHANGES, Changes, Step, Stream, StreamEntry, Workflow
-from durable_streams.registry import names
+from durable_streams.runtime import writer
+from durable_streams.runtime.registry import names
 from durable_streams.worker import Worker
 from tests import workflows
 from tests.models import Effect

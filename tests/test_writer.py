@@ -8,11 +8,12 @@ import pytest
 from django.db import connection
 from django.utils import timezone
 
-from durable_streams import Status, writer
+from durable_streams import Status
 from durable_streams.encoding import dumps
 from durable_streams.exceptions import LeaseLost
 from durable_streams.models import Step, Stream, StreamEntry, Workflow
-from durable_streams.runtime import Execution, _StreamState
+from durable_streams.runtime import writer
+from durable_streams.runtime.execution import Execution, _StreamState
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -198,7 +198,7 @@ def custom() -> str:
 
 def worker_effect(label: str) -> None:
     """Record a side effect together with the worker that ran it."""
-    from durable_streams.runtime import current_execution
+    from durable_streams.runtime.execution import current_execution
 
     execution = current_execution()
     Effect.objects.create(

@@ -15,7 +15,7 @@ from typing import Any
 
 from durable_streams import close_stream, step, workflow, write_stream
 from durable_streams.models import Status, Workflow
-from durable_streams.runtime import Execution, current_execution
+from durable_streams.runtime.execution import Execution, current_execution
 
 from .models import Effect
 

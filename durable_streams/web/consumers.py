@@ -53,10 +53,11 @@ from urllib.parse import parse_qs
 
 from channels.generic.websocket import AsyncWebsocketConsumer
 
-from . import delivery, telemetry
-from .auth import ReaderAccess, may_read
-from .conf import get_config
-from .delivery import (
+from .. import telemetry
+from ..auth import ReaderAccess, may_read
+from ..conf import get_config
+from .feed import Entry, Interrupted, Revoked, StreamFeed, run_db
+from .protocol import (
     BAD_REQUEST,
     FORBIDDEN,
     NOT_FOUND,
@@ -120,7 +121,7 @@ class StreamConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]  # channels:
     # from (and a failing layer cannot end it).
     channel_layer_alias = None
 
-    feed: delivery.StreamFeed | None = None
+    feed: StreamFeed | None = None
     _pump: asyncio.Task[None] | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -146,7 +147,7 @@ class StreamConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]  # channels:
             return
         user = self.scope.get("user")
         try:
-            allowed = await delivery.run_db(may_read, user, workflow_id, key)
+            allowed = await run_db(may_read, user, workflow_id, key)
         except Exception:
             logger.exception("Could not authorize a reader of stream %r of %r.", key, workflow_id)
             await self._refuse(SERVER_ERROR, "Server error.")
@@ -156,7 +157,7 @@ class StreamConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]  # channels:
             return
         await self.accept()
         access = ReaderAccess(user, _session_key(self.scope), workflow_id, key)
-        self.feed = delivery.StreamFeed(workflow_id, key, offset, access)
+        self.feed = StreamFeed(workflow_id, key, offset, access)
         self._pump = asyncio.create_task(self._send_feed(self.feed))
         telemetry.reader_connected("websocket")
 
@@ -165,13 +166,13 @@ class StreamConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]  # channels:
         await self.accept()
         await self.close(code=code, reason=_reason(reason))
 
-    async def _send_feed(self, feed: delivery.StreamFeed) -> None:
+    async def _send_feed(self, feed: StreamFeed) -> None:
         config = get_config()
         window, stall = config.READER_WINDOW_BYTES, config.READER_STALL_SECONDS
         try:
             async with contextlib.aclosing(feed.events()) as events:
                 async for event in events:
-                    if isinstance(event, delivery.Entry):
+                    if isinstance(event, Entry):
                         frame = event.frame or entry_frame(feed.key, event.offset, event.text)
                         await self.send(text_data=frame)
                         size = frame_bytes(frame)
@@ -183,10 +184,10 @@ class StreamConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]  # channels:
                                 code=TOO_SLOW, reason="Too slow: reconnect from your offset."
                             )
                             return
-                    elif isinstance(event, delivery.Revoked):
+                    elif isinstance(event, Revoked):
                         await self.close(code=FORBIDDEN, reason=_reason(REVOKED_REASON))
                         return
-                    elif isinstance(event, delivery.Interrupted):
+                    elif isinstance(event, Interrupted):
                         # Not an end: the socket stays open and follows a resume.
                         frame = interrupted_frame(feed.key, event.length, event.status)
                         await self.send(text_data=frame)

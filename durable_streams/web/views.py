@@ -20,7 +20,7 @@ it no longer holds, ``event: refused`` with ``{"type": "refused", "key": K, "rea
 ends the response (an EventSource reconnects, and gets the 404).
 
 An open response holds no thread and no database connection of its own: the user is
-read, and the reader authorized, in ``delivery.run_db``, and the request's own thread
+read, and the reader authorized, in ``run_db``, and the request's own thread
 goes once the response has started (``_release_request_thread``).
 
 A request that came through WSGI is refused with 501: a WSGI server would collect the
@@ -58,10 +58,12 @@ from django.http import (
 from django.http.response import HttpResponseBase
 from django.views.decorators.http import require_GET
 
-from . import delivery, telemetry
-from .auth import ReaderAccess, may_read
-from .conf import get_config
-from .delivery import BadParameters, parse_address, parse_offset
+from .. import telemetry
+from ..auth import ReaderAccess, may_read
+from ..conf import get_config
+from . import protocol
+from .feed import Closed, Entry, Interrupted, Revoked, StreamFeed, run_db
+from .protocol import BadParameters, parse_address, parse_offset
 
 logger = logging.getLogger("durable_streams.views")
 
@@ -119,10 +121,10 @@ async def stream_events(request: HttpRequest, workflow_id: str, key: str) -> Htt
     except BadParameters as exc:
         return _plain(HttpResponseBadRequest, str(exc))
     # Not request.auser(): it would read the session in the request's own thread.
-    access = await delivery.run_db(_authorize, request, workflow_id, key)
+    access = await run_db(_authorize, request, workflow_id, key)
     if access is None:
-        return _plain(HttpResponseNotFound, delivery.NOT_FOUND_REASON)
-    feed = delivery.StreamFeed(workflow_id, key, offset, access)
+        return _plain(HttpResponseNotFound, protocol.NOT_FOUND_REASON)
+    feed = StreamFeed(workflow_id, key, offset, access)
     response = StreamingHttpResponse(_event_stream(feed), content_type="text/event-stream")
     response["Cache-Control"] = "no-cache"
     # Tell nginx and its kind not to buffer the events.
@@ -172,12 +174,10 @@ async def _release_request_thread() -> None:
         logger.warning("Could not close the request thread's connections.", exc_info=True)
 
 
-async def _event_stream(feed: delivery.StreamFeed) -> AsyncIterator[bytes]:
+async def _event_stream(feed: StreamFeed) -> AsyncIterator[bytes]:
     # The feed subscribes itself through this process's one subscription per stream.
     # One event in hand at a time: the feed is pulled only as fast as the client reads.
-    out: asyncio.Queue[
-        delivery.Entry | delivery.Closed | delivery.Interrupted | delivery.Revoked | BaseException
-    ] = asyncio.Queue(1)
+    out: asyncio.Queue[Entry | Closed | Interrupted | Revoked | BaseException] = asyncio.Queue(1)
     pump: asyncio.Task[None] | None = None
     budget = get_config().READER_WINDOW_BYTES
     try:
@@ -192,8 +192,8 @@ async def _event_stream(feed: delivery.StreamFeed) -> AsyncIterator[bytes]:
             except TimeoutError:
                 yield b": keep-alive\n\n"
                 continue
-            if isinstance(item, delivery.Entry):
-                frame = item.frame or delivery.entry_frame(feed.key, item.offset, item.text)
+            if isinstance(item, Entry):
+                frame = item.frame or protocol.entry_frame(feed.key, item.offset, item.text)
                 event = f"id: {item.offset}\nevent: entry\ndata: {frame}\n\n".encode()
                 yield event
                 budget -= len(event)
@@ -204,16 +204,16 @@ async def _event_stream(feed: delivery.StreamFeed) -> AsyncIterator[bytes]:
                         f"retry: {BUDGET_RETRY_MILLISECONDS}\n\n"
                     ).encode()
                     return
-            elif isinstance(item, delivery.Closed):
-                frame = delivery.closed_frame(feed.key, item.length)
+            elif isinstance(item, Closed):
+                frame = protocol.closed_frame(feed.key, item.length)
                 yield f"event: closed\ndata: {frame}\n\n".encode()
                 return
-            elif isinstance(item, delivery.Interrupted):
+            elif isinstance(item, Interrupted):
                 # Not an end: the response follows a resume (within its byte budget).
-                frame = delivery.interrupted_frame(feed.key, item.length, item.status)
+                frame = protocol.interrupted_frame(feed.key, item.length, item.status)
                 yield f"event: interrupted\ndata: {frame}\n\n".encode()
-            elif isinstance(item, delivery.Revoked):
-                yield f"event: refused\ndata: {delivery.refused_frame(feed.key)}\n\n".encode()
+            elif isinstance(item, Revoked):
+                yield f"event: refused\ndata: {protocol.refused_frame(feed.key)}\n\n".encode()
                 return
             else:
                 logger.error(
@@ -229,10 +229,8 @@ async def _event_stream(feed: delivery.StreamFeed) -> AsyncIterator[bytes]:
 
 
 async def _pump(
-    feed: delivery.StreamFeed,
-    out: asyncio.Queue[
-        delivery.Entry | delivery.Closed | delivery.Interrupted | delivery.Revoked | BaseException
-    ],
+    feed: StreamFeed,
+    out: asyncio.Queue[Entry | Closed | Interrupted | Revoked | BaseException],
 ) -> None:
     try:
         async with contextlib.aclosing(feed.events()) as events:

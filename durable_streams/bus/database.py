@@ -1,171 +1,27 @@
-"""Wake-ups for waiting readers, result waiters and idle workers.
-
-A *doorbell*, never a data channel: a waiter that is woken re-reads the database,
-and every wait is bounded, so a lost notification costs latency, never a value.
-
-Within one process, a commit rings the bell through ``transaction.on_commit``.
-Across processes, on a database whose backend carries notifications
-(``Backend.notifies``), the commit hands its topics to the process's notifier
-thread, which sends them on a connection of its own, and one listener thread per
-process rings the bell for its local waiters. Elsewhere waiters in other processes
-poll every ``POLL_INTERVAL`` seconds.
-
-The notifications leave after the commit, not inside it (see the backend for why),
-from the notifier's own connection, which writes nothing else: it sends whatever
-gathered while its previous batch was on the way, in one statement.
-"""
+"""PLACEHOLDER database"""
 
 from __future__ import annotations
 
-import asyncio
 import atexit
-import contextlib
-import json
 import logging
 import os
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from django.db import transaction
-
-from . import delivery
-from .backends import backend_for
-from .conf import get_config
+from ..backends import backend_for
+from ..conf import get_config
+from .local import hub
 
 if TYPE_CHECKING:
-    from .models import Changes
+    pass
 
-logger = logging.getLogger("durable_streams.notify")
-
-
-def workflow_topic(workflow_id: str) -> str:
-    return json.dumps(["w", workflow_id])
-
-
-def stream_topic(workflow_id: str, key: str) -> str:
-    return json.dumps(["s", workflow_id, key])
-
-
-def queue_topic(queue: str) -> str:
-    return json.dumps(["q", queue])
-
-
-class Waiter:
-    """A resettable event that a sync thread or an asyncio task can wait on."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
-        self._loop = loop
-        self._event = threading.Event()
-        self._async_event = asyncio.Event() if loop is not None else None
-
-    def ring(self) -> None:
-        if self._loop is not None:
-            assert self._async_event is not None
-            # A closed loop raises RuntimeError: nobody waits there any more.
-            with contextlib.suppress(RuntimeError):
-                self._loop.call_soon_threadsafe(self._async_event.set)
-        else:
-            self._event.set()
-
-    def clear(self) -> None:
-        if self._async_event is not None:
-            self._async_event.clear()
-        else:
-            self._event.clear()
-
-    def wait(self, timeout: float) -> bool:
-        return self._event.wait(timeout)
-
-    async def async_wait(self, timeout: float) -> bool:
-        assert self._async_event is not None
-        try:
-            async with asyncio.timeout(timeout):
-                await self._async_event.wait()
-        except TimeoutError:
-            return False
-        return True
-
-
-class Hub:
-    """Maps topics to the local waiters that want to hear about them."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._waiters: dict[str, set[Waiter]] = {}
-
-    def add(self, topics: Iterable[str], waiter: Waiter) -> None:
-        with self._lock:
-            for topic in topics:
-                self._waiters.setdefault(topic, set()).add(waiter)
-
-    def remove(self, topics: Iterable[str], waiter: Waiter) -> None:
-        with self._lock:
-            for topic in topics:
-                waiters = self._waiters.get(topic)
-                if waiters is not None:
-                    waiters.discard(waiter)
-                    if not waiters:
-                        del self._waiters[topic]
-
-    def ring(self, topic: str) -> None:
-        with self._lock:
-            waiters = list(self._waiters.get(topic, ()))
-        for waiter in waiters:
-            waiter.ring()
-
-    def watched(self) -> int:
-        with self._lock:
-            return sum(len(w) for w in self._waiters.values())
-
-
-hub = Hub()
+logger = logging.getLogger("durable_streams.bus")
 
 
 def uses_listen_notify(using: str) -> bool:
     return backend_for(using).notifies and get_config().LISTEN_NOTIFY
-
-
-def announce(topics: Iterable[str], using: str) -> None:
-    """Ring ``topics`` in every process once the current transaction commits.
-
-    Outside a transaction, at once.
-    """
-    topics = list(dict.fromkeys(topics))
-    if not topics:
-        return
-    send = uses_listen_notify(using)
-
-    def ring() -> None:
-        for topic in topics:
-            hub.ring(topic)
-        if send:
-            notifier(using).send(topics)
-
-    transaction.on_commit(ring, using=using)
-
-
-def publish_changes(changes: Changes, using: str) -> None:
-    """Tell every waiter what a queryset method changed, once the current transaction commits.
-
-    Outside a transaction, at once. Idle workers hear of the queues with new work;
-    result waiters, Python readers and live feeds hear of the workflows that ended or
-    were resumed. Whoever asks a queryset for a change calls this with its result.
-    """
-    announce(
-        [queue_topic(queue) for queue in changes.queues]
-        + [workflow_topic(workflow_id) for workflow_id, _ in changes.ended],
-        using,
-    )
-    for workflow_id, status in changes.ended:
-        transaction.on_commit(partial(delivery.workflow_ended, workflow_id, status), using=using)
-    if changes.resumed:
-        resumed = list(changes.resumed)
-        transaction.on_commit(partial(delivery.workflows_resumed, resumed), using=using)
 
 
 class _Notifier:
@@ -356,25 +212,3 @@ def poll_interval(using: str) -> float:
     if ensure_listener(using):
         return config.NOTIFY_FALLBACK_POLL
     return config.POLL_INTERVAL
-
-
-@contextmanager
-def subscribe(
-    topics: Iterable[str], *, loop: asyncio.AbstractEventLoop | None = None
-) -> Iterator[Waiter]:
-    """Register a waiter on ``topics`` for the duration of the block.
-
-    Subscribe *before* reading the database, so that a commit landing between the
-    read and the wait still rings the waiter.
-    """
-    topics = list(topics)
-    waiter = Waiter(loop)
-    hub.add(topics, waiter)
-    try:
-        yield waiter
-    finally:
-        hub.remove(topics, waiter)
-
-
-def watched_topics() -> int:
-    return hub.watched()

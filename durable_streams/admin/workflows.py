@@ -1,19 +1,9 @@
-"""The admin: every workflow, its steps and its streams, live; cancel, resume and retry.
-
-History is read-only here. Workflows change only through the three actions, each
-guarded by its own permission (``durable_streams.cancel_workflow``,
-``resume_workflow`` and ``retry_workflow``), on the changelist and on the page of
-one workflow. Nothing that can grow without bound (steps, stream entries, the
-table itself) is ever loaded or counted whole.
-"""
+"""The workflow admin: the changelist, the page of one workflow and its history pages."""
 
 from __future__ import annotations
 
-import json
 import re
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from collections.abc import Callable
 from typing import Any
 
 from django.contrib import admin, messages
@@ -21,8 +11,6 @@ from django.contrib.admin.models import CHANGE, LogEntry
 from django.contrib.admin.utils import quote, unquote
 from django.contrib.admin.views.main import ChangeList
 from django.core.exceptions import PermissionDenied
-from django.core.paginator import Paginator
-from django.db import connections
 from django.db.models import Q, QuerySet
 from django.db.models.functions import Length, Lower, Substr
 from django.http import (
@@ -35,510 +23,42 @@ from django.http import (
 )
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
-from django.utils import timezone
-from django.utils.formats import number_format
-from django.utils.functional import Promise, cached_property
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
 from django.utils.translation import gettext, ngettext
 from django.utils.translation import gettext_lazy as _
 
-from .api import cancel_workflow
-from .db import alias
-from .exceptions import WorkflowNotFound
-from .models import (
-    ACTIVE_STATUSES,
-    RESUMABLE_STATUSES,
-    Status,
+from ..db import alias
+from ..models import (
     Step,
     Stream,
     StreamEntry,
     Workflow,
 )
-from .notify import publish_changes
-
-# Beyond this many matching rows the changelist says "More than 10,000" instead of counting.
-COUNT_LIMIT = 10_000
-# On the workflow page: the first steps, the first streams, and the last entries of each.
-PAGE_STEPS = 50
-PAGE_STREAMS = 20
-PAGE_TAIL = 10
-# Entries an open stream's live tail keeps on the page; older ones scroll away.
-LIVE_ROWS = 200
-# On the paginated history pages.
-STEPS_PER_PAGE = 100
-ENTRIES_PER_PAGE = 100
-# Characters of a value shown in a preview, and on the entries page.
-PREVIEW_CHARS = 160
-VALUE_CHARS = 4_000
-# Shorter values stay on one line, as stored; longer ones are indented.
-INLINE_CHARS = 100
-# Characters of a workflow's inputs, output or error shown on its page; the whole is a
-# download away (a 50 MB argument made a 52 MB page).
-DETAIL_CHARS = 16_000
-JSON_FIELDS = ("inputs", "output", "error")
-# Values listed by the name and queue filters, at most.
-FILTER_VALUES = 100
-# Refused workflows named in a message, at most.
-NAMED_IN_MESSAGE = 5
-
-
-# Formatting
-
-
-def format_duration(value: timedelta | None) -> str:
-    if value is None:
-        return ""
-    seconds = max(value.total_seconds(), 0.0)
-    if seconds < 1:
-        return f"{seconds * 1000:.0f} ms"
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, seconds = divmod(int(seconds), 60)
-    if minutes < 60:
-        return f"{minutes}m {seconds:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    if hours < 48:
-        return f"{hours}h {minutes:02d}m"
-    days, hours = divmod(hours, 24)
-    return f"{days}d {hours:02d}h"
-
-
-def format_time(value: datetime | None) -> str:
-    if value is None:
-        return ""
-    return timezone.localtime(value).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def format_when(value: datetime) -> str:
-    """Short, for a list: the time today, the day this year, the date before that."""
-    local, today = timezone.localtime(value), timezone.localdate()
-    if local.date() == today:
-        return local.strftime("%H:%M:%S")
-    if local.year == today.year:
-        return local.strftime("%b %d, %H:%M")
-    return local.strftime("%Y-%m-%d")
-
-
-def pretty_json(text: str | None) -> str | None:
-    """Indented JSON for reading; the stored text itself when it is not JSON."""
-    if text is None:
-        return None
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return text
-    return json.dumps(value, indent=2, ensure_ascii=False)
-
-
-def decode_error(text: str | None) -> dict[str, str] | None:
-    if text is None:
-        return None
-    try:
-        record = json.loads(text)
-    except ValueError:
-        return {"type": "Error", "message": text, "traceback": ""}
-    if not isinstance(record, dict):
-        return {"type": "Error", "message": str(record), "traceback": ""}
-    return {
-        "type": str(record.get("type") or "Error"),
-        "message": str(record.get("message") or ""),
-        "traceback": str(record.get("traceback") or ""),
-    }
-
-
-# The type that leads an error record, readable from the head of a record cut short.
-_ERROR_TYPE = re.compile(r'\{\s*"type"\s*:\s*("(?:[^"\\]|\\.)*")')
-
-
-@dataclass(frozen=True)
-class Detail:
-    """A JSON column as the workflow page shows it: whole when short, else its head."""
-
-    text: str
-    size: int
-    url: str
-
-    @property
-    def cut(self) -> bool:
-        return self.size > DETAIL_CHARS
-
-    @property
-    def shown_text(self) -> str:
-        return number_format(min(self.size, DETAIL_CHARS), force_grouping=True)
-
-    @property
-    def size_text(self) -> str:
-        return number_format(self.size, force_grouping=True)
-
-    @classmethod
-    def of(cls, head: str | None, size: int | None, url: str) -> Detail | None:
-        if head is None or size is None:
-            return None
-        if size > DETAIL_CHARS:
-            return cls(head[:DETAIL_CHARS], size, url)
-        return cls(pretty_json(head) or "", size, url)
-
-
-def error_type_of(head: str) -> str:
-    """The type named at the start of a stored error record, if it can be read there."""
-    match = _ERROR_TYPE.match(head)
-    if match is not None:
-        try:
-            return str(json.loads(match.group(1))) or "Error"
-        except ValueError:
-            pass
-    return "Error"
-
-
-def clip(head: str | None, limit: int) -> tuple[str, bool]:
-    """The first ``limit`` characters of a text fetched as ``limit + 1``, and whether it was cut."""
-    if head is None:
-        return "", False
-    if len(head) > limit:
-        return head[:limit], True
-    return head, False
-
-
-def short_id(workflow_id: str) -> str:
-    return workflow_id if len(workflow_id) <= 13 else f"{workflow_id[:8]}…"
-
-
-STATUS_LABELS = dict(Status.choices)
-
-
-def status_badge(status: str) -> SafeString:
-    label = STATUS_LABELS.get(status, status)
-    return format_html('<span class="ds-badge ds-badge-{}">{}</span>', str(status).lower(), label)
-
-
-# The changelist's count
-
-
-class CappedCountPaginator(Paginator):  # type: ignore[type-arg]  # generic only in the stubs
-    """Counts at most ``COUNT_LIMIT + 1`` rows: a full COUNT(*) of a large table is slow."""
-
-    @cached_property
-    def count(self) -> int:
-        object_list: Any = self.object_list
-        if isinstance(object_list, QuerySet):
-            return object_list.order_by()[: COUNT_LIMIT + 1].count()
-        return len(object_list)
-
-    @property
-    def limit(self) -> int:
-        return COUNT_LIMIT
-
-    @property
-    def capped(self) -> bool:
-        return self.count > COUNT_LIMIT
-
-
-# Rows shown on the pages
-
-
-@dataclass(frozen=True)
-class StepRow:
-    operation: int
-    name: str
-    status: str
-    attempts: int
-    started_at: str
-    duration: str
-    output: str
-    output_cut: bool
-    error: dict[str, str] | None
-
-    @classmethod
-    def of(cls, step: Step) -> StepRow:
-        # output_head: annotated by the page's queryset.
-        output, cut = clip(step.output_head, PREVIEW_CHARS)  # type: ignore[attr-defined]
-        return cls(
-            operation=step.operation,
-            name=step.name,
-            status=step.status,
-            attempts=step.attempts,
-            started_at=format_time(step.started_at),
-            duration=format_duration(step.duration),
-            output=output,
-            output_cut=cut,
-            # error_head: annotated by the page's queryset.
-            error=step_error(step.error_head),  # type: ignore[attr-defined]  # annotated field
-        )
-
-
-def step_error(head: str | None) -> dict[str, str] | None:
-    """A step's error record for the steps table, from at most DETAIL_CHARS + 1 of it.
-
-    A record cut short is no JSON any more: its type, read from its head, and a note.
-    """
-    text, cut = clip(head, DETAIL_CHARS)
-    if not cut:
-        return decode_error(head)
-    return {
-        "type": error_type_of(text),
-        "message": gettext("the error record is longer than %(limit)s characters; not shown")
-        % {"limit": number_format(DETAIL_CHARS, force_grouping=True)},
-        "traceback": "",
-    }
-
-
-@dataclass(frozen=True)
-class EntryRow:
-    offset: int
-    operation: int | None
-    written_at: str
-    value: str
-    cut: bool
-    more: int
-
-    @property
-    def more_text(self) -> str:
-        return number_format(self.more, force_grouping=True)
-
-    @classmethod
-    def preview(cls, entry: StreamEntry) -> EntryRow:
-        # value_head: annotated by the page's queryset.
-        value, cut = clip(entry.value_head, PREVIEW_CHARS)  # type: ignore[attr-defined]
-        return cls(entry.offset, entry.operation, format_time(entry.created_at), value, cut, 0)
-
-    @classmethod
-    def full(cls, entry: StreamEntry) -> EntryRow:
-        # value_head and value_size: annotated by the page's queryset.
-        value, cut = clip(entry.value_head, VALUE_CHARS)  # type: ignore[attr-defined]
-        size: int = entry.value_size  # type: ignore[attr-defined]
-        if not cut and len(value) > INLINE_CHARS:
-            value = pretty_json(value) or ""
-        return cls(
-            entry.offset,
-            entry.operation,
-            format_time(entry.created_at),
-            value,
-            cut,
-            size - VALUE_CHARS if cut else 0,
-        )
-
-
-@dataclass(frozen=True)
-class StreamPanel:
-    stream: Stream
-    entries: list[EntryRow]
-
-    @property
-    def first_offset(self) -> int:
-        return self.entries[0].offset if self.entries else self.stream.length
-
-
-@dataclass(frozen=True)
-class Pager:
-    """Offset pagination over a sequence of known length."""
-
-    offset: int
-    per_page: int
-    total: int
-    # "Steps %(first)s–%(last)s of %(total)s"; ``one_based`` numbers them from 1.
-    label: str
-    one_based: bool = False
-    jump: bool = False
-
-    @property
-    def end(self) -> int:
-        return min(self.offset + self.per_page, self.total)
-
-    @property
-    def previous(self) -> int | None:
-        return max(self.offset - self.per_page, 0) if self.offset > 0 else None
-
-    @property
-    def next(self) -> int | None:
-        return self.end if self.end < self.total else None
-
-    @property
-    def last(self) -> int:
-        return max(self.total - 1, 0) // self.per_page * self.per_page
-
-    @property
-    def last_index(self) -> int:
-        return max(self.total - 1, 0)
-
-    @property
-    def text(self) -> str:
-        base = 1 if self.one_based else 0
-        return self.label % {
-            "first": number_format(self.offset + base, force_grouping=True),
-            "last": number_format(self.end - 1 + base, force_grouping=True),
-            "total": number_format(self.total, force_grouping=True),
-        }
-
-
-# ASCII digits only ("²".isdigit() is true, and int() refuses it), and few enough of
-# them for int(), which refuses more than 4,300.
-_OFFSET_DIGITS = re.compile(r"[0-9]{1,18}")
-
-
-def offset_param(request: HttpRequest, total: int) -> int | HttpResponse:
-    raw = request.GET.get("offset", "0").strip() or "0"
-    if not _OFFSET_DIGITS.fullmatch(raw) or int(raw) > max(total - 1, 0):
-        shown = raw if len(raw) <= 40 else f"{raw[:40]}…"
-        return HttpResponseBadRequest(
-            f"offset must be a whole number from 0 to {max(total - 1, 0)}, not {shown!r}.",
-            content_type="text/plain; charset=utf-8",
-        )
-    return int(raw)
-
-
-# Actions
-
-
-@dataclass(frozen=True)
-class Outcome:
-    changed: list[str]
-    refused: list[str]
-
-
-def _batches(items: Iterable[str], size: int = 500) -> Iterator[list[str]]:
-    batch: list[str] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-def cancel_all(queryset: QuerySet[Workflow]) -> Outcome:
-    """Cancel each active workflow through the API, one transaction each."""
-    changed: list[str] = []
-    refused = list(queryset.exclude(status__in=ACTIVE_STATUSES).values_list("pk", flat=True))
-    for workflow_id in queryset.filter(status__in=ACTIVE_STATUSES).values_list("pk", flat=True):
-        try:
-            done = cancel_workflow(workflow_id)
-        except WorkflowNotFound:
-            continue
-        (changed if done else refused).append(workflow_id)
-    return Outcome(changed, refused)
-
-
-def resume_all(queryset: QuerySet[Workflow]) -> Outcome:
-    resumed, changes = queryset.resume()  # type: ignore[attr-defined]  # a WorkflowQuerySet
-    publish_changes(changes, queryset.db)
-    done = set(resumed)
-    refused = [pk for pk in queryset.values_list("pk", flat=True) if pk not in done]
-    return Outcome(resumed, refused)
-
-
-def retry_all(queryset: QuerySet[Workflow]) -> tuple[Outcome, list[str]]:
-    pairs, changes = queryset.retry()  # type: ignore[attr-defined]  # a WorkflowQuerySet
-    publish_changes(changes, queryset.db)
-    originals = {original for original, _ in pairs}
-    refused = [pk for pk in queryset.values_list("pk", flat=True) if pk not in originals]
-    return Outcome([original for original, _ in pairs], refused), [new for _, new in pairs]
-
-
-@dataclass(frozen=True)
-class ActionSpec:
-    name: str
-    permission: str
-    applies_to: frozenset[str]
-    button: str | Promise  # translated when shown
-    confirm: str | Promise
-
-
-OBJECT_ACTIONS = {
-    "cancel": ActionSpec(
-        "cancel",
-        "cancel",
-        ACTIVE_STATUSES,
-        _("Cancel"),
-        _("Cancel this workflow? It stops at its next step and its open streams are interrupted."),
-    ),
-    "resume": ActionSpec(
-        "resume",
-        "resume",
-        RESUMABLE_STATUSES,
-        _("Resume"),
-        _("Resume this workflow from its checkpoints?"),
-    ),
-    "retry": ActionSpec(
-        "retry",
-        "retry",
-        RESUMABLE_STATUSES,
-        _("Retry from scratch"),
-        _("Start a new run of this workflow with the same inputs?"),
-    ),
-}
-
-
-# The workflow admin
-
-
-class IndexedValuesFilter(admin.AllValuesFieldListFilter):
-    """The distinct values of an indexed, non-null column, found by hopping through its index.
-
-    ``SELECT DISTINCT`` reads every row of the table; this reads one index entry per
-    value (a "loose index scan", written as a recursive query), and at most
-    ``FILTER_VALUES`` of them.
-    """
-
-    def __init__(
-        self,
-        field: Any,
-        request: HttpRequest,
-        params: Any,
-        model: Any,
-        model_admin: Any,
-        field_path: str,
-    ) -> None:
-        super().__init__(field, request, params, model, model_admin, field_path)
-        # Iterated like the queryset it replaces, and queried only then.
-        self.lookup_choices = LazyValues(model, field.column, alias())  # type: ignore[assignment]
-
-
-class LazyValues:
-    """Runs the query when the filter is first rendered, as Django's own filter does."""
-
-    def __init__(self, model: Any, column: str, using: str) -> None:
-        self.model, self.column, self.using = model, column, using
-
-    @cached_property
-    def values(self) -> list[str]:
-        connection = connections[self.using]
-        table = connection.ops.quote_name(self.model._meta.db_table)
-        column = connection.ops.quote_name(self.column)
-        sql = (
-            f"WITH RECURSIVE hops(value, n) AS ("
-            f" SELECT (SELECT {column} FROM {table} ORDER BY {column} LIMIT 1), 1"
-            f" UNION ALL"
-            f" SELECT (SELECT {column} FROM {table} WHERE {column} > hops.value"
-            f" ORDER BY {column} LIMIT 1), n + 1"
-            f" FROM hops WHERE hops.value IS NOT NULL AND n < %s"
-            f") SELECT value FROM hops WHERE value IS NOT NULL"
-        )
-        with connection.cursor() as cursor:
-            cursor.execute(sql, [FILTER_VALUES])
-            return [row[0] for row in cursor.fetchall()]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.values)
-
-    def __len__(self) -> int:
-        return len(self.values)
-
-
-class CreatedFilter(admin.DateFieldListFilter):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.title = _("created")
-
-
-class WorkflowChangeList(ChangeList):
-    def get_queryset(
-        self, request: HttpRequest, exclude_parameters: Any = None
-    ) -> QuerySet[Workflow]:
-        # The JSON columns can be large and the list never shows them.
-        queryset = super().get_queryset(request, exclude_parameters)
-        return queryset.defer("inputs", "output", "error")
+from .actions import OBJECT_ACTIONS, Outcome, batches, cancel_all, resume_all, retry_all
+from .display import (
+    DETAIL_CHARS,
+    ENTRIES_PER_PAGE,
+    JSON_FIELDS,
+    LIVE_ROWS,
+    NAMED_IN_MESSAGE,
+    PAGE_STEPS,
+    PAGE_STREAMS,
+    PAGE_TAIL,
+    PREVIEW_CHARS,
+    STEPS_PER_PAGE,
+    VALUE_CHARS,
+    Detail,
+    decode_error,
+    error_type_of,
+    format_duration,
+    format_time,
+    format_when,
+    short_id,
+    status_badge,
+)
+from .filters import CreatedFilter, IndexedValuesFilter, WorkflowChangeList
+from .pages import CappedCountPaginator, EntryRow, Pager, StepRow, StreamPanel, offset_param
 
 
 @admin.register(Workflow)
@@ -699,7 +219,7 @@ class WorkflowAdmin(admin.ModelAdmin):  # type: ignore[type-arg]  # generic only
 
     def _log(self, request: HttpRequest, workflow_ids: list[str], message: str) -> None:
         # The admin's history of each workflow records who acted on it.
-        for batch in _batches(workflow_ids):
+        for batch in batches(workflow_ids):
             objects = list(self.get_queryset(request).filter(pk__in=batch).only("pk", "name"))
             LogEntry.objects.log_actions(
                 user_id=request.user.pk,  # type: ignore[arg-type]  # signed in: it has one

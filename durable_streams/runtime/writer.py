@@ -24,13 +24,13 @@ from typing import TYPE_CHECKING, NamedTuple, Protocol, TypeVar
 from django.db import transaction
 from django.utils import timezone
 
-from . import delivery, telemetry
-from .backends import backend_for
-from .conf import get_config
-from .db import ConnectionKeeper, take_write_lock
-from .exceptions import Interrupted, LeaseLost
-from .models import Step, Stream, StreamEntry, Workflow
-from .notify import announce, stream_topic
+from .. import telemetry
+from ..backends import backend_for
+from ..bus import announce, layer, stream_topic
+from ..conf import get_config
+from ..db import ConnectionKeeper, take_write_lock
+from ..exceptions import Interrupted, LeaseLost
+from ..models import Step, Stream, StreamEntry, Workflow
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -443,9 +443,9 @@ def _deliver(hooks: list[_DeliveryHook]) -> None:
         try:
             if closed_length is None:
                 telemetry.values_written(len(texts))
-                delivery.entries_committed(workflow_id, key, first, texts)
+                layer.entries_committed(workflow_id, key, first, texts)
             else:
-                delivery.stream_closed(workflow_id, key, closed_length)
+                layer.stream_closed(workflow_id, key, closed_length)
         except Exception:
             logger.exception(
                 "[%s] Live delivery of stream %r failed; readers catch up.", workflow_id, key

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import json
-import uuid
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 from django.db import models, transaction
@@ -14,89 +13,44 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
-from .backends import backend_for
-from .conf import get_config
-from .db import take_write_lock
+from ..backends import backend_for
+from ..conf import get_config
+from ..db import take_write_lock
+from .sql import ENTRIES, HISTORY, POSITION, chunks, table_sql
+from .states import (
+    ACTIVE_STATUSES,
+    NO_CHANGES,
+    RESUMABLE_STATUSES,
+    TERMINAL_STATUSES,
+    Changes,
+    Claim,
+    Status,
+    StreamPosition,
+    StreamState,
+    new_workflow_id,
+    stream_state,
+)
+
+__all__ = [
+    "ACTIVE_STATUSES",
+    "NO_CHANGES",
+    "RESUMABLE_STATUSES",
+    "TERMINAL_STATUSES",
+    "Changes",
+    "Claim",
+    "Status",
+    "Step",
+    "Stream",
+    "StreamEntry",
+    "StreamPosition",
+    "StreamState",
+    "Workflow",
+    "new_workflow_id",
+    "stream_state",
+]
 
 if TYPE_CHECKING:
-    from collections.abc import Collection, Iterator, Sequence
-
-
-def new_workflow_id() -> str:
-    return str(uuid.uuid4())
-
-
-class Status(models.TextChoices):
-    ENQUEUED = "ENQUEUED", _("Enqueued")
-    RUNNING = "RUNNING", _("Running")
-    SUCCESS = "SUCCESS", _("Success")
-    ERROR = "ERROR", _("Error")
-    CANCELLED = "CANCELLED", _("Cancelled")
-
-
-TERMINAL_STATUSES = frozenset({Status.SUCCESS, Status.ERROR, Status.CANCELLED})
-ACTIVE_STATUSES = frozenset({Status.ENQUEUED, Status.RUNNING})
-# Ended without success: an operator may resume or retry these.
-RESUMABLE_STATUSES = frozenset({Status.ERROR, Status.CANCELLED})
-
-
-class Claim(NamedTuple):
-    """A workflow a worker has just leased, with what it needs to run it."""
-
-    workflow_id: str
-    name: str
-    inputs: str
-    attempts: int  # counting this one
-    previous_status: str  # RUNNING: taken over from a worker whose lease expired
-    previous_owner: str | None
-    # False only when no earlier run can have recorded anything: nothing to replay.
-    recorded: bool = True
-
-
-class Changes(NamedTuple):
-    """What a queryset method changed that others wait for, to be published after commit.
-
-    Querysets change rows and return this; the caller publishes it
-    (``notify.publish_changes()``) inside the same transaction, so that waiters hear of
-    it once that transaction commits.
-    """
-
-    # Queues that gained work: idle workers claim it at once.
-    queues: tuple[str, ...] = ()
-    # Workflows that ended, with their final status: result waiters and stream readers.
-    ended: tuple[tuple[str, str], ...] = ()
-    # Workflows sent back to the queue: the readers of their reopened streams follow them.
-    resumed: tuple[str, ...] = ()
-
-
-NO_CHANGES = Changes()
-
-
-_HISTORY = """
-SELECT 'step', operation, name, NULL, NULL, NULL FROM {step} WHERE workflow_id = %s
-UNION ALL
-SELECT 'stream', close_operation, {key}, id, {length}, closed_at IS NOT NULL
-FROM {stream} WHERE workflow_id = %s
-UNION ALL
-SELECT 'write_stream', e.operation, s.{key}, NULL, NULL, NULL
-FROM {entry} e JOIN {stream} s ON e.stream_id = s.id
-WHERE s.workflow_id = %s AND e.operation IS NOT NULL
-"""
-
-# Stream.objects.position(): the stream's row and its workflow's status, or no row when
-# the workflow does not exist. (key, workflow id)
-_POSITION = """
-SELECT s.id, s.{length}, s.closed_at IS NOT NULL, s.closed_by_end, w.status
-FROM {workflow} w LEFT JOIN {stream} s ON s.workflow_id = w.id AND s.{key} = %s
-WHERE w.id = %s
-"""
-
-# StreamEntry.objects.texts_from(): (stream id, first offset, offset past the last)
-_ENTRIES = """
-SELECT {offset}, {value} FROM {entry}
-WHERE stream_id = %s AND {offset} >= %s AND {offset} < %s
-ORDER BY {offset}
-"""
+    from collections.abc import Collection, Sequence
 
 
 class WorkflowQuerySet(models.QuerySet["Workflow"]):
@@ -135,7 +89,7 @@ class WorkflowQuerySet(models.QuerySet["Workflow"]):
         body wrote, and ``("stream", close operation, key, id, length, closed)`` for
         each stream.
         """
-        return backend_for(self.db).fetch(table_sql(self.db, _HISTORY), [workflow_id] * 3)
+        return backend_for(self.db).fetch(table_sql(self.db, HISTORY), [workflow_id] * 3)
 
     def exhausted(self, queues: Collection[str], names: Collection[str]) -> WorkflowQuerySet:
         """Claimable workflows that used all their attempts: nobody runs them again."""
@@ -383,7 +337,7 @@ class WorkflowQuerySet(models.QuerySet["Workflow"]):
             rows = list(
                 self.resumable().order_by("pk").select_for_update().values_list("pk", "queue")
             )
-            for chunk in _chunks([pk for pk, _ in rows]):
+            for chunk in chunks([pk for pk, _ in rows]):
                 Workflow.objects.using(self.db).filter(pk__in=chunk).update(
                     status=Status.ENQUEUED,
                     attempts=0,
@@ -608,12 +562,6 @@ class StepQuerySet(models.QuerySet["Step"]):
         )
 
 
-def table_sql(using: str, template: str, **fields: str) -> str:
-    """A statement template of this package with its quoted table and column names
-    (and ``fields``)."""
-    return backend_for(using).sql(template, **fields)
-
-
 class Step(models.Model):
     """The checkpoint of one step call: its output, or the error of its last attempt."""
 
@@ -661,50 +609,6 @@ class Step(models.Model):
         return self.finished_at - self.started_at
 
 
-class StreamState(models.TextChoices):
-    """What a reader is told about a stream."""
-
-    OPEN = "open", _("Open")
-    # Final: close_stream() closed it, or its workflow ended in SUCCESS.
-    CLOSED = "closed", _("Closed")
-    # Its workflow ended in ERROR or CANCELLED while it was open: resuming the
-    # workflow reopens it, and more values may follow.
-    INTERRUPTED = "interrupted", _("Interrupted")
-
-
-def stream_state(closed: bool, closed_by_end: bool, workflow_status: str | None) -> StreamState:
-    """The state of a stream from its row (``closed``, ``closed_by_end``) and its workflow's status.
-
-    A stream never written to has no row: pass ``closed=False, closed_by_end=False``.
-    Only ``close_stream()`` and a successful end close a stream for good; a stream
-    that was still open when its run failed or was cancelled is interrupted.
-    """
-    if workflow_status in RESUMABLE_STATUSES and (closed_by_end or not closed):
-        return StreamState.INTERRUPTED
-    if closed or workflow_status not in ACTIVE_STATUSES:
-        return StreamState.CLOSED
-    return StreamState.OPEN
-
-
-class StreamPosition(NamedTuple):
-    """Where a stream stands: its row (None before the first write), length, whether it ended.
-
-    ``ended`` covers both ends: closed for good, or interrupted, in which case
-    ``interrupted`` is the workflow's status (ERROR or CANCELLED), else None.
-    """
-
-    stream_id: int | None
-    length: int
-    ended: bool
-    interrupted: str | None = None
-
-    @property
-    def state(self) -> StreamState:
-        if not self.ended:
-            return StreamState.OPEN
-        return StreamState.INTERRUPTED if self.interrupted else StreamState.CLOSED
-
-
 class StreamQuerySet(models.QuerySet["Stream"]):
     def open(self) -> StreamQuerySet:
         return self.filter(closed_at__isnull=True)
@@ -716,7 +620,7 @@ class StreamQuerySet(models.QuerySet["Stream"]):
         stream never written to is empty and ends with its workflow. An end that the
         workflow's failure or cancellation caused is reported as an interruption.
         """
-        rows = backend_for(self.db).fetch(table_sql(self.db, _POSITION), [key, workflow_id])
+        rows = backend_for(self.db).fetch(table_sql(self.db, POSITION), [key, workflow_id])
         if not rows:
             return None
         stream_id, length, closed, closed_by_end, status = rows[0]
@@ -783,7 +687,7 @@ class StreamEntryQuerySet(models.QuerySet["StreamEntry"]):
         every read. Call it on the manager.
         """
         return backend_for(self.db).fetch(
-            table_sql(self.db, _ENTRIES), [stream_id, offset, offset + limit]
+            table_sql(self.db, ENTRIES), [stream_id, offset, offset + limit]
         )
 
 
@@ -821,12 +725,6 @@ class StreamEntry(models.Model):
     @property
     def decoded_value(self) -> Any:
         return json.loads(self.value)
-
-
-def _chunks(items: list[str], size: int = 500) -> Iterator[list[str]]:
-    # Keeps IN lists under the databases' limits on query parameters.
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
 
 
 def _forget_final_step_failures(workflow_ids: list[str], using: str) -> None:

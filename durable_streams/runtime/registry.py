@@ -6,7 +6,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from .exceptions import WorkflowNotRegistered
+from ..exceptions import WorkflowNotRegistered
 
 
 class Registered(Protocol):

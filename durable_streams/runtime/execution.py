@@ -21,10 +21,10 @@ from typing import Any, NoReturn
 from django.db import Error, connections, transaction
 from django.utils import timezone
 
-from . import encoding, telemetry, writer
-from .backends import backend_for
-from .conf import get_config
-from .exceptions import (
+from .. import encoding, telemetry
+from ..backends import backend_for
+from ..conf import get_config
+from ..exceptions import (
     Interrupted,
     LeaseLost,
     NonDeterministicWorkflow,
@@ -32,7 +32,8 @@ from .exceptions import (
     StepFailed,
     StreamClosed,
 )
-from .models import Step, Workflow
+from ..models import Step, Workflow
+from . import writer
 
 WRITE = "write_stream"
 CLOSE = "close_stream"

@@ -1,0 +1,100 @@
+"""The wake-up path: how a committed change reaches everyone who waits for it.
+
+A *doorbell*, never a data channel: a waiter that is woken re-reads the database, and
+every wait is bounded, so a lost notification costs latency, never a value.
+
+Whoever commits a change calls ``announce`` (topics) or ``publish_changes`` (what a
+queryset method changed) once; after the commit it goes out on every transport the
+deployment has:
+
+- ``local``: the waiters of this process (threads and event loops), at once;
+- ``database``: other processes, on a database that carries notifications
+  (PostgreSQL's LISTEN/NOTIFY), from a notifier thread, heard by a listener thread;
+- ``layer``: the channel layer, which carries stream values to the live feeds of
+  WebSocket and SSE readers.
+
+Elsewhere waiters in other processes poll every ``POLL_INTERVAL`` seconds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from functools import partial
+from typing import TYPE_CHECKING
+
+from django.db import transaction
+
+from . import layer
+from .database import (
+    ensure_listener,
+    flush_notifications,
+    notifier,
+    poll_interval,
+    stop_listeners,
+    uses_listen_notify,
+)
+from .local import (
+    Waiter,
+    hub,
+    queue_topic,
+    stream_topic,
+    subscribe,
+    watched_topics,
+    workflow_topic,
+)
+
+if TYPE_CHECKING:
+    from ..models import Changes
+
+__all__ = [
+    "Waiter",
+    "announce",
+    "ensure_listener",
+    "flush_notifications",
+    "poll_interval",
+    "publish_changes",
+    "queue_topic",
+    "stop_listeners",
+    "stream_topic",
+    "subscribe",
+    "watched_topics",
+    "workflow_topic",
+]
+
+
+def announce(topics: Iterable[str], using: str) -> None:
+    """Ring ``topics`` in every process once the current transaction commits.
+
+    Outside a transaction, at once.
+    """
+    topics = list(dict.fromkeys(topics))
+    if not topics:
+        return
+    send = uses_listen_notify(using)
+
+    def ring() -> None:
+        for topic in topics:
+            hub.ring(topic)
+        if send:
+            notifier(using).send(topics)
+
+    transaction.on_commit(ring, using=using)
+
+
+def publish_changes(changes: Changes, using: str) -> None:
+    """Tell every waiter what a queryset method changed, once the current transaction commits.
+
+    Outside a transaction, at once. Idle workers hear of the queues with new work;
+    result waiters, Python readers and live feeds hear of the workflows that ended or
+    were resumed. Whoever asks a queryset for a change calls this with its result.
+    """
+    announce(
+        [queue_topic(queue) for queue in changes.queues]
+        + [workflow_topic(workflow_id) for workflow_id, _ in changes.ended],
+        using,
+    )
+    for workflow_id, status in changes.ended:
+        transaction.on_commit(partial(layer.workflow_ended, workflow_id, status), using=using)
+    if changes.resumed:
+        resumed = list(changes.resumed)
+        transaction.on_commit(partial(layer.workflows_resumed, resumed), using=using)
