@@ -1,4 +1,11 @@
-"""PLACEHOLDER database"""
+"""Notifications across processes through the database (PostgreSQL's LISTEN/NOTIFY).
+
+The notifications leave after the commit, not inside it (see the backend for why),
+from one notifier thread per process and database, on a connection that writes
+nothing else: it sends whatever gathered while its previous batch was on the way,
+in one statement. One listener thread per process holds a LISTEN connection and
+rings the local waiters (``local.hub``) of what other processes committed.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,20 @@
-"""PLACEHOLDER channel layer"""
+"""The channel layer: committed stream changes carried to the live feeds of every process.
+
+After the transaction that stored a change commits, the writer and the callers of
+``bus.publish_changes`` call the hooks below (``entries_committed``, ``stream_closed``,
+``workflow_ended``, ``workflows_resumed``). They hand a small message to the channel
+layer and return at once; they never raise into the workflow.
+
+Each event loop that serves readers holds one subscription to the layer (``_Hub``):
+one layer channel, in the groups of every stream that a local reader follows, and one
+task that receives from it and hands each message to the local subscribers (``Subscriber``) of
+that stream. A thousand sockets on one stream in one process are one group member,
+so the layer stores and delivers each message once per process, not once per socket.
+
+The layer drops messages when a channel is full (at-most-once), so it is only a
+doorbell that happens to carry small values: subscribers number every value by
+offset and read the database after a gap or a silence.
+"""
 
 from __future__ import annotations
 

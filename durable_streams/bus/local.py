@@ -1,4 +1,9 @@
-"""PLACEHOLDER local"""
+"""The waiters of this process: threads and event loops, by topic.
+
+A topic names what changed: a workflow (it ended, was resumed), a stream (values or
+a close) or a queue (new work). Subscribe *before* reading the database, so that a
+commit landing between the read and the wait still rings the waiter.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""PLACEHOLDER protocol"""
+"""The wire protocol shared by the WebSocket and Server-Sent Events endpoints.
+
+Close codes, the reasons given, the parsing of stream addresses and offsets, and the
+JSON frames, each the same over both transports.
+"""
 
 from __future__ import annotations
 
