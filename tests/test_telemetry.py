@@ -28,7 +28,6 @@ from opentelemetry.trace import StatusCode
 
 from durable_streams import (
     Status,
-    registry,
     start_workflow,
     step,
     telemetry,
@@ -38,6 +37,7 @@ from durable_streams import (
 from durable_streams.checks import check_settings
 from durable_streams.exceptions import ImproperlyInstalled, WorkflowNotRegistered
 from durable_streams.models import Workflow
+from durable_streams.runtime import registry
 from tests.sockets import (
     _channel_layer_per_test,  # noqa: F401  (autouse: applies here)
     _close_thread_connections,  # noqa: F401  (autouse: applies here)
