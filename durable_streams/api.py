@@ -40,6 +40,7 @@ from .exceptions import (
 )
 from .models import Status, Stream, StreamEntry
 from .models import Workflow as WorkflowRun
+from .retry import ReadRetry
 from .runtime import execution as runtime
 from .runtime import registry
 
@@ -449,7 +450,7 @@ _TRANSIENT = (OperationalError, InterfaceError)
 
 
 class _Reconnecting:
-    """How a reader or result waiter rides out a failing database.
+    """How a reader or result waiter rides out a failing database (``retry.ReadRetry``).
 
     After a failed read it drops its connection (the next read opens a new one) and
     waits a little longer each time, for up to ``READER_RETRY_SECONDS`` from the
@@ -457,18 +458,31 @@ class _Reconnecting:
     the count again. In a workflow body the run stops and replays instead.
     """
 
-    FIRST_DELAY, MAX_DELAY = 0.1, 2.0
-
     def __init__(self, using: str, what: str) -> None:
         self.using = using
         self.what = what
-        self._since: float | None = None
-        self._delay = self.FIRST_DELAY
+        self._retry = ReadRetry(warn=self._warn, recovered=self._recovered, give_up=self._give_up)
+
+    def _warn(self, exc: Exception, limit: float) -> None:
+        logger.warning(
+            "Database %r failed while %s (%s); reconnecting for up to %ss.",
+            self.using,
+            self.what,
+            exc,
+            limit,
+        )
+
+    def _recovered(self) -> None:
+        logger.info("Database %r is back: %s goes on.", self.using, self.what)
+
+    def _give_up(self, exc: Exception, limit: float) -> BaseException:
+        return DatabaseUnavailable(
+            f"Database {self.using!r} could not be reached for {limit} seconds "
+            f"(READER_RETRY_SECONDS) while {self.what}: {exc}"
+        )
 
     def succeeded(self) -> None:
-        if self._since is not None:
-            logger.info("Database %r is back: %s goes on.", self.using, self.what)
-        self._since = None
+        self._retry.succeeded()
 
     def failed(self, exc: Exception) -> float:
         """Call in the thread whose read failed; return the seconds to wait before the next."""
@@ -476,32 +490,13 @@ class _Reconnecting:
         if execution is not None and execution.step_name is None:
             raise runtime.database_failed(execution, self.what, exc) from exc
         connection = connections[self.using]
-        limit = get_config().READER_RETRY_SECONDS
         if connection.in_atomic_block:
             # The caller's transaction is lost with its connection: nothing to resume.
             raise DatabaseUnavailable(
                 f"Database {self.using!r} failed inside a transaction while {self.what}: {exc}"
             ) from exc
         connection.close()
-        now = time.monotonic()
-        if self._since is None:
-            self._since, self._delay = now, self.FIRST_DELAY
-            logger.warning(
-                "Database %r failed while %s (%s); reconnecting for up to %ss.",
-                self.using,
-                self.what,
-                exc,
-                limit,
-            )
-        left = self._since + limit - now
-        if left <= 0:
-            raise DatabaseUnavailable(
-                f"Database {self.using!r} could not be reached for {limit} seconds "
-                f"(READER_RETRY_SECONDS) while {self.what}: {exc}"
-            ) from exc
-        delay = min(self._delay, left)
-        self._delay = min(self._delay * 2, self.MAX_DELAY)
-        return delay
+        return self._retry.failed(exc)
 
 
 class WorkflowHandle:

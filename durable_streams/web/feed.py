@@ -13,7 +13,6 @@ import asyncio
 import collections
 import logging
 import random
-import time
 import weakref
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from ..bus.layer import (
 )
 from ..conf import get_config
 from ..db import alias
+from ..retry import ReadRetry
 from .protocol import entry_frame
 
 if TYPE_CHECKING:
@@ -132,39 +132,24 @@ async def run_db(fn: Callable[..., T], *args: Any) -> T:
     return await sync_to_async(call, thread_sensitive=False)()
 
 
-class _Outage:
-    """How a feed rides out a failing database: it reads again, a little later each
-    time, for up to ``READER_RETRY_SECONDS`` from the first failure, then gives up
-    with the last error (the socket closes with 1011, the client reconnects). The
-    connection of a failed read is replaced by ``run_db`` at the next one.
+def _outage(feed: StreamFeed) -> ReadRetry:
+    """How a feed rides out a failing database (``retry.ReadRetry``): it reads again, a
+    little later each time, for up to ``READER_RETRY_SECONDS`` from the first failure,
+    then gives up with the last error (the socket closes with 1011, the client
+    reconnects). The connection of a failed read is replaced by ``run_db`` at the next one.
     """
 
-    FIRST_DELAY, MAX_DELAY = 0.1, 2.0
+    def warn(exc: Exception, limit: float) -> None:
+        _read_failures.warning(
+            f"Could not read stream {feed.key!r} of workflow {feed.workflow_id!r}; "
+            f"reading again for up to {limit}s",
+            exc,
+        )
 
-    def __init__(self) -> None:
-        self._since: float | None = None
-        self._delay = self.FIRST_DELAY
+    def recovered() -> None:
+        logger.info("Reading stream %r of workflow %r again.", feed.key, feed.workflow_id)
 
-    def failed(self, exc: Exception, feed: StreamFeed) -> float:
-        now = time.monotonic()
-        limit = get_config().READER_RETRY_SECONDS
-        if self._since is None:
-            self._since, self._delay = now, self.FIRST_DELAY
-            _read_failures.warning(
-                f"Could not read stream {feed.key!r} of workflow {feed.workflow_id!r}; "
-                f"reading again for up to {limit}s",
-                exc,
-            )
-        if now - self._since >= limit:
-            raise exc
-        wait = min(self._delay, self._since + limit - now)
-        self._delay = min(self._delay * 2, self.MAX_DELAY)
-        return wait
-
-    def succeeded(self, feed: StreamFeed) -> None:
-        if self._since is not None:
-            logger.info("Reading stream %r of workflow %r again.", feed.key, feed.workflow_id)
-            self._since = None
+    return ReadRetry(warn=warn, recovered=recovered, give_up=lambda exc, limit: exc)
 
 
 _read_failures = Throttled()
@@ -388,7 +373,7 @@ class StreamFeed:
             base = ceiling = config.POLL_INTERVAL
         silence = base
         behind = True
-        outage = _Outage()
+        outage = _outage(self)
         hub = local_hub()
         with loops.attached(asyncio.get_running_loop()):
             try:
@@ -415,9 +400,9 @@ class StreamFeed:
                                     read_batch, self.workflow_id, self.key, self.next_offset
                                 )
                         except (OperationalError, InterfaceError) as exc:
-                            await asyncio.sleep(outage.failed(exc, self))
+                            await asyncio.sleep(outage.failed(exc))
                             continue
-                        outage.succeeded(self)
+                        outage.succeeded()
                         for entry in self._take(batch.offset, batch.texts):
                             yield entry
                         if batch.closed:
