@@ -38,8 +38,7 @@ from .exceptions import (
     WorkflowNotFound,
     WorkflowTimeout,
 )
-from .models import Status, Stream, StreamEntry
-from .models import Workflow as WorkflowRun
+from .models import Status, Stream, StreamEntry, Workflow
 from .retry import ReadRetry
 from .runtime import execution as runtime
 from .runtime import registry
@@ -50,7 +49,7 @@ R = TypeVar("R")
 logger = logging.getLogger("durable_streams.api")
 
 __all__ = [
-    "Workflow",
+    "WorkflowFunction",
     "WorkflowHandle",
     "aread_stream",
     "cancel_workflow",
@@ -73,7 +72,7 @@ def _qualified_name(fn: Callable[..., Any]) -> str:
     return f"{fn.__module__}.{fn.__qualname__}"
 
 
-class Workflow(Generic[P, R]):
+class WorkflowFunction(Generic[P, R]):
     """A registered workflow. Call ``start()`` to run it durably on a worker."""
 
     def __init__(
@@ -141,11 +140,11 @@ def _check_name(what: str, value: object) -> str:
 
 
 @overload
-def workflow(fn: Callable[P, R], /) -> Workflow[P, R]: ...
+def workflow(fn: Callable[P, R], /) -> WorkflowFunction[P, R]: ...
 @overload
 def workflow(
     *, name: str | None = None, queue: str = "default", max_attempts: int | None = None
-) -> Callable[[Callable[P, R]], Workflow[P, R]]: ...
+) -> Callable[[Callable[P, R]], WorkflowFunction[P, R]]: ...
 def workflow(
     fn: Callable[P, R] | None = None,
     /,
@@ -153,13 +152,13 @@ def workflow(
     name: str | None = None,
     queue: str = "default",
     max_attempts: int | None = None,
-) -> Workflow[P, R] | Callable[[Callable[P, R]], Workflow[P, R]]:
+) -> WorkflowFunction[P, R] | Callable[[Callable[P, R]], WorkflowFunction[P, R]]:
     """Register a function as a durable workflow, under ``name`` (default: module.qualname)."""
     if fn is not None:
-        return Workflow(fn, name=name, queue=queue, max_attempts=max_attempts)
+        return WorkflowFunction(fn, name=name, queue=queue, max_attempts=max_attempts)
 
-    def decorate(fn: Callable[P, R]) -> Workflow[P, R]:
-        return Workflow(fn, name=name, queue=queue, max_attempts=max_attempts)
+    def decorate(fn: Callable[P, R]) -> WorkflowFunction[P, R]:
+        return WorkflowFunction(fn, name=name, queue=queue, max_attempts=max_attempts)
 
     return decorate
 
@@ -242,7 +241,7 @@ def run_step(fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:
 
 
 def start_workflow(
-    wf: Workflow[..., Any] | str,
+    wf: WorkflowFunction[..., Any] | str,
     /,
     *args: Any,
     workflow_id: str | None = None,
@@ -261,9 +260,9 @@ def start_workflow(
     parent, so a replay finds the same child.
     """
     if isinstance(wf, str):
-        # Only Workflow registers itself (in its __init__).
-        wf = cast("Workflow[..., Any]", registry.get(wf))
-    elif not isinstance(wf, Workflow):
+        # Only a WorkflowFunction registers itself (in its __init__).
+        wf = cast("WorkflowFunction[..., Any]", registry.get(wf))
+    elif not isinstance(wf, WorkflowFunction):
         raise TypeError(
             f"start_workflow() takes a @workflow function or its name, not {type(wf).__name__}."
         )
@@ -285,7 +284,7 @@ def start_workflow(
         check_workflow_id(workflow_id)
     queue = _check_name("queue", queue) if queue is not None else wf.queue
     using = alias()
-    run = WorkflowRun(
+    run = Workflow(
         name=wf.name,
         queue=queue,
         inputs=inputs,
@@ -295,7 +294,7 @@ def start_workflow(
     )
     if workflow_id is not None:
         run.id = workflow_id
-    runs = WorkflowRun.objects.using(using)
+    runs = Workflow.objects.using(using)
     # A taken id is kept; the second try is for a run deleted between the two queries.
     for _ in range(2):
         with runtime.on_behalf_of_body(f"starting workflow {wf.name!r}"):
@@ -365,9 +364,7 @@ def _owner_id(owner: Any) -> Any:
     return pk
 
 
-def _check_same_run(
-    run: WorkflowRun, name: str, owner_id: Any, is_public: bool, inputs: str
-) -> None:
+def _check_same_run(run: Workflow, name: str, owner_id: Any, is_public: bool, inputs: str) -> None:
     """Refuse a start whose id is taken by a run it does not repeat.
 
     Ids may be built from user input: returning whatever run has the id would hand
@@ -424,10 +421,10 @@ def cancel_workflow(workflow_id: str) -> bool:
     using = alias()
     with runtime.on_behalf_of_body(f"cancelling workflow {workflow_id!r}"):
         changed, changes = (
-            WorkflowRun.objects.using(using).active().finish(workflow_id, Status.CANCELLED)
+            Workflow.objects.using(using).active().finish(workflow_id, Status.CANCELLED)
         )
         publish_changes(changes, using)
-        if not changed and not WorkflowRun.objects.using(using).filter(pk=workflow_id).exists():
+        if not changed and not Workflow.objects.using(using).filter(pk=workflow_id).exists():
             raise WorkflowNotFound(workflow_id)
     return changed
 
@@ -514,19 +511,19 @@ class WorkflowHandle:
     def __hash__(self) -> int:
         return hash(self.workflow_id)
 
-    def get(self) -> WorkflowRun:
+    def get(self) -> Workflow:
         """The workflow's row, as stored now."""
         try:
             with runtime.on_behalf_of_body(f"reading workflow {self.workflow_id!r}"):
-                return WorkflowRun.objects.using(alias()).get(pk=self.workflow_id)
-        except WorkflowRun.DoesNotExist:
+                return Workflow.objects.using(alias()).get(pk=self.workflow_id)
+        except Workflow.DoesNotExist:
             raise WorkflowNotFound(self.workflow_id) from None
 
     @property
     def status(self) -> str:
         with runtime.on_behalf_of_body(f"reading workflow {self.workflow_id!r}"):
             status = (
-                WorkflowRun.objects.using(alias())
+                Workflow.objects.using(alias())
                 .filter(pk=self.workflow_id)
                 .values_list("status", flat=True)
                 .first()
@@ -540,7 +537,7 @@ class WorkflowHandle:
 
     def _outcome(self) -> tuple[bool, Any]:
         row = (
-            WorkflowRun.objects.using(alias())
+            Workflow.objects.using(alias())
             .filter(pk=self.workflow_id)
             .values_list("status", "output", "error")
             .first()
@@ -698,7 +695,7 @@ class _StreamCursor:
         if self.interrupted == Status.ERROR and self._error is None:
             # Read here, where a database fault is retried like any read.
             error = (
-                WorkflowRun.objects.using(self.using)
+                Workflow.objects.using(self.using)
                 .filter(pk=self.workflow_id)
                 .values_list("error", flat=True)
                 .first()

@@ -35,7 +35,7 @@ from ..models import (
     StreamEntry,
     Workflow,
 )
-from .actions import OBJECT_ACTIONS, Outcome, batches, cancel_all, resume_all, retry_all
+from .actions import OBJECT_ACTIONS, ActionResult, batches, cancel_all, resume_all, retry_all
 from .display import (
     DETAIL_CHARS,
     ENTRIES_PER_PAGE,
@@ -206,7 +206,7 @@ class WorkflowAdmin(admin.ModelAdmin):  # type: ignore[type-arg]  # generic only
 
     # Actions
 
-    def _report(self, request: HttpRequest, outcome: Outcome, done: str, refused: str) -> None:
+    def _report(self, request: HttpRequest, outcome: ActionResult, done: str, refused: str) -> None:
         """Say how many workflows changed and which were refused; ``refused`` names them."""
         if outcome.changed:
             self.message_user(request, done, messages.SUCCESS)
@@ -228,7 +228,7 @@ class WorkflowAdmin(admin.ModelAdmin):  # type: ignore[type-arg]  # generic only
                 change_message=message,
             )
 
-    def _cancel(self, request: HttpRequest, queryset: QuerySet[Workflow]) -> Outcome:
+    def _cancel(self, request: HttpRequest, queryset: QuerySet[Workflow]) -> ActionResult:
         outcome = cancel_all(queryset)
         changed, refused = len(outcome.changed), len(outcome.refused)
         self._report(
@@ -245,7 +245,7 @@ class WorkflowAdmin(admin.ModelAdmin):  # type: ignore[type-arg]  # generic only
         )
         return outcome
 
-    def _resume(self, request: HttpRequest, queryset: QuerySet[Workflow]) -> Outcome:
+    def _resume(self, request: HttpRequest, queryset: QuerySet[Workflow]) -> ActionResult:
         outcome = resume_all(queryset)
         changed, refused = len(outcome.changed), len(outcome.refused)
         self._report(

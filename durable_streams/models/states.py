@@ -40,7 +40,7 @@ class Claim(NamedTuple):
     previous_status: str  # RUNNING: taken over from a worker whose lease expired
     previous_owner: str | None
     # False only when no earlier run can have recorded anything: nothing to replay.
-    recorded: bool = True
+    has_history: bool = True
 
 
 class Changes(NamedTuple):

@@ -55,7 +55,7 @@ class Execution:
     worker_id: str
     using: str
     # operation number -> (kind, name): what a previous run recorded
-    recorded: dict[int, tuple[str, str]] = field(default_factory=dict)
+    history: dict[int, tuple[str, str]] = field(default_factory=dict)
     streams: dict[str, _StreamState] = field(default_factory=dict)
     next_operation: int = 0
     step_name: str | None = None
@@ -95,21 +95,21 @@ class Execution:
         ).history(workflow_id):
             if kind == STEP:
                 assert operation is not None  # a checkpoint's column is NOT NULL
-                execution.recorded[operation] = (STEP, name)
+                execution.history[operation] = (STEP, name)
             elif kind == WRITE:
                 assert operation is not None  # the query keeps only numbered writes
-                execution.recorded[operation] = (WRITE, name)
+                execution.history[operation] = (WRITE, name)
             else:
                 execution.streams[name] = _StreamState(stream_id, length, bool(closed))
                 if operation is not None:
-                    execution.recorded[operation] = (CLOSE, name)
+                    execution.history[operation] = (CLOSE, name)
         return execution
 
     def take_operation(self, kind: str, name: str) -> tuple[int, bool]:
         """Return the next operation number and whether a previous run recorded it."""
         operation = self.next_operation
         self.next_operation += 1
-        recorded = self.recorded.get(operation)
+        recorded = self.history.get(operation)
         if recorded is None:
             return operation, False
         if recorded != (kind, name):
@@ -410,7 +410,7 @@ def _record_step(
             held = steps.checkpoint(step, execution.worker_id, execution.lease_until())
         if not held:
             execution.lease_lost()
-    execution.recorded[operation] = (STEP, name)
+    execution.history[operation] = (STEP, name)
 
 
 # Streams
@@ -455,13 +455,13 @@ def _append(execution: Execution, key: str, text: str, operation: int | None) ->
         state = execution.streams[key] = _StreamState(None, 0, False)
     elif state.closed:
         raise StreamClosed(execution.workflow_id, key)
-    _store(execution, writer.PendingWrite(key, text, operation, state.length))
+    _submit(execution, writer.PendingWrite(key, text, operation, state.length))
     state.length += 1
     if operation is not None:
-        execution.recorded[operation] = (WRITE, key)
+        execution.history[operation] = (WRITE, key)
 
 
-def _store(execution: Execution, write: writer.PendingWrite) -> None:
+def _submit(execution: Execution, write: writer.PendingWrite) -> None:
     if execution.in_transaction:
         # The step's transaction fails with it; the run stops and replays.
         with library_statements(execution, f"storing a value of stream {write.key!r}"):
@@ -476,10 +476,10 @@ def _close(execution: Execution, key: str, operation: int | None) -> None:
         state = execution.streams[key] = _StreamState(None, 0, False)
     elif state.closed:
         return
-    _store(execution, writer.PendingWrite(key, None, operation, state.length))
+    _submit(execution, writer.PendingWrite(key, None, operation, state.length))
     state.closed = True
     if operation is not None:
-        execution.recorded[operation] = (CLOSE, key)
+        execution.history[operation] = (CLOSE, key)
 
 
 def child_workflow_id() -> str | None:

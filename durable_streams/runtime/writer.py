@@ -157,7 +157,7 @@ class GroupCommitter:
             failures: dict[Producer, BaseException] = {}
             try:
                 keeper.ready()
-                stored = _store(self.using, batch)
+                stored = _store_batch(self.using, batch)
                 stored.set_stream_ids()
                 stored.deliver()
                 failures = stored.failures
@@ -269,7 +269,7 @@ def _plan(batch: dict[Producer, list[Pending]]) -> _Plan:
     return plan
 
 
-def _store(using: str, batch: dict[Producer, list[Pending]]) -> _Stored:
+def _store_batch(using: str, batch: dict[Producer, list[Pending]]) -> _Stored:
     """Store ``batch``: in one statement where the backend has one (it commits on its own
     outside a transaction), elsewhere in a transaction (a savepoint inside one)."""
     if backend_for(using).one_statement:
@@ -411,7 +411,7 @@ def store_in_transaction(execution: Producer, write: PendingWrite) -> None:
     thread instead would deadlock: its transaction would wait for the workflow's
     row, which the step's transaction holds until the step ends.
     """
-    stored = _store(execution.using, {execution: [write]})
+    stored = _store_batch(execution.using, {execution: [write]})
     if stored.failures:
         raise stored.failures[execution]
     stored.set_stream_ids()
