@@ -90,19 +90,19 @@ class Execution:
     def load(cls, workflow_id: str, worker_id: str, using: str) -> Execution:
         """Read what earlier runs of this workflow recorded, in one query."""
         execution = cls(workflow_id, worker_id, using)
-        for kind, operation, name, stream_id, length, closed in Workflow.objects.using(
-            using
-        ).history(workflow_id):
-            if kind == STEP:
-                assert operation is not None  # a checkpoint's column is NOT NULL
-                execution.history[operation] = (STEP, name)
-            elif kind == WRITE:
-                assert operation is not None  # the query keeps only numbered writes
-                execution.history[operation] = (WRITE, name)
+        for row in Workflow.objects.using(using).history(workflow_id):
+            if row.kind == STEP:
+                assert row.operation is not None  # a checkpoint's column is NOT NULL
+                execution.history[row.operation] = (STEP, row.name)
+            elif row.kind == WRITE:
+                assert row.operation is not None  # the query keeps only numbered writes
+                execution.history[row.operation] = (WRITE, row.name)
             else:
-                execution.streams[name] = _StreamState(stream_id, length, bool(closed))
-                if operation is not None:
-                    execution.history[operation] = (CLOSE, name)
+                execution.streams[row.name] = _StreamState(
+                    row.stream_id, row.length, bool(row.closed)
+                )
+                if row.operation is not None:
+                    execution.history[row.operation] = (CLOSE, row.name)
         return execution
 
     def take_operation(self, kind: str, name: str) -> tuple[int, bool]:
