@@ -92,17 +92,22 @@ class PrivatePostgres:
             _run("pg_dropcluster", self.version, self.name, "--stop")
 
     def migrate(self) -> None:
-        done = subprocess.run(
-            [sys.executable, "-m", "django", "migrate", "--noinput", "-v", "0"],
-            cwd=ROOT,
-            env=django_env(self.url),
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        if done.returncode != 0:
-            raise RuntimeError(f"migrate failed on the private cluster:\n{done.stderr}")
+        _migrate(self.url, "the private cluster", timeout=120)
+
+
+def _migrate(database_url: str, what: str, *, timeout: float) -> None:
+    """Create the project's tables on a private server, in a process of the test project."""
+    done = subprocess.run(
+        [sys.executable, "-m", "django", "migrate", "--noinput", "-v", "0"],
+        cwd=ROOT,
+        env=django_env(database_url),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"migrate failed on {what}:\n{done.stderr}")
 
 
 def django_env(database_url: str, redis_url: str = "") -> dict[str, str]:
@@ -263,17 +268,7 @@ class PrivateMariaDB:
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def migrate(self) -> None:
-        done = subprocess.run(
-            [sys.executable, "-m", "django", "migrate", "--noinput", "-v", "0"],
-            cwd=ROOT,
-            env=django_env(self.url),
-            capture_output=True,
-            text=True,
-            timeout=180,
-            check=False,
-        )
-        if done.returncode != 0:
-            raise RuntimeError(f"migrate failed on the private MariaDB:\n{done.stderr}")
+        _migrate(self.url, "the private MariaDB", timeout=180)
 
 
 @pytest.fixture(scope="module")

@@ -19,10 +19,9 @@ from typing import Any
 import pytest
 
 from example_project.demo.generator import compose
+from tests.chromium import CHROMIUM, launch_chromium
 from tests.processes import ROOT, wait_until
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 ADMIN_USER, ADMIN_PASSWORD = "admin", "demo-admin-password"
 SCREENSHOT = Path("/tmp/durable-streams-demo.png")
 
@@ -142,14 +141,8 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
+    with launch_chromium() as chromium:
+        yield chromium
 
 
 @pytest.fixture
