@@ -18,8 +18,7 @@ from durable_streams.web import feed as ds_feed
 from tests.asgi import application
 from tests.layers import wait_members
 from tests.sockets import (
-    _channel_layer_per_test,  # noqa: F401  (autouse: applies here)
-    _close_thread_connections,  # noqa: F401  (autouse: applies here)
+    READER_FIXTURES,
     entries,
     grant,
     make_user,
@@ -37,7 +36,7 @@ from tests.stored import stream_length
 from tests.waiting import wait_until_async
 from tests.workflows_readers import gated, keys, many, paced
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), READER_FIXTURES]
 
 
 @pytest.fixture

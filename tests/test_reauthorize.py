@@ -18,8 +18,7 @@ from durable_streams.auth import ReaderAccess, default_authorize_reader, session
 from durable_streams.models import Workflow
 from tests import workflows
 from tests.sockets import (
-    _channel_layer_per_test,  # noqa: F401  (autouse: applies here)
-    _close_thread_connections,  # noqa: F401  (autouse: applies here)
+    READER_FIXTURES,
     grant,
     make_user,
     open_gate,
@@ -33,7 +32,7 @@ from tests.test_sse import get, url
 from tests.waiting import wait_until_async
 from tests.workflows_readers import gated
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), READER_FIXTURES]
 
 REVOKED = "You may no longer read this stream."
 ORIGIN_HEADER = (b"origin", b"http://testserver")

@@ -13,8 +13,7 @@ from asgiref.testing import ApplicationCommunicator
 from durable_streams.bus import layer as ds_layer
 from tests.asgi import application
 from tests.sockets import (
-    _channel_layer_per_test,  # noqa: F401  (autouse: applies here)
-    _close_thread_connections,  # noqa: F401  (autouse: applies here)
+    READER_FIXTURES,
     make_user,
     open_gate,
     run_all,
@@ -25,7 +24,7 @@ from tests.stored import stream_length
 from tests.waiting import wait_until_async
 from tests.workflows_readers import gated, many
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), READER_FIXTURES]
 
 
 class EventStream:
