@@ -565,6 +565,17 @@ class WorkflowHandle:
         reconnecting.succeeded()
         return done, value, None
 
+    def _wait(self, wait: float, deadline: float | None, timeout: float | None) -> float:
+        """``wait``, cut to what is left before ``deadline``; ``WorkflowTimeout`` once it passed."""
+        if deadline is None:
+            return wait
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise WorkflowTimeout(
+                f"Workflow {self.workflow_id!r} did not end within {timeout} seconds."
+            )
+        return min(wait, remaining)
+
     def result(self, timeout: float | None = None) -> Any:
         """Wait for the end and return the output, or raise what ended the workflow.
 
@@ -582,14 +593,7 @@ class WorkflowHandle:
                 done, value, retry = self._try_outcome(reconnecting)
                 if done:
                     return value
-                wait = interval if retry is None else retry
-                if deadline is not None:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise WorkflowTimeout(
-                            f"Workflow {self.workflow_id!r} did not end within {timeout} seconds."
-                        )
-                    wait = min(wait, remaining)
+                wait = self._wait(interval if retry is None else retry, deadline, timeout)
                 waiter.wait(wait)
 
     async def aresult(self, timeout: float | None = None) -> Any:
@@ -608,14 +612,7 @@ class WorkflowHandle:
                 done, value, retry = await outcome(reconnecting)
                 if done:
                     return value
-                wait = interval if retry is None else retry
-                if deadline is not None:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise WorkflowTimeout(
-                            f"Workflow {self.workflow_id!r} did not end within {timeout} seconds."
-                        )
-                    wait = min(wait, remaining)
+                wait = self._wait(interval if retry is None else retry, deadline, timeout)
                 await waiter.async_wait(wait)
 
 
