@@ -156,7 +156,7 @@ class Command(BaseCommand):
         if report["unlisted_leases"]:
             lines.append("")
             lines.append(
-                f"{'runs held by a worker not alive':<40} {'running':>8}  last lease renewal"
+                f"{'runs held by a worker not listed alive':<40} {'running':>8}  last lease renewal"
             )
             for row in report["unlisted_leases"]:
                 state = "" if row["alive"] else "  lease expired: its runs will be resumed"
