@@ -369,7 +369,7 @@ class Worker:
                 concurrency=self.concurrency,
                 names=registry.names(),
             )
-        except DatabaseError:
+        except Error:
             # The heartbeat tries again: the row only informs operators.
             logger.exception("Could not record this worker in the worker processes table.")
             return False
@@ -396,14 +396,12 @@ class Worker:
     def _unregister(self) -> None:
         try:
             WorkerProcess.objects.using(self.using).filter(pk=self.worker_id).delete()
-        except DatabaseError:
+        except Error:
             logger.warning(
                 "Could not remove this worker from the worker processes table; it counts "
                 "as gone once its heartbeat is %ss old.",
                 GONE_AFTER_BEATS * get_config().WORKER_HEARTBEAT_SECONDS,
             )
-        finally:
-            connections.close_all()
 
     # Heartbeats
 
