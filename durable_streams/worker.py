@@ -423,11 +423,23 @@ class Worker:
                 try:
                     keeper.ready()
                     self._beat()
-                except Exception:
-                    logger.exception(
-                        "Worker heartbeat failed; retrying in %ss.",
-                        config.WORKER_HEARTBEAT_SECONDS,
+                except Exception as exc:
+                    hint = (
+                        backend_for(self.using).explain(exc)
+                        if isinstance(exc, DatabaseError)
+                        else None
                     )
+                    if hint is None:
+                        logger.exception(
+                            "Worker heartbeat failed; retrying in %ss.",
+                            config.WORKER_HEARTBEAT_SECONDS,
+                        )
+                    else:
+                        logger.warning(
+                            "Worker heartbeat failed: %s Retrying in %ss.",
+                            hint,
+                            config.WORKER_HEARTBEAT_SECONDS,
+                        )
                     keeper.broken()
             if now < next_renewal:
                 continue
