@@ -47,6 +47,8 @@ from .display import (
     PAGE_TAIL,
     PREVIEW_CHARS,
     STEPS_PER_PAGE,
+    UNKNOWN_WORKFLOW,
+    UNKNOWN_WORKFLOW_HINT,
     VALUE_CHARS,
     Detail,
     decode_error,
@@ -54,8 +56,10 @@ from .display import (
     format_duration,
     format_time,
     format_when,
+    mark_unknown_workflows,
     short_id,
     status_badge,
+    unknown_workflow_mark,
 )
 from .filters import CreatedFilter, IndexedValuesFilter, WorkflowChangeList
 from .pages import CappedCountPaginator, EntryRow, Pager, StepRow, StreamPanel, offset_param
@@ -177,6 +181,9 @@ class WorkflowAdmin(admin.ModelAdmin):  # type: ignore[type-arg]  # generic only
 
     @admin.display(description=_("status"), ordering="status")
     def status_column(self, obj: Workflow) -> SafeString:
+        # unknown_workflow: set by the changelist for the page, in one query.
+        if getattr(obj, "unknown_workflow", False):
+            return format_html("{}{}", status_badge(obj.status), unknown_workflow_mark())
         return status_badge(obj.status)
 
     @admin.display(description=_("created"), ordering="created_at")
@@ -446,6 +453,7 @@ class WorkflowAdmin(admin.ModelAdmin):  # type: ignore[type-arg]  # generic only
     def workflow_context(self, request: HttpRequest, obj: Workflow) -> dict[str, Any]:
         using = alias()
         details = self._details(obj)
+        mark_unknown_workflows([obj], using)
         error = details["error"]
         steps = list(
             Step.objects.using(using)
@@ -520,6 +528,11 @@ class WorkflowAdmin(admin.ModelAdmin):  # type: ignore[type-arg]  # generic only
             ],
             "object_actions": actions,
             "live_rows": LIVE_ROWS,
+            "unknown_workflow": (
+                {"title": UNKNOWN_WORKFLOW, "hint": UNKNOWN_WORKFLOW_HINT}
+                if obj.unknown_workflow  # type: ignore[attr-defined]  # set just above
+                else None
+            ),
         }
 
     def _stream_panels(self, streams: list[Stream]) -> list[StreamPanel]:

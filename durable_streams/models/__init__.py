@@ -30,6 +30,7 @@ from .states import (
     new_workflow_id,
     stream_state,
 )
+from .workers import WorkerProcess, WorkerProcessQuerySet
 
 __all__ = [
     "ACTIVE_STATUSES",
@@ -44,6 +45,8 @@ __all__ = [
     "StreamEntry",
     "StreamPosition",
     "StreamState",
+    "WorkerProcess",
+    "WorkerProcessQuerySet",
     "Workflow",
     "new_workflow_id",
     "stream_state",
