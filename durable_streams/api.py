@@ -41,7 +41,7 @@ from .exceptions import (
 from .models import Status, Stream, StreamEntry
 from .models import Workflow as WorkflowRun
 from .runtime import execution as runtime
-from .runtime import registry
+from .runtime import registry, waiting
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -58,6 +58,7 @@ __all__ = [
     "get_workflow",
     "read_stream",
     "run_step",
+    "sleep",
     "start_workflow",
     "step",
     "workflow",
@@ -66,6 +67,7 @@ __all__ = [
 
 write_stream = runtime.write_stream
 close_stream = runtime.close_stream
+sleep = waiting.sleep
 
 
 def _qualified_name(fn: Callable[..., Any]) -> str:
