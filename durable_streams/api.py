@@ -52,12 +52,15 @@ __all__ = [
     "Workflow",
     "WorkflowHandle",
     "aread_stream",
+    "asend",
     "cancel_workflow",
     "close_stream",
     "current_workflow_id",
     "get_workflow",
     "read_stream",
+    "recv",
     "run_step",
+    "send",
     "sleep",
     "start_workflow",
     "step",
@@ -68,6 +71,7 @@ __all__ = [
 write_stream = runtime.write_stream
 close_stream = runtime.close_stream
 sleep = waiting.sleep
+recv = waiting.recv
 
 
 def _qualified_name(fn: Callable[..., Any]) -> str:
@@ -817,3 +821,36 @@ async def aread_stream(
                 cursor.ended()
                 return
             await waiter.async_wait(cursor.wait_time(interval if retry is None else retry))
+
+
+# Messages
+
+
+def send(
+    workflow_id: str,
+    message: Any,
+    topic: str | None = None,
+    *,
+    idempotency_key: str | None = None,
+) -> None:
+    """Send ``message`` (JSON) to the workflow ``workflow_id``; its ``recv(topic)`` takes it.
+
+    From anywhere. From a workflow body the send is exactly-once: a replay does not
+    send again. With ``idempotency_key``, a repeated send with the same key to the
+    same workflow is stored once. ``WorkflowNotFound`` if there is no such workflow.
+    """
+    check_workflow_id(workflow_id)
+    using = alias()
+    with runtime.on_behalf_of_body(f"sending a message to workflow {workflow_id!r}"):
+        waiting.send(using, workflow_id, message, topic, idempotency_key)
+
+
+async def asend(
+    workflow_id: str,
+    message: Any,
+    topic: str | None = None,
+    *,
+    idempotency_key: str | None = None,
+) -> None:
+    """``send()`` for async code."""
+    await sync_to_async(send)(workflow_id, message, topic, idempotency_key=idempotency_key)

@@ -1,4 +1,4 @@
-"""Workflows that wait: durable sleep."""
+"""Workflows that wait: durable sleep and messages (send/recv)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,22 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from django.conf import settings
+from django.test import override_settings
 
-from durable_streams import WorkflowCancelled, read_stream, sleep
-from durable_streams.models import Step
+from durable_streams import (
+    DurableStreamsError,
+    MessageTimeout,
+    WorkflowCancelled,
+    WorkflowNotFound,
+    read_stream,
+    recv,
+    send,
+    sleep,
+)
+from durable_streams.conf import get_config
+from durable_streams.exceptions import NotInWorkflow
+from durable_streams.models import Message, Step
 from durable_streams.worker import Worker
 from tests import workflows_waiting as flows
 from tests.processes import WorkerProcesses, worker_processes
@@ -40,7 +53,7 @@ def json_output(step: Step) -> dict[str, float]:
 # Bad input
 
 
-def test_bad_seconds_are_refused_with_their_name() -> None:
+def test_bad_arguments_are_refused_with_their_name() -> None:
     with pytest.raises(ValueError, match="seconds"):
         sleep(-1)
     with pytest.raises(ValueError, match="seconds"):
@@ -49,6 +62,32 @@ def test_bad_seconds_are_refused_with_their_name() -> None:
         sleep("1")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="seconds"):
         sleep(True)
+    with pytest.raises(ValueError, match="topic"):
+        recv("")
+    with pytest.raises(ValueError, match="timeout"):
+        recv(timeout=-1)
+    with pytest.raises(NotInWorkflow, match="recv"):
+        recv()
+    with pytest.raises(ValueError, match="workflow_id"):
+        send("", 1)
+
+
+def test_bad_messages_are_refused_before_anything_is_stored(
+    run_burst: Callable[..., Worker],
+) -> None:
+    handle = flows.collector.start(1)
+    wid = handle.workflow_id
+    with pytest.raises(ValueError, match="topic"):
+        send(wid, 1, topic="x" * 256)
+    with pytest.raises(ValueError, match="idempotency_key"):
+        send(wid, 1, idempotency_key="")
+    with pytest.raises(TypeError, match="message to workflow"):
+        send(wid, object())
+    with pytest.raises(ValueError, match="MAX_VALUE_BYTES"):
+        send(wid, "x" * (get_config().MAX_VALUE_BYTES + 1))
+    with pytest.raises(WorkflowNotFound):
+        send("no-such-workflow", 1)
+    assert not Message.objects.exists()
 
 
 def test_outside_a_workflow_sleep_is_a_plain_sleep() -> None:
@@ -106,16 +145,129 @@ def test_a_replayed_sleep_waits_only_for_what_is_left(
     assert handle.get().attempts == 1
 
 
-# Cancel
+# Messages
 
 
-def test_cancel_ends_a_sleeping_workflow_at_once(live_worker: Worker) -> None:
-    handle = flows.napper.start(600)
+def test_a_hundred_messages_across_a_sigkill_are_received_once_each_in_order(
+    processes: WorkerProcesses,
+) -> None:
+    count = 100
+    handle = flows.collector.start(count)
     wid = handle.workflow_id
-    wait_until(lambda: stream_length(wid, "out") >= 1, timeout=10, what="the sleep to start")
+    # Kept until the workflow runs.
+    for i in range(count // 2):
+        send(wid, i)
+    doomed = processes.start("doomed", lease_seconds=1.5)
+    wait_until(lambda: stream_length(wid, "got") >= 10, timeout=30, what="some messages received")
+    doomed.kill()
+    for i in range(count // 2, count):
+        send(wid, i)
+    processes.start("successor", lease_seconds=1.5)
+    try:
+        assert handle.result(timeout=60) == count
+    except Exception:
+        pytest.fail(f"the workflow did not finish:\n{processes.logs()}")
+    assert stream_values(wid, "got") == list(range(count))
+    messages = Message.objects.filter(destination_id=wid)
+    assert not messages.filter(consumed_operation__isnull=True).exists()
+    assert len(set(messages.values_list("consumed_operation", flat=True))) == count
+
+
+def test_an_idempotency_key_stores_a_repeated_send_once(live_worker: Worker) -> None:
+    handle = flows.collector.start(2, "hook")
+    wid = handle.workflow_id
+    for _ in range(5):
+        send(wid, {"paid": 10}, "hook", idempotency_key="evt-1")
+    send(wid, "after", "hook")
+    send(wid, "other topic")  # not on "hook": never received
+    assert handle.result(timeout=10) == 2
+    assert stream_values(wid, "got") == [{"paid": 10}, "after"]
+    assert Message.objects.filter(destination_id=wid, idempotency_key="evt-1").count() == 1
+    assert Message.objects.get(destination_id=wid, topic="").consumed_operation is None
+
+
+def test_sends_from_a_workflow_body_are_not_repeated_by_its_replay(
+    worker_thread: Callable[..., Worker],
+) -> None:
+    receiver = flows.collector.start(3, "fwd")
+    target = receiver.workflow_id
+    handle = flows.forwarder.start(target, ["a", "b", "c"])
+    wid = handle.workflow_id
+    first = worker_thread(worker_id="first", queues=["default"])
+    wait_until(lambda: stream_length(wid, "out") >= 1, timeout=10, what="the sends")
+    first.stop()
+    wait_until(lambda: handle.status == "ENQUEUED", timeout=5, what="the hand-back")
+    worker_thread(worker_id="second")
+    send(wid, "bye", "end")
+    handle.result(timeout=10)
+    assert receiver.result(timeout=10) == 3
+    assert stream_values(target, "got") == ["a", "b", "c"]
+    assert Message.objects.filter(destination_id=target).count() == 3
+
+
+def test_a_recv_timeout_is_recorded_and_raised_again_by_the_replay(
+    worker_thread: Callable[..., Worker],
+) -> None:
+    handle = flows.impatient.start(0.3)
+    wid = handle.workflow_id
+    first = worker_thread(worker_id="first")
+    wait_until(lambda: stream_length(wid, "out") >= 2, timeout=10, what="the timeout")
+    # Had the replay not recorded the timeout, it would receive this message instead.
+    send(wid, "late", "never")
+    first.stop()
+    wait_until(lambda: handle.status == "ENQUEUED", timeout=5, what="the hand-back")
+    worker_thread(worker_id="second")
+    send(wid, "go!", "go")
+    assert handle.result(timeout=10) == "go!"
+    assert stream_values(wid, "out") == ["waiting", "timed out"]
+    assert Message.objects.get(destination_id=wid, topic="never").consumed_operation is None
+    timeout = Step.objects.get(workflow_id=wid, name="durable_streams.recv", status="ERROR")
+    assert "MessageTimeout" in (timeout.error or "")
+
+
+def test_the_timeout_error_is_a_durable_streams_error_and_a_timeout_error() -> None:
+    assert issubclass(MessageTimeout, DurableStreamsError)
+    assert issubclass(MessageTimeout, TimeoutError)
+
+
+# Cancel and leases
+
+
+@pytest.mark.parametrize("waits", ["sleep", "recv"])
+def test_cancel_ends_a_waiting_workflow_at_once(live_worker: Worker, waits: str) -> None:
+    if waits == "sleep":
+        handle = flows.napper.start(600)
+        key = "out"
+    else:
+        handle = flows.collector.start(1)
+        key = "out"
+    wid = handle.workflow_id
+    wait_until(lambda: stream_length(wid, key) >= 1, timeout=10, what="the wait to start")
     cancelled = time.monotonic()
     assert handle.cancel()
     wait_until(lambda: wid not in live_worker._running, timeout=5, what="the run to stop")
     assert time.monotonic() - cancelled < 2
     with pytest.raises(WorkflowCancelled):
-        list(read_stream(wid, "out", timeout=5))
+        list(read_stream(wid, key, timeout=5))
+
+
+def test_a_long_wait_keeps_its_lease(worker_thread: Callable[..., Worker]) -> None:
+    config = {**settings.DURABLE_STREAMS, "LEASE_SECONDS": 0.6}
+    with override_settings(DURABLE_STREAMS=config):
+        handle = flows.collector.start(1)
+        wid = handle.workflow_id
+        worker_thread(worker_id="holder")
+        wait_until(lambda: stream_length(wid, "out") >= 1, timeout=10, what="the wait to start")
+        # Another worker would take the run over if the lease lapsed during the wait.
+        rival = worker_thread(worker_id="rival")
+        wait_until(
+            lambda: handle.get().lease_expires_at.timestamp() > time.time() + 0.3,  # type: ignore[union-attr]
+            timeout=5,
+            what="a renewed lease",
+        )
+        time.sleep(2.0)  # a deliberate wait: three leases long, nothing is to happen
+        run = handle.get()
+        assert (run.lease_owner, run.attempts) == ("holder", 1)
+        send(wid, "x")
+        handle.result(timeout=10)
+        assert rival.completed == 0

@@ -1,10 +1,14 @@
-"""Workflows that wait (tests/test_waiting.py)."""
+"""Workflows that sleep and receive messages (tests/test_waiting.py)."""
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from durable_streams import (
+    MessageTimeout,
+    recv,
+    send,
     sleep,
     step,
     workflow,
@@ -24,3 +28,32 @@ def napper(seconds: float) -> float:
     write_stream("out", "asleep")
     sleep(seconds)
     return time.time() - started
+
+
+@workflow
+def collector(count: int, topic: str | None = None) -> int:
+    write_stream("out", "ready")
+    for _ in range(count):
+        write_stream("got", recv(topic))
+    return count
+
+
+@workflow
+def impatient(timeout: float) -> str:
+    write_stream("out", "waiting")
+    try:
+        recv("never", timeout=timeout)
+    except MessageTimeout:
+        write_stream("out", "timed out")
+    # A second run replays the timeout without waiting again.
+    sleep(0)
+    return str(recv("go"))
+
+
+@workflow
+def forwarder(target: str, values: list[Any]) -> None:
+    for value in values:
+        send(target, value, "fwd")
+    # A crash here replays the sends: none is stored twice.
+    write_stream("out", "sent")
+    recv("end")
