@@ -155,6 +155,18 @@ class MessageTimeout(DurableStreamsError, TimeoutError):
         )
 
 
+class EventTimeout(DurableStreamsError, TimeoutError):
+    """``get_event(timeout=...)``: the workflow did not set the key in time."""
+
+    def __init__(self, workflow_id: str, key: str, timeout: float) -> None:
+        self.workflow_id = workflow_id
+        self.key = key
+        self.timeout = timeout
+        super().__init__(
+            f"Workflow {workflow_id!r} did not set event {key!r} within {timeout} seconds."
+        )
+
+
 class DatabaseUnavailable(DurableStreamsError):
     """A reader or result waiter could not reach the database for ``READER_RETRY_SECONDS``.
 

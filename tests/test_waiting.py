@@ -1,4 +1,4 @@
-"""Workflows that wait: durable sleep and messages (send/recv)."""
+"""Workflows that wait: durable sleep, messages (send/recv) and events (set_event/get_event)."""
 
 from __future__ import annotations
 
@@ -10,21 +10,26 @@ from pathlib import Path
 
 import pytest
 from django.conf import settings
-from django.test import override_settings
+from django.test import Client, override_settings
+from django.urls import reverse
 
 from durable_streams import (
     DurableStreamsError,
+    EventTimeout,
     MessageTimeout,
     WorkflowCancelled,
     WorkflowNotFound,
+    aget_event,
+    get_event,
     read_stream,
     recv,
     send,
+    set_event,
     sleep,
 )
 from durable_streams.conf import get_config
 from durable_streams.exceptions import NotInWorkflow
-from durable_streams.models import Message, Step
+from durable_streams.models import Event, Message, Step
 from durable_streams.worker import Worker
 from tests import workflows_waiting as flows
 from tests.processes import WorkerProcesses, worker_processes
@@ -68,8 +73,14 @@ def test_bad_arguments_are_refused_with_their_name() -> None:
         recv(timeout=-1)
     with pytest.raises(NotInWorkflow, match="recv"):
         recv()
+    with pytest.raises(NotInWorkflow, match="set_event"):
+        set_event("k", 1)
     with pytest.raises(ValueError, match="workflow_id"):
         send("", 1)
+    with pytest.raises(ValueError, match="key"):
+        get_event("some-id", "")
+    with pytest.raises(ValueError, match="timeout"):
+        get_event("some-id", "k", timeout=math.inf)
 
 
 def test_bad_messages_are_refused_before_anything_is_stored(
@@ -228,6 +239,51 @@ def test_a_recv_timeout_is_recorded_and_raised_again_by_the_replay(
 def test_the_timeout_error_is_a_durable_streams_error_and_a_timeout_error() -> None:
     assert issubclass(MessageTimeout, DurableStreamsError)
     assert issubclass(MessageTimeout, TimeoutError)
+    assert issubclass(EventTimeout, DurableStreamsError)
+    assert issubclass(EventTimeout, TimeoutError)
+
+
+# Events
+
+
+def test_get_event_sees_each_new_value(live_worker: Worker) -> None:
+    handle = flows.publisher.start(3)
+    wid = handle.workflow_id
+    assert get_event(wid, "progress", timeout=10) == 0
+    for expected in (1, 2, "done"):
+        send(wid, "more", "next")
+        wait_until(
+            lambda expected=expected: get_event(wid, "progress", timeout=5) == expected,  # type: ignore[misc]
+            timeout=10,
+            what=f"progress {expected!r}",
+        )
+    assert handle.result(timeout=10) == 3
+    with pytest.raises(EventTimeout, match="missing"):
+        get_event(wid, "missing", timeout=0.2)
+    with pytest.raises(WorkflowNotFound):
+        get_event("no-such-workflow", "progress", timeout=1)
+
+
+def test_get_event_waits_until_the_key_is_set(live_worker: Worker) -> None:
+    handle = flows.collector.start(1)  # never sets the key: a step of publisher will
+    wid = handle.workflow_id
+    with pytest.raises(EventTimeout):
+        get_event(wid, "progress", timeout=0.3)
+    publisher = flows.publisher.start(0)
+    assert get_event(publisher.workflow_id, "progress", timeout=10) == "done"
+    send(wid, "end")
+    handle.result(timeout=10)
+
+
+async def test_aget_event(async_db: None, live_worker: Worker) -> None:
+    from asgiref.sync import sync_to_async
+
+    handle = await sync_to_async(flows.publisher.start)(0)
+    assert await aget_event(handle.workflow_id, "progress", timeout=10) == "done"
+    with pytest.raises(EventTimeout):
+        await aget_event(handle.workflow_id, "other", timeout=0.2)
+    with pytest.raises(WorkflowNotFound):
+        await aget_event("no-such-workflow", "progress", timeout=1)
 
 
 # Cancel and leases
@@ -252,7 +308,7 @@ def test_cancel_ends_a_waiting_workflow_at_once(live_worker: Worker, waits: str)
 
 
 def test_a_long_wait_keeps_its_lease(worker_thread: Callable[..., Worker]) -> None:
-    config = {**settings.DURABLE_STREAMS, "LEASE_SECONDS": 0.6}
+    config = {**settings.DURABLE_STREAMS, "LEASE_SECONDS": 1.0}
     with override_settings(DURABLE_STREAMS=config):
         handle = flows.collector.start(1)
         wid = handle.workflow_id
@@ -261,13 +317,50 @@ def test_a_long_wait_keeps_its_lease(worker_thread: Callable[..., Worker]) -> No
         # Another worker would take the run over if the lease lapsed during the wait.
         rival = worker_thread(worker_id="rival")
         wait_until(
-            lambda: handle.get().lease_expires_at.timestamp() > time.time() + 0.3,  # type: ignore[union-attr]
+            lambda: handle.get().lease_expires_at.timestamp() > time.time() + 0.5,  # type: ignore[union-attr]
             timeout=5,
             what="a renewed lease",
         )
-        time.sleep(2.0)  # a deliberate wait: three leases long, nothing is to happen
+        time.sleep(3.0)  # a deliberate wait: three leases long, nothing is to happen
         run = handle.get()
         assert (run.lease_owner, run.attempts) == ("holder", 1)
         send(wid, "x")
         handle.result(timeout=10)
         assert rival.completed == 0
+
+
+# Admin
+
+
+def test_the_workflow_page_lists_messages_and_events_bounded(admin_client: Client) -> None:
+    from durable_streams.admin import display
+
+    handle = flows.collector.start(1, "t")
+    wid = handle.workflow_id
+    for i in range(display.PAGE_MESSAGES + 2):
+        send(wid, f"pending-<{i}>", "t")
+    Message.objects.filter(destination_id=wid, value='"pending-<0>"').update(consumed_operation=1)
+    Event.objects.create(workflow_id=wid, key="progress", value='{"pct": 40}')
+    response = admin_client.get(reverse("admin:durable_streams_workflow_change", args=[wid]))
+    assert response.status_code == 200
+    html = response.content.decode()
+    assert "<h2>Messages</h2>" in html and "<h2>Events</h2>" in html
+    rows = response.context["workflow_messages"]
+    # The newest first, at most a page of them; values escaped.
+    assert len(rows) == display.PAGE_MESSAGES
+    assert rows[0]["value"] == f'"pending-<{display.PAGE_MESSAGES + 1}>"'
+    assert "pending-&lt;21&gt;" in html
+    assert response.context["more_workflow_messages"]
+    assert "Pending" in html
+    assert [e["key"] for e in response.context["workflow_events"]] == ["progress"]
+    assert "&quot;pct&quot;: 40" in html
+
+
+def test_a_received_message_shows_its_operation(admin_client: Client, live_worker: Worker) -> None:
+    handle = flows.collector.start(1, "t")
+    send(handle.workflow_id, "hello", "t")
+    handle.result(timeout=10)
+    response = admin_client.get(
+        reverse("admin:durable_streams_workflow_change", args=[handle.workflow_id])
+    )
+    assert "Received (op. 1)" in response.content.decode()

@@ -1,4 +1,4 @@
-"""Workflows that sleep and receive messages (tests/test_waiting.py)."""
+"""Workflows that sleep, receive messages and publish events (tests/test_waiting.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from durable_streams import (
     MessageTimeout,
     recv,
     send,
+    set_event,
     sleep,
     step,
     workflow,
@@ -48,6 +49,15 @@ def impatient(timeout: float) -> str:
     # A second run replays the timeout without waiting again.
     sleep(0)
     return str(recv("go"))
+
+
+@workflow
+def publisher(count: int) -> int:
+    for i in range(count):
+        set_event("progress", i)
+        recv("next")
+    set_event("progress", "done")
+    return count
 
 
 @workflow

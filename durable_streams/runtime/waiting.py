@@ -1,9 +1,9 @@
-"""What a workflow waits for: durable sleep and messages (send/recv).
+"""What a workflow waits for: durable sleep, messages (send/recv) and events.
 
 Each wait function that has an effect takes the body's next operation number and
 records it as a checkpoint (under a step name of ``WAIT_KINDS``): a sleep's wake time,
-a recv's message or timeout, a send. A replay finds them and returns
-the same thing at the same point. Messages have a table of their own, so
+a recv's message or timeout, a send, a set_event. A replay finds them and returns
+the same thing at the same point. Messages and events have tables of their own, so
 that a waiting run can later be suspended and woken by what arrives.
 
 In this version a waiting run blocks in place: it keeps its worker slot, and its
@@ -22,11 +22,11 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from .. import encoding
-from ..bus import announce, message_topic, poll_interval, subscribe, workflow_topic
+from ..bus import announce, event_topic, message_topic, poll_interval, subscribe, workflow_topic
 from ..conf import get_config
 from ..db import take_write_lock
 from ..exceptions import MessageTimeout, NotInWorkflow, WorkflowNotFound
-from ..models import Message, Step, Workflow
+from ..models import Event, Message, Step, Workflow
 from .execution import (
     Execution,
     current_execution,
@@ -330,3 +330,66 @@ def recv(topic: str | None = None, *, timeout: float | None = None) -> Any:
     record["timeout"] = repr(seconds)
     record_checkpoint(execution, operation, RECV, Step.Outcome.ERROR, None, record, 1, started)
     raise error
+
+
+# Events
+
+
+def _store_event(using: str, workflow_id: str, key: str, text: str, operation: int | None) -> None:
+    events = Event.objects.using(using).filter(workflow_id=workflow_id, key=key)
+    now = timezone.now()
+    # Only the workflow's own thread sets its events: no other writer races this.
+    if not events.update(value=text, operation=operation, updated_at=now):
+        Event.objects.using(using).create(
+            workflow_id=workflow_id, key=key, value=text, operation=operation, updated_at=now
+        )
+    announce([event_topic(workflow_id)], using)
+
+
+def set_event(key: str, value: Any) -> None:
+    """Publish ``value`` under ``key`` for ``get_event``; setting a key again replaces it.
+
+    From the workflow body exactly-once, like a stream write; from a step at once.
+    """
+    key_text = check_name("key", key, optional=False)
+    assert key_text is not None
+    text = encode_value(value, f"The value of event {key_text!r}")
+    execution = current_execution()
+    if execution is None:
+        raise NotInWorkflow("set_event() can only be called from a workflow, or from its steps.")
+    if execution.step_name is not None:
+        with transaction.atomic(using=execution.using):
+            take_write_lock(execution.using)
+            _store_event(execution.using, execution.workflow_id, key_text, text, None)
+        return
+    execution.check_stop()
+    operation, replaying = execution.take_operation("set_event", "")
+    if replaying:
+        return
+    execution.flush()
+    started = timezone.now()
+    with (
+        library_statements(execution, f"setting event {key_text!r}"),
+        transaction.atomic(using=execution.using),
+    ):
+        execution.fence()
+        _store_event(execution.using, execution.workflow_id, key_text, text, operation)
+        _checkpoint_in_transaction(execution, operation, SET_EVENT, None, started)
+
+
+def read_event(using: str, workflow_id: str, key: str) -> tuple[Any] | None:
+    """The event's latest value (in a tuple), or None while it is not set.
+
+    ``WorkflowNotFound`` if there is no such workflow.
+    """
+    text = (
+        Event.objects.using(using)
+        .filter(workflow_id=workflow_id, key=key)
+        .values_list("value", flat=True)
+        .first()
+    )
+    if text is not None:
+        return (encoding.loads(text),)
+    if not Workflow.objects.using(using).filter(pk=workflow_id).exists():
+        raise WorkflowNotFound(workflow_id)
+    return None
