@@ -18,6 +18,7 @@ from durable_streams import (
     EventTimeout,
     MessageTimeout,
     WorkflowCancelled,
+    WorkflowFailed,
     WorkflowNotFound,
     aget_event,
     get_event,
@@ -364,3 +365,22 @@ def test_a_received_message_shows_its_operation(admin_client: Client, live_worke
         reverse("admin:durable_streams_workflow_change", args=[handle.workflow_id])
     )
     assert "Received (op. 1)" in response.content.decode()
+
+
+def test_a_replay_that_meets_another_wait_is_non_deterministic(
+    worker_thread: Callable[..., Worker], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    handle = flows.swapper.start()
+    wid = handle.workflow_id
+    first = worker_thread(worker_id="first")
+    wait_until(
+        lambda: Step.objects.filter(workflow_id=wid, name="durable_streams.sleep").exists(),
+        timeout=10,
+        what="the sleep to be recorded",
+    )
+    first.stop()
+    wait_until(lambda: handle.status == "ENQUEUED", timeout=5, what="the hand-back")
+    monkeypatch.setitem(flows.swapped, "on", True)
+    worker_thread(worker_id="second")
+    with pytest.raises(WorkflowFailed, match=r"reached recv\(\) at operation 1, but an earlier"):
+        handle.result(timeout=10)

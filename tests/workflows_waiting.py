@@ -67,3 +67,17 @@ def forwarder(target: str, values: list[Any]) -> None:
     # A crash here replays the sends: none is stored twice.
     write_stream("out", "sent")
     recv("end")
+
+
+# Set by a test to change the body between two runs.
+swapped = {"on": False}
+
+
+@workflow
+def swapper() -> None:
+    write_stream("out", "start")
+    if swapped["on"]:
+        recv(timeout=0)
+    else:
+        sleep(0)
+    recv("go")
