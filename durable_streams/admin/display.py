@@ -22,6 +22,9 @@ from ..models import (
 # On the workflow page: the first steps, the first streams, and the last entries of each.
 PAGE_STEPS = 50
 PAGE_STREAMS = 20
+# Messages (newest first) and events (by key) on the workflow's page.
+PAGE_MESSAGES = 20
+PAGE_EVENTS = 20
 PAGE_TAIL = 10
 # Entries an open stream's live tail keeps on the page; older ones scroll away.
 LIVE_ROWS = 200
