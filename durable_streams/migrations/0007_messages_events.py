@@ -8,7 +8,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('durable_streams', '0005_entry_operation_unique_everywhere'),
+        ('durable_streams', '0006_worker_processes'),
     ]
 
     operations = [
