@@ -21,6 +21,7 @@ from django.db.models import Model
 
 from . import encoding, schema, telemetry
 from .bus import (
+    event_topic,
     poll_interval,
     publish_changes,
     stream_topic,
@@ -31,6 +32,7 @@ from .conf import MAXIMA, get_config
 from .db import alias
 from .exceptions import (
     DatabaseUnavailable,
+    EventTimeout,
     StreamTimeout,
     WorkflowCancelled,
     WorkflowConflict,
@@ -41,7 +43,7 @@ from .exceptions import (
 from .models import Status, Stream, StreamEntry, Workflow
 from .retry import ReadRetry
 from .runtime import execution as runtime
-from .runtime import registry
+from .runtime import registry, waiting
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -51,13 +53,20 @@ logger = logging.getLogger("durable_streams.api")
 __all__ = [
     "WorkflowFunction",
     "WorkflowHandle",
+    "aget_event",
     "aread_stream",
+    "asend",
     "cancel_workflow",
     "close_stream",
     "current_workflow_id",
+    "get_event",
     "get_workflow",
     "read_stream",
+    "recv",
     "run_step",
+    "send",
+    "set_event",
+    "sleep",
     "start_workflow",
     "step",
     "workflow",
@@ -66,6 +75,9 @@ __all__ = [
 
 write_stream = runtime.write_stream
 close_stream = runtime.close_stream
+sleep = waiting.sleep
+recv = waiting.recv
+set_event = waiting.set_event
 
 
 def _qualified_name(fn: Callable[..., Any]) -> str:
@@ -804,3 +816,91 @@ async def aread_stream(
                 cursor.ended()
                 return
             await waiter.async_wait(cursor.wait_time(interval if retry is None else retry))
+
+
+# Messages and events
+
+
+def send(
+    workflow_id: str,
+    message: Any,
+    topic: str | None = None,
+    *,
+    idempotency_key: str | None = None,
+) -> None:
+    """Send ``message`` (JSON) to the workflow ``workflow_id``; its ``recv(topic)`` takes it.
+
+    From anywhere. From a workflow body the send is exactly-once: a replay does not
+    send again. With ``idempotency_key``, a repeated send with the same key to the
+    same workflow is stored once. ``WorkflowNotFound`` if there is no such workflow.
+    """
+    check_workflow_id(workflow_id)
+    using = alias()
+    with runtime.on_behalf_of_body(f"sending a message to workflow {workflow_id!r}"):
+        waiting.send(using, workflow_id, message, topic, idempotency_key)
+
+
+async def asend(
+    workflow_id: str,
+    message: Any,
+    topic: str | None = None,
+    *,
+    idempotency_key: str | None = None,
+) -> None:
+    """``send()`` for async code."""
+    await sync_to_async(send)(workflow_id, message, topic, idempotency_key=idempotency_key)
+
+
+def _event_arguments(workflow_id: str, key: str, timeout: float | None) -> tuple[str, float | None]:
+    check_workflow_id(workflow_id)
+    key_text = waiting.check_name("key", key, optional=False)
+    assert key_text is not None
+    return key_text, waiting.check_timeout(timeout)
+
+
+def get_event(workflow_id: str, key: str, *, timeout: float | None = None) -> Any:
+    """The latest value that workflow ``workflow_id`` set under ``key``, waiting until it is set.
+
+    ``EventTimeout`` when it is not set within ``timeout`` seconds (None: no limit);
+    ``WorkflowNotFound`` if there is no such workflow.
+    """
+    key, seconds = _event_arguments(workflow_id, key, timeout)
+    using = alias()
+    deadline = None if seconds is None else time.monotonic() + seconds
+    with subscribe([event_topic(workflow_id)]) as waiter:
+        interval = poll_interval(using)
+        while True:
+            waiter.clear()
+            with runtime.on_behalf_of_body(f"reading event {key!r} of {workflow_id!r}"):
+                found = waiting.read_event(using, workflow_id, key)
+            if found is not None:
+                return found[0]
+            wait = interval
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise EventTimeout(workflow_id, key, seconds or 0.0)
+                wait = min(wait, remaining)
+            waiter.wait(wait)
+
+
+async def aget_event(workflow_id: str, key: str, *, timeout: float | None = None) -> Any:
+    """``get_event()`` for async code."""
+    key, seconds = _event_arguments(workflow_id, key, timeout)
+    using = alias()
+    deadline = None if seconds is None else time.monotonic() + seconds
+    read = sync_to_async(waiting.read_event)
+    with subscribe([event_topic(workflow_id)], loop=asyncio.get_running_loop()) as waiter:
+        interval = await sync_to_async(poll_interval)(using)
+        while True:
+            waiter.clear()
+            found = await read(using, workflow_id, key)
+            if found is not None:
+                return found[0]
+            wait = interval
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise EventTimeout(workflow_id, key, seconds or 0.0)
+                wait = min(wait, remaining)
+            await waiter.async_wait(wait)

@@ -18,6 +18,9 @@ DEFAULTS: dict[str, Any] = {
     "LEASE_SECONDS": 10.0,
     # Seconds between lease renewals; None means a third of LEASE_SECONDS.
     "HEARTBEAT_SECONDS": None,
+    # Seconds between the beats by which a worker says, in its row of the worker
+    # processes table, that it is alive; a row not refreshed for 3 of them counts as gone.
+    "WORKER_HEARTBEAT_SECONDS": 10.0,
     # Seconds between database polls where no notification channel reaches the
     # process (SQLite across processes, or a missed PostgreSQL notification).
     "POLL_INTERVAL": 0.1,
@@ -70,6 +73,7 @@ DEFAULTS: dict[str, Any] = {
 # or overflows the arithmetic it meets (timedelta, float) far from where it was set.
 _NUMBERS: dict[str, tuple[type[int | float], float]] = {
     "LEASE_SECONDS": (float, 0.5),
+    "WORKER_HEARTBEAT_SECONDS": (float, 0.05),
     "POLL_INTERVAL": (float, 0.001),
     "NOTIFY_FALLBACK_POLL": (float, 0.01),
     "MAX_VALUE_BYTES": (int, 1),
@@ -86,6 +90,7 @@ _NUMBERS: dict[str, tuple[type[int | float], float]] = {
 DAY = 86_400
 MAXIMA: dict[str, int] = {
     "LEASE_SECONDS": DAY,
+    "WORKER_HEARTBEAT_SECONDS": 3_600,
     "POLL_INTERVAL": 60,
     "NOTIFY_FALLBACK_POLL": 3_600,
     "MAX_VALUE_BYTES": 64 * 1024 * 1024,
@@ -104,6 +109,7 @@ MAXIMA: dict[str, int] = {
 class Config:
     LEASE_SECONDS: float
     HEARTBEAT_SECONDS: float
+    WORKER_HEARTBEAT_SECONDS: float
     POLL_INTERVAL: float
     NOTIFY_FALLBACK_POLL: float
     LISTEN_NOTIFY: bool

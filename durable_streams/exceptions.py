@@ -139,6 +139,34 @@ class StreamTimeout(DurableStreamsError, TimeoutError):
         )
 
 
+class MessageTimeout(DurableStreamsError, TimeoutError):
+    """``recv(timeout=...)`` found no message on its topic in time.
+
+    Recorded: a replay of the workflow raises it again at the same point.
+    """
+
+    def __init__(self, workflow_id: str, topic: str | None, timeout: float) -> None:
+        self.workflow_id = workflow_id
+        self.topic = topic
+        self.timeout = timeout
+        on = "the default topic" if topic is None else f"topic {topic!r}"
+        super().__init__(
+            f"No message on {on} for workflow {workflow_id!r} within {timeout} seconds."
+        )
+
+
+class EventTimeout(DurableStreamsError, TimeoutError):
+    """``get_event(timeout=...)``: the workflow did not set the key in time."""
+
+    def __init__(self, workflow_id: str, key: str, timeout: float) -> None:
+        self.workflow_id = workflow_id
+        self.key = key
+        self.timeout = timeout
+        super().__init__(
+            f"Workflow {workflow_id!r} did not set event {key!r} within {timeout} seconds."
+        )
+
+
 class DatabaseUnavailable(DurableStreamsError):
     """A reader or result waiter could not reach the database for ``READER_RETRY_SECONDS``.
 

@@ -33,7 +33,8 @@ from .bus import (
 from .conf import get_config
 from .db import ConnectionKeeper, alias, take_write_lock
 from .exceptions import Interrupted, LeaseLost, WorkflowNotRegistered
-from .models import Claim, Status, Workflow, WorkflowQuerySet
+from .models import Claim, Status, WorkerProcess, Workflow, WorkflowQuerySet
+from .models.workers import GONE_AFTER_BEATS
 from .runtime import execution as runtime
 from .runtime import registry, writer
 
@@ -43,6 +44,11 @@ logger = logging.getLogger("durable_streams.worker")
 # long it keeps quiet about one it has already warned of.
 UNKNOWN_CHECK_SECONDS = 60.0
 UNKNOWN_WARNING_SECONDS = 600.0
+# Rows of gone workers are swept at every this many beats of a live worker's own row.
+SWEEP_EVERY_BEATS = 3
+# When this process loaded the worker: with the pid, it tells a process from a later one
+# that reuses its pid.
+PROCESS_STARTED_AT = timezone.now()
 
 
 class WorkflowAdapter(logging.LoggerAdapter[logging.Logger]):
@@ -98,6 +104,8 @@ class Worker:
         self._next_exhausted_check = 0.0
         self._next_unknown_check = 0.0
         self._unknown_warned: dict[str, float] = {}
+        self._registered = False
+        self._beats = 0
         self.completed = 0
 
     # Control
@@ -147,6 +155,7 @@ class Worker:
             len(names),
         )
         self._describe_registry()
+        self._register()
         heartbeat = threading.Thread(
             target=self._heartbeat, name="durable-streams-heartbeat", daemon=True
         )
@@ -193,6 +202,9 @@ class Worker:
         finally:
             self._waiter = None
             self._shutdown(pool)
+            # No beat may bring the row back once it is deleted.
+            heartbeat.join(get_config().WORKER_HEARTBEAT_SECONDS + 5)
+            self._unregister()
             # Workflows handed back at shutdown are announced to the other workers.
             flush_notifications()
             writer.release_connections()
@@ -233,7 +245,7 @@ class Worker:
         if now < self._next_unknown_check:
             return
         self._next_unknown_check = now + UNKNOWN_CHECK_SECONDS
-        waiting = (
+        waiting = list(
             Workflow.objects.using(self.using)
             .filter(status=Status.ENQUEUED, queue__in=self.queues)
             .exclude(name__in=names)
@@ -241,14 +253,20 @@ class Worker:
             .order_by()
             .distinct()[:20]
         )
+        if not waiting:
+            return
+        # Another live worker may run them: only a name that none knows is worth a warning.
+        known = WorkerProcess.objects.using(self.using).known_names()
+        if known is None:
+            return
         for name, queue in waiting:
-            if now < self._unknown_warned.get(name, 0.0):
+            if name in known or now < self._unknown_warned.get(name, 0.0):
                 continue
             self._unknown_warned[name] = now + UNKNOWN_WARNING_SECONDS
             logger.warning(
-                "Runs of workflow %r wait in queue %r, but it is not registered in this worker, "
-                "so it never takes them. Is the module that defines it a workflows.py module "
-                "of an installed app, and is this worker running the same code as the process "
+                "Runs of workflow %r wait in queue %r, but no running worker has it registered, "
+                "so none takes them. Is the module that defines it a workflows.py module "
+                "of an installed app, and are the workers running the same code as the process "
                 "that started them?",
                 name,
                 queue,
@@ -338,14 +356,94 @@ class Worker:
         if finished:
             logger.error("[%s] %s", workflow_id, message)
 
+    # This worker's row in the worker processes table
+
+    def _register(self) -> bool:
+        try:
+            WorkerProcess.objects.using(self.using).register(
+                self.worker_id,
+                hostname=socket.gethostname(),
+                pid=os.getpid(),
+                process_started_at=PROCESS_STARTED_AT,
+                queues=self.queues,
+                concurrency=self.concurrency,
+                names=registry.names(),
+            )
+        except Error:
+            # The heartbeat tries again: the row only informs operators.
+            logger.exception("Could not record this worker in the worker processes table.")
+            return False
+        self._registered = True
+        return True
+
+    def _beat(self) -> None:
+        """Refresh this worker's row (inserting it again if it was swept), now and then
+        deleting the rows of gone workers."""
+        workers = WorkerProcess.objects.using(self.using)
+        beating = self._registered and workers.beat(self.worker_id)
+        if not beating and not self._register():
+            return
+        self._beats += 1
+        if self._beats % SWEEP_EVERY_BEATS == 1:
+            swept = workers.sweep()
+            if swept:
+                logger.info(
+                    "Removed %d workers from the worker processes table: no heartbeat for %ss.",
+                    swept,
+                    GONE_AFTER_BEATS * get_config().WORKER_HEARTBEAT_SECONDS,
+                )
+
+    def _unregister(self) -> None:
+        try:
+            WorkerProcess.objects.using(self.using).filter(pk=self.worker_id).delete()
+        except Error:
+            logger.warning(
+                "Could not remove this worker from the worker processes table; it counts "
+                "as gone once its heartbeat is %ss old.",
+                GONE_AFTER_BEATS * get_config().WORKER_HEARTBEAT_SECONDS,
+            )
+
     # Heartbeats
 
     def _heartbeat(self) -> None:
         # Runs until the shutdown is over: leases of workflows finishing their last
-        # step during the grace period must not expire.
+        # step during the grace period must not expire. It also beats the worker's row,
+        # on its own schedule: no claim pays a query for it.
         config = get_config()
         keeper = ConnectionKeeper(self.using)
-        while not self._heartbeat_done.wait(config.HEARTBEAT_SECONDS):
+        started = time.monotonic()
+        next_renewal = started + config.HEARTBEAT_SECONDS
+        next_beat = started + config.WORKER_HEARTBEAT_SECONDS
+        while not self._heartbeat_done.wait(
+            max(min(next_renewal, next_beat) - time.monotonic(), 0.0)
+        ):
+            now = time.monotonic()
+            if now >= next_beat:
+                next_beat = now + config.WORKER_HEARTBEAT_SECONDS
+                try:
+                    keeper.ready()
+                    self._beat()
+                except Exception as exc:
+                    hint = (
+                        backend_for(self.using).explain(exc)
+                        if isinstance(exc, DatabaseError)
+                        else None
+                    )
+                    if hint is None:
+                        logger.exception(
+                            "Worker heartbeat failed; retrying in %ss.",
+                            config.WORKER_HEARTBEAT_SECONDS,
+                        )
+                    else:
+                        logger.warning(
+                            "Worker heartbeat failed: %s Retrying in %ss.",
+                            hint,
+                            config.WORKER_HEARTBEAT_SECONDS,
+                        )
+                    keeper.broken()
+            if now < next_renewal:
+                continue
+            next_renewal = now + config.HEARTBEAT_SECONDS
             with self._lock:
                 ids = list(self._running)
             if not ids:

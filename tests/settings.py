@@ -94,6 +94,7 @@ DURABLE_STREAMS = {
     "LEASE_SECONDS": float(os.environ.get("DS_LEASE_SECONDS", "3")),
     "POLL_INTERVAL": float(os.environ.get("DS_POLL_INTERVAL", "0.02")),
     "SHUTDOWN_GRACE_SECONDS": float(os.environ.get("DS_GRACE_SECONDS", "10")),
+    "WORKER_HEARTBEAT_SECONDS": float(os.environ.get("DS_WORKER_HEARTBEAT_SECONDS", "10")),
 }
 
 LOGGING = {

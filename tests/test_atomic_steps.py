@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 from django.conf import settings
 from django.test import override_settings
-from django.utils import timezone
 
 from durable_streams import Status, cancel_workflow, read_stream
 from durable_streams.models import Step, Workflow
@@ -78,10 +77,20 @@ def test_the_heartbeat_renews_the_lease_while_an_atomic_step_runs(
         handle = workflows_atomic.waits_in_an_atomic_step.start("renewed mid-step")
         worker_thread(worker_id="atomic")
         assert workflows_atomic.step_running.wait(10)
-        time.sleep(1.5)  # past the lease that the claim gave
-        run = Workflow.objects.get(pk=handle.workflow_id)
-        assert run.lease_owner == "atomic"
-        assert run.lease_expires_at > timezone.now() + timedelta(seconds=0.3)
+        first = Workflow.objects.get(pk=handle.workflow_id).lease_expires_at
+        assert first is not None
+        # Renewed twice over while the step still runs: past the lease that the claim gave.
+        run = wait_until(
+            lambda: Workflow.objects.filter(
+                pk=handle.workflow_id,
+                lease_owner="atomic",
+                lease_expires_at__gt=first + timedelta(seconds=2),
+            ).first(),
+            timeout=15,
+            what="the lease renewed while the atomic step runs",
+        )
+        assert run.status == Status.RUNNING
+        assert not workflows_atomic.step_may_end.is_set()
         workflows_atomic.step_may_end.set()
         assert handle.result(timeout=10) == "renewed mid-step"
     assert Effect.objects.filter(label="renewed mid-step").count() == 1

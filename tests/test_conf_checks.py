@@ -57,6 +57,22 @@ def ids(messages: list[CheckMessage]) -> list[str]:
             {"LEASE_SECONDS": 3, "HEARTBEAT_SECONDS": 3},
             "['HEARTBEAT_SECONDS'] (3) must be shorter than LEASE_SECONDS (3.0)",
         ),
+        (
+            {"WORKER_HEARTBEAT_SECONDS": "10"},
+            "['WORKER_HEARTBEAT_SECONDS'] must be a number, not str",
+        ),
+        (
+            {"WORKER_HEARTBEAT_SECONDS": 0},
+            "['WORKER_HEARTBEAT_SECONDS'] must be at least 0.05, not 0",
+        ),
+        (
+            {"WORKER_HEARTBEAT_SECONDS": 3601},
+            "['WORKER_HEARTBEAT_SECONDS'] must be at most 3600, not 3601",
+        ),
+        (
+            {"WORKER_HEARTBEAT_SECONDS": float("inf")},
+            "['WORKER_HEARTBEAT_SECONDS'] must be a finite number, not inf",
+        ),
         ({"LISTEN_NOTIFY": "yes"}, "['LISTEN_NOTIFY'] must be True or False, not 'yes'"),
         (
             {"FLUSH_EACH_CHECKPOINT": 1},

@@ -102,7 +102,7 @@ def test_worker_warns_once_about_runs_of_an_unknown_workflow(
         worker._warn_unknown([workflows.echo.name])
     warnings = [r.getMessage() for r in caplog.records if "defined_elsewhere" in r.getMessage()]
     assert len(warnings) == 1, warnings
-    assert "wait in queue 'default', but it is not registered in this worker" in warnings[0]
+    assert "wait in queue 'default', but no running worker has it registered" in warnings[0]
     # They are left waiting for a worker that knows them.
     assert (
         WorkflowRun.objects.filter(name="myapp.defined_elsewhere", status=Status.ENQUEUED).count()

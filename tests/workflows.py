@@ -453,3 +453,4 @@ from .workflows_atomic import atomic_stream_writer  # noqa: E402, F401 - registe
 from .workflows_faults import two_steps  # noqa: E402, F401 - registers the fault tests' workflows
 from .workflows_interrupted import interruptible  # noqa: E402, F401 - registers it
 from .workflows_storm import storm  # noqa: E402, F401 - registers it
+from .workflows_waiting import napper  # noqa: E402, F401 - registers the wait tests' workflows

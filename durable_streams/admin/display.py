@@ -11,14 +11,20 @@ from django.utils import timezone
 from django.utils.formats import number_format
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
+from django.utils.translation import gettext_lazy as _
 
 from ..models import (
     Status,
+    WorkerProcess,
+    Workflow,
 )
 
 # On the workflow page: the first steps, the first streams, and the last entries of each.
 PAGE_STEPS = 50
 PAGE_STREAMS = 20
+# Messages (newest first) and events (by key) on the workflow's page.
+PAGE_MESSAGES = 20
+PAGE_EVENTS = 20
 PAGE_TAIL = 10
 # Entries an open stream's live tail keeps on the page; older ones scroll away.
 LIVE_ROWS = 200
@@ -162,3 +168,33 @@ STATUS_LABELS = dict(Status.choices)
 def status_badge(status: str) -> SafeString:
     label = STATUS_LABELS.get(status, status)
     return format_html('<span class="ds-badge ds-badge-{}">{}</span>', str(status).lower(), label)
+
+
+UNKNOWN_WORKFLOW = _("No running worker knows this workflow")
+UNKNOWN_WORKFLOW_HINT = _(
+    "No live worker has registered it, so none will take this run. Define the workflow in a "
+    "workflows.py module of an installed app (workers import those at start-up, like "
+    "admin.py), and run the workers with the same code as the process that started it."
+)
+
+
+def mark_unknown_workflows(runs: list[Workflow], using: str) -> None:
+    """Set ``unknown_workflow`` on each run: enqueued, and no live worker knows its name.
+
+    One query for the whole list, and none when no run in it is enqueued.
+    """
+    enqueued = [run for run in runs if run.status == Status.ENQUEUED]
+    known = WorkerProcess.objects.using(using).known_names() if enqueued else None
+    for run in runs:
+        # None: a worker's list was cut, so no name can be said to be unknown.
+        run.unknown_workflow = (  # type: ignore[attr-defined]  # shown by the admin only
+            known is not None and run.status == Status.ENQUEUED and run.name not in known
+        )
+
+
+def unknown_workflow_mark() -> SafeString:
+    return format_html(
+        '<span class="ds-unknown-workflow" title="{}">{}</span>',
+        UNKNOWN_WORKFLOW_HINT,
+        UNKNOWN_WORKFLOW,
+    )

@@ -19,6 +19,7 @@ from ..db import alias
 from ..models import (
     Workflow,
 )
+from .display import mark_unknown_workflows
 
 # Values listed by the name and queue filters, at most.
 FILTER_VALUES = 100
@@ -90,3 +91,7 @@ class WorkflowChangeList(ChangeList):
         # The JSON columns can be large and the list never shows them.
         queryset = super().get_queryset(request, exclude_parameters)
         return queryset.defer("inputs", "output", "error")
+
+    def get_results(self, request: HttpRequest) -> None:
+        super().get_results(request)
+        mark_unknown_workflows(list(self.result_list), alias())

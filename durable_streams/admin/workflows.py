@@ -30,6 +30,8 @@ from django.utils.translation import gettext_lazy as _
 
 from ..db import alias
 from ..models import (
+    Event,
+    Message,
     Step,
     Stream,
     StreamEntry,
@@ -42,20 +44,27 @@ from .display import (
     JSON_FIELDS,
     LIVE_ROWS,
     NAMED_IN_MESSAGE,
+    PAGE_EVENTS,
+    PAGE_MESSAGES,
     PAGE_STEPS,
     PAGE_STREAMS,
     PAGE_TAIL,
     PREVIEW_CHARS,
     STEPS_PER_PAGE,
+    UNKNOWN_WORKFLOW,
+    UNKNOWN_WORKFLOW_HINT,
     VALUE_CHARS,
     Detail,
+    clip,
     decode_error,
     error_type_of,
     format_duration,
     format_time,
     format_when,
+    mark_unknown_workflows,
     short_id,
     status_badge,
+    unknown_workflow_mark,
 )
 from .filters import CreatedFilter, IndexedValuesFilter, WorkflowChangeList
 from .pages import CappedCountPaginator, EntryRow, Pager, StepRow, StreamPanel, offset_param
@@ -177,6 +186,9 @@ class WorkflowAdmin(admin.ModelAdmin):  # type: ignore[type-arg]  # generic only
 
     @admin.display(description=_("status"), ordering="status")
     def status_column(self, obj: Workflow) -> SafeString:
+        # unknown_workflow: set by the changelist for the page, in one query.
+        if getattr(obj, "unknown_workflow", False):
+            return format_html("{}{}", status_badge(obj.status), unknown_workflow_mark())
         return status_badge(obj.status)
 
     @admin.display(description=_("created"), ordering="created_at")
@@ -446,6 +458,7 @@ class WorkflowAdmin(admin.ModelAdmin):  # type: ignore[type-arg]  # generic only
     def workflow_context(self, request: HttpRequest, obj: Workflow) -> dict[str, Any]:
         using = alias()
         details = self._details(obj)
+        mark_unknown_workflows([obj], using)
         error = details["error"]
         steps = list(
             Step.objects.using(using)
@@ -467,6 +480,21 @@ class WorkflowAdmin(admin.ModelAdmin):  # type: ignore[type-arg]  # generic only
         streams = streams[:PAGE_STREAMS]
         for stream in streams:
             stream.workflow = obj  # its state needs the workflow's status: no query each
+        # Values are shown by their head only: a message or event may be large.
+        sent = list(
+            Message.objects.using(using)
+            .filter(destination_id=obj.pk)
+            .order_by("-id")
+            .defer("value")
+            .annotate(value_head=Substr("value", 1, PREVIEW_CHARS + 1))[: PAGE_MESSAGES + 1]
+        )
+        events = list(
+            Event.objects.using(using)
+            .filter(workflow_id=obj.pk)
+            .order_by("key")
+            .defer("value")
+            .annotate(value_head=Substr("value", 1, PREVIEW_CHARS + 1))[: PAGE_EVENTS + 1]
+        )
         retries = list(
             Workflow.objects.using(using)
             .filter(retry_of_id=obj.pk)
@@ -506,6 +534,22 @@ class WorkflowAdmin(admin.ModelAdmin):  # type: ignore[type-arg]  # generic only
             "steps_url": self._url("steps", quote(obj.pk)) if more_steps else None,
             "streams": self._stream_panels(streams),
             "more_streams": more_streams,
+            "workflow_messages": [
+                {
+                    "topic": message.topic,
+                    **_preview(message),
+                    "received": message.consumed_operation is not None,
+                    "operation": message.consumed_operation,
+                    "sent": format_time(message.created_at),
+                }
+                for message in sent[:PAGE_MESSAGES]
+            ],
+            "more_workflow_messages": len(sent) > PAGE_MESSAGES,
+            "workflow_events": [
+                {"key": event.key, **_preview(event), "updated": format_time(event.updated_at)}
+                for event in events[:PAGE_EVENTS]
+            ],
+            "more_workflow_events": len(events) > PAGE_EVENTS,
             "retry_of_url": (
                 self._url("change", quote(obj.retry_of_id)) if obj.retry_of_id else None
             ),
@@ -520,6 +564,11 @@ class WorkflowAdmin(admin.ModelAdmin):  # type: ignore[type-arg]  # generic only
             ],
             "object_actions": actions,
             "live_rows": LIVE_ROWS,
+            "unknown_workflow": (
+                {"title": UNKNOWN_WORKFLOW, "hint": UNKNOWN_WORKFLOW_HINT}
+                if obj.unknown_workflow  # type: ignore[attr-defined]  # set just above
+                else None
+            ),
         }
 
     def _stream_panels(self, streams: list[Stream]) -> list[StreamPanel]:
@@ -624,3 +673,9 @@ class WorkflowAdmin(admin.ModelAdmin):  # type: ignore[type-arg]  # generic only
         return TemplateResponse(
             request, "admin/durable_streams/workflow/stream_entries.html", context
         )
+
+
+def _preview(row: Message | Event) -> dict[str, Any]:
+    # value_head: annotated by the page's queryset.
+    value, cut = clip(row.value_head, PREVIEW_CHARS)  # type: ignore[union-attr]
+    return {"value": value, "value_cut": cut}

@@ -35,7 +35,9 @@ from .database import (
 )
 from .local import (
     Waiter,
+    event_topic,
     hub,
+    message_topic,
     queue_topic,
     stream_topic,
     subscribe,
@@ -49,8 +51,10 @@ if TYPE_CHECKING:
 __all__ = [
     "Waiter",
     "announce",
+    "event_topic",
     "ensure_listener",
     "flush_notifications",
+    "message_topic",
     "poll_interval",
     "publish_changes",
     "queue_topic",

@@ -30,6 +30,16 @@ def stream_topic(workflow_id: str, key: str) -> str:
     return json.dumps(["s", workflow_id, key])
 
 
+def message_topic(workflow_id: str) -> str:
+    """Rung when a message to the workflow is stored (on any topic of its own)."""
+    return json.dumps(["m", workflow_id])
+
+
+def event_topic(workflow_id: str) -> str:
+    """Rung when the workflow sets an event (any key)."""
+    return json.dumps(["e", workflow_id])
+
+
 def queue_topic(queue: str) -> str:
     return json.dumps(["q", queue])
 

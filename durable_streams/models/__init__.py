@@ -32,6 +32,7 @@ from .states import (
     new_workflow_id,
     stream_state,
 )
+from .workers import WorkerProcess, WorkerProcessQuerySet
 
 __all__ = [
     "ACTIVE_STATUSES",
@@ -42,12 +43,16 @@ __all__ = [
     "Claim",
     "Ended",
     "HistoryRow",
+    "Event",
+    "Message",
     "Status",
     "Step",
     "Stream",
     "StreamEntry",
     "StreamPosition",
     "StreamState",
+    "WorkerProcess",
+    "WorkerProcessQuerySet",
     "Workflow",
     "new_workflow_id",
     "stream_state",
@@ -425,6 +430,8 @@ class WorkflowQuerySet(models.QuerySet["Workflow"]):
             values, _ = StreamEntry.objects.using(self.db).filter(stream__in=streams).delete()
             streams.delete()
             Step.objects.using(self.db).filter(workflow_id__in=ids).delete()
+            Message.objects.using(self.db).filter(destination_id__in=ids).delete()
+            Event.objects.using(self.db).filter(workflow_id__in=ids).delete()
             # Retries of these runs keep their rows; their retry_of becomes NULL.
             _, deleted = Workflow.objects.using(self.db).filter(pk__in=ids).delete()
         return deleted.get(Workflow._meta.label, 0), values
@@ -726,6 +733,114 @@ class StreamEntry(models.Model):
 
     def __str__(self) -> str:
         return f"{self.stream_id}@{self.offset}"
+
+    @property
+    def decoded_value(self) -> Any:
+        return json.loads(self.value)
+
+
+class MessageQuerySet(models.QuerySet["Message"]):
+    def pending(self, destination: str, topic: str) -> MessageQuerySet:
+        """The messages on ``topic`` that no ``recv`` took yet, in send order."""
+        return self.filter(
+            destination_id=destination, topic=topic, consumed_operation__isnull=True
+        ).order_by("id")
+
+
+class Message(models.Model):
+    """A message sent to a workflow, kept until (and after) a ``recv`` takes it."""
+
+    # Indexed by the (destination, topic, id) index.
+    destination = models.ForeignKey(
+        Workflow,
+        verbose_name=_("destination"),
+        on_delete=models.CASCADE,
+        related_name="messages",
+        db_index=False,
+    )
+    # "" is the default topic (topic=None in the API).
+    topic = models.CharField(_("topic"), max_length=255, blank=True, default="")
+    value = models.TextField(_("value"), help_text=_("JSON"))
+    # A sender's key: a repeated send with the same key to the same workflow is stored once.
+    idempotency_key = models.CharField(_("idempotency key"), max_length=255, null=True, blank=True)
+    # The workflow body and operation that sent it: a replay of the sender does not send again.
+    sender = models.ForeignKey(
+        Workflow,
+        verbose_name=_("sender"),
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+        db_index=False,
+    )
+    sender_operation = models.PositiveIntegerField(null=True, blank=True)
+    # The destination's recv operation that took it; None while it is pending.
+    consumed_operation = models.PositiveIntegerField(null=True, blank=True)
+    created_at = models.DateTimeField(_("sent at"), default=timezone.now)
+    consumed_at = models.DateTimeField(_("received at"), null=True, blank=True)
+
+    objects = MessageQuerySet.as_manager()
+
+    class Meta:
+        verbose_name = _("message")
+        verbose_name_plural = _("messages")
+        ordering = ["destination", "id"]
+        indexes = [
+            models.Index(fields=["destination", "topic", "id"], name="ds_message_topic_idx"),
+        ]
+        # NULLs are distinct in a unique constraint on every supported database, so
+        # these hold only where the columns are set.
+        constraints = [
+            models.UniqueConstraint(
+                fields=["destination", "idempotency_key"], name="ds_message_unique_key"
+            ),
+            models.UniqueConstraint(
+                fields=["sender", "sender_operation"], name="ds_message_unique_send"
+            ),
+            models.UniqueConstraint(
+                fields=["destination", "consumed_operation"], name="ds_message_unique_recv"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.destination_id}:{self.topic or '-'}#{self.pk}"
+
+    @property
+    def is_received(self) -> bool:
+        return self.consumed_operation is not None
+
+    @property
+    def decoded_value(self) -> Any:
+        return json.loads(self.value)
+
+
+class Event(models.Model):
+    """The latest value a workflow published under a key with ``set_event``."""
+
+    # Indexed by the unique (workflow, key) constraint.
+    workflow = models.ForeignKey(
+        Workflow,
+        verbose_name=_("workflow"),
+        on_delete=models.CASCADE,
+        related_name="events",
+        db_index=False,
+    )
+    key = models.CharField(_("key"), max_length=255)
+    value = models.TextField(_("value"), help_text=_("JSON"))
+    # The workflow operation that set the current value; None when a step set it.
+    operation = models.PositiveIntegerField(_("operation"), null=True, blank=True)
+    updated_at = models.DateTimeField(_("updated at"), default=timezone.now)
+
+    class Meta:
+        verbose_name = _("event")
+        verbose_name_plural = _("events")
+        ordering = ["workflow", "key"]
+        constraints = [
+            models.UniqueConstraint(fields=["workflow", "key"], name="ds_event_unique_key"),
+        ]
+
+    def __str__(self) -> str:
+        return self.key
 
     @property
     def decoded_value(self) -> Any:

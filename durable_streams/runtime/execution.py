@@ -38,6 +38,40 @@ from . import writer
 WRITE = "write_stream"
 CLOSE = "close_stream"
 STEP = "step"
+# The operations of the wait functions (runtime.waiting), recorded as checkpoints
+# under these step names; in the history each is a kind of its own.
+WAIT_KINDS = {
+    "durable_streams.sleep": "sleep",
+    "durable_streams.send": "send",
+    "durable_streams.recv": "recv",
+    "durable_streams.set_event": "set_event",
+}
+
+
+class StopEvent(threading.Event):
+    """The run's stop flag; setting it also wakes a wait function waiting on the bus."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._watchers: set[Callable[[], None]] = set()
+        self._watch_lock = threading.Lock()
+
+    def set(self) -> None:
+        super().set()
+        with self._watch_lock:
+            watchers = list(self._watchers)
+        for ring in watchers:
+            ring()
+
+    @contextmanager
+    def watched_by(self, ring: Callable[[], None]) -> Iterator[None]:
+        with self._watch_lock:
+            self._watchers.add(ring)
+        try:
+            yield
+        finally:
+            with self._watch_lock:
+                self._watchers.discard(ring)
 
 
 @dataclass
@@ -60,7 +94,7 @@ class Execution:
     next_operation: int = 0
     step_name: str | None = None
     # Set by the worker (shutdown, lost lease, cancel); checked at every step boundary.
-    stop: threading.Event = field(default_factory=threading.Event)
+    stop: StopEvent = field(default_factory=StopEvent)
     stop_reason: str = ""
     # A non-determinism error, kept even if the workflow body catches it.
     fatal: BaseException | None = None
@@ -93,7 +127,8 @@ class Execution:
         for row in Workflow.objects.using(using).history(workflow_id):
             if row.kind == STEP:
                 assert row.operation is not None  # a checkpoint's column is NOT NULL
-                execution.history[row.operation] = (STEP, row.name)
+                wait = WAIT_KINDS.get(row.name)
+                execution.history[row.operation] = (STEP, row.name) if wait is None else (wait, "")
             elif row.kind == WRITE:
                 assert row.operation is not None  # the query keeps only numbered writes
                 execution.history[row.operation] = (WRITE, row.name)
@@ -207,6 +242,8 @@ def _heal_connection(using: str) -> None:
 def _describe(kind: str, name: str) -> str:
     if kind == STEP:
         return f"step {name!r}"
+    if kind in WAIT_KINDS.values():
+        return f"{kind}()"
     return f"{kind}({name!r})"
 
 
@@ -300,7 +337,7 @@ def run_step(
                             raise
                         if fence_last:
                             execution.fence()
-                        _record_step(
+                        record_checkpoint(
                             execution,
                             operation,
                             name,
@@ -334,7 +371,7 @@ def run_step(
                     raise Interrupted(execution.stop_reason) from exc
                 continue
             record = error_record(exc)
-            _record_step(
+            record_checkpoint(
                 execution,
                 operation,
                 name,
@@ -348,7 +385,7 @@ def run_step(
         finally:
             execution.step_name = None
         output = encoding.encode(result, f"The result of step {name!r}")
-        _record_step(
+        record_checkpoint(
             execution,
             operation,
             name,
@@ -373,7 +410,7 @@ def _replay_step(execution: Execution, operation: int, name: str) -> Any:
     raise StepFailed(name, record.get("type", "Exception"), record.get("message", ""))
 
 
-def _record_step(
+def record_checkpoint(
     execution: Execution,
     operation: int,
     name: str,
@@ -410,7 +447,8 @@ def _record_step(
             held = steps.checkpoint(step, execution.worker_id, execution.lease_until())
         if not held:
             execution.lease_lost()
-    execution.history[operation] = (STEP, name)
+    wait = WAIT_KINDS.get(name)
+    execution.history[operation] = (STEP, name) if wait is None else (wait, "")
 
 
 # Streams

@@ -44,7 +44,10 @@ class Producer(Protocol):
     workflow_id: str
     worker_id: str
     using: str
-    stop: threading.Event
+
+    @property
+    def stop(self) -> threading.Event: ...
+
     stop_reason: str
     submitted: int  # writes queued so far (values and checkpoints)
     stored: int  # writes stored, or failed, so far

@@ -22,15 +22,13 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 from asgiref.sync import sync_to_async
 from django.db import InterfaceError, OperationalError, close_old_connections
 
+from ..bus import layer
 from ..bus.layer import (
     CLOSED,
     ENDED,
     ENTRIES,
     RESUMED,
     Throttled,
-    channel_layer,
-    crosses_processes,
-    local_hub,
     loops,
     stream_group,
     workflow_group,
@@ -212,7 +210,7 @@ class StreamFeed:
         self.key = key
         self.next_offset = offset
         self.groups = [stream_group(workflow_id, key), workflow_group(workflow_id)]
-        self.pushed = crosses_processes(channel_layer())
+        self.pushed = layer.crosses_processes(layer.channel_layer())
         # Messages not yet acted on, and the events() wait for the next one. Cheaper
         # than asyncio.wait_for on a queue (a task per wait), which showed per value
         # and socket in fan-out profiles.
@@ -374,7 +372,7 @@ class StreamFeed:
         silence = base
         behind = True
         outage = _outage(self)
-        hub = local_hub()
+        hub = layer.local_hub()
         with loops.attached(asyncio.get_running_loop()):
             try:
                 subscribed_at = 0.0

@@ -11,7 +11,8 @@ from django.utils import timezone
 
 from durable_streams.conf import get_config
 from durable_streams.db import alias
-from durable_streams.models import Status, Workflow
+from durable_streams.models import Status, WorkerProcess, Workflow
+from durable_streams.models.workers import GONE_AFTER_BEATS
 
 
 def _ago(moment: datetime | None, now: datetime) -> str:
@@ -26,7 +27,8 @@ def _ago(moment: datetime | None, now: datetime) -> str:
 class Command(BaseCommand):
     help = (
         "Show durable_streams' queues (enqueued and running runs, the oldest waiting), the "
-        "runs by status, and the workers holding runs with their last lease renewal."
+        "runs by status, the live workers (with their last heartbeat and the runs they hold), "
+        "the workers presumed gone, and the holders of leases that no live worker renews."
     )
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
@@ -64,7 +66,7 @@ class Command(BaseCommand):
             else:
                 queue["running"] = row["n"]
         lease = timedelta(seconds=get_config().LEASE_SECONDS)
-        workers = []
+        leases = []
         held = (
             runs.filter(status=Status.RUNNING, lease_owner__isnull=False)
             .order_by()
@@ -74,7 +76,7 @@ class Command(BaseCommand):
         )
         for lease_row in held:
             expires = lease_row["expires"]
-            workers.append(
+            leases.append(
                 {
                     "worker_id": lease_row["lease_owner"],
                     "running": lease_row["n"],
@@ -84,11 +86,36 @@ class Command(BaseCommand):
                     "alive": expires is not None and expires > now,
                 }
             )
+        running_of = {row["worker_id"]: row["running"] for row in leases}
+        workers: list[dict[str, Any]] = []
+        gone: list[dict[str, Any]] = []
+        for process in WorkerProcess.objects.using(alias()).order_by("worker_id"):
+            alive = process.is_alive(now)
+            (workers if alive else gone).append(
+                {
+                    "worker_id": process.worker_id,
+                    "hostname": process.hostname,
+                    "pid": process.pid,
+                    "queues": process.queue_list,
+                    "concurrency": process.concurrency,
+                    "workflows": len(process.workflow_names),
+                    "workflows_complete": process.workflows_complete,
+                    "started_at": process.started_at,
+                    "last_heartbeat": process.heartbeat_at,
+                    "heartbeat_age_seconds": round((now - process.heartbeat_at).total_seconds(), 3),
+                    "running": running_of.get(process.worker_id, 0),
+                    "alive": alive,
+                }
+            )
+        live_ids = {worker["worker_id"] for worker in workers}
         return {
             "now": now,
             "statuses": {status: by_status.get(status, 0) for status in Status.values},
             "queues": dict(sorted(queues.items())),
             "workers": workers,
+            "gone_workers": gone,
+            # Runs held by a worker with no live row: killed, or of a version before the table.
+            "unlisted_leases": [row for row in leases if row["worker_id"] not in live_ids],
         }
 
     def render(self, report: dict[str, Any]) -> str:
@@ -108,17 +135,49 @@ class Command(BaseCommand):
         else:
             lines.append("No queue has enqueued or running runs.")
         lines.append("")
+        heading = (
+            f"{'worker':<40} {'host':<20} {'pid':>7}  {'queues':<20} {'conc.':>5} "
+            f"{'running':>7}  last heartbeat"
+        )
         if report["workers"]:
-            lines.append(f"{'worker (holding runs)':<40} {'running':>8}  last lease renewal")
-            for worker in report["workers"]:
-                state = "" if worker["alive"] else "  lease expired: its runs will be resumed"
-                lines.append(
-                    f"{worker['worker_id']:<40} {worker['running']:>8}  "
-                    f"{_ago(worker['last_renewal'], now)}{state}"
-                )
+            lines.append(f"Live workers: {len(report['workers'])}")
+            lines.append(heading)
+            lines.extend(_worker_line(worker, now) for worker in report["workers"])
         else:
-            lines.append("No worker holds a run (idle workers hold no lease and are not listed).")
+            lines.append("No live worker: no runworkers process has beaten its heartbeat lately.")
+        if report["gone_workers"]:
+            lines.append("")
+            lines.append(
+                f"Presumed gone (no heartbeat for {_gone_after()}s; a live worker removes "
+                f"them): {len(report['gone_workers'])}"
+            )
+            lines.append(heading)
+            lines.extend(_worker_line(worker, now) for worker in report["gone_workers"])
+        if report["unlisted_leases"]:
+            lines.append("")
+            lines.append(
+                f"{'runs held by a worker not listed alive':<40} {'running':>8}  last lease renewal"
+            )
+            for row in report["unlisted_leases"]:
+                state = "" if row["alive"] else "  lease expired: its runs will be resumed"
+                lines.append(
+                    f"{row['worker_id']:<40} {row['running']:>8}  "
+                    f"{_ago(row['last_renewal'], now)}{state}"
+                )
         return "\n".join(lines)
+
+
+def _gone_after() -> str:
+    return f"{GONE_AFTER_BEATS * get_config().WORKER_HEARTBEAT_SECONDS:g}"
+
+
+def _worker_line(worker: dict[str, Any], now: datetime) -> str:
+    queues = ",".join(worker["queues"])
+    return (
+        f"{worker['worker_id']:<40} {worker['hostname']:<20} {worker['pid']:>7}  "
+        f"{queues:<20} {worker['concurrency']:>5} {worker['running']:>7}  "
+        f"{_ago(worker['last_heartbeat'], now)}"
+    )
 
 
 def _dumps(report: dict[str, Any]) -> str:
