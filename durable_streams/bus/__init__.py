@@ -28,6 +28,7 @@ from . import layer
 from .database import (
     ensure_listener,
     flush_notifications,
+    listener_started,
     notifier,
     poll_interval,
     stop_listeners,
@@ -39,6 +40,7 @@ from .local import (
     queue_topic,
     stream_topic,
     subscribe,
+    subscribe_on_loop,
     watched_topics,
     workflow_topic,
 )
@@ -51,12 +53,15 @@ __all__ = [
     "announce",
     "ensure_listener",
     "flush_notifications",
+    "listener_started",
     "poll_interval",
     "publish_changes",
     "queue_topic",
     "stop_listeners",
     "stream_topic",
     "subscribe",
+    "subscribe_on_loop",
+    "uses_listen_notify",
     "watched_topics",
     "workflow_topic",
 ]
@@ -90,7 +95,9 @@ def publish_changes(changes: Changes, using: str) -> None:
     """
     announce(
         [queue_topic(queue) for queue in changes.queues]
-        + [workflow_topic(workflow_id) for workflow_id, _ in changes.ended],
+        + [workflow_topic(workflow_id) for workflow_id, _ in changes.ended]
+        # A resumed workflow's interrupted streams reopen: their live feeds read on.
+        + [workflow_topic(workflow_id) for workflow_id in changes.resumed],
         using,
     )
     for workflow_id, status in changes.ended:

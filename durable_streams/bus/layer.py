@@ -424,6 +424,8 @@ class _Hub:
 
     def __init__(self, layer: ChannelLayer) -> None:
         self.layer = layer
+        # Whether other processes' messages arrive here too (see feed's doorbells).
+        self.crosses = crosses_processes(layer)
         self.channel: str | None = None
         self._feeds: dict[str, dict[str, set[Subscriber]]] = {}
         self._members: dict[str, _Membership] = {}
