@@ -7,11 +7,14 @@ Whoever commits a change calls ``announce`` (topics) or ``publish_changes`` (wha
 queryset method changed) once; after the commit it goes out on every transport the
 deployment has:
 
-- ``local``: the waiters of this process (threads and event loops), at once;
+- ``local``: the waiters of this process, at once: threads and event loops
+  (``subscribe``), and the live feeds of WebSocket and SSE readers, one shared
+  subscription per event loop and topic (``subscribe_on_loop``);
 - ``database``: other processes, on a database that carries notifications
-  (PostgreSQL's LISTEN/NOTIFY), from a notifier thread, heard by a listener thread;
-- ``layer``: the channel layer, which carries stream values to the live feeds of
-  WebSocket and SSE readers.
+  (PostgreSQL's LISTEN/NOTIFY), from a notifier thread, heard by a listener thread
+  that rings the same local hub there;
+- ``layer``: the channel layer, which also carries small stream values to the live
+  feeds; a feed that a healthy layer serves drops the doorbells that layer covers.
 
 Elsewhere waiters in other processes poll every ``POLL_INTERVAL`` seconds.
 """

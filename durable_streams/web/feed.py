@@ -1,10 +1,13 @@
 """The live feed of one stream for one reader: every value from an offset, then the end.
 
-A feed subscribes to this event loop's share of the channel layer (``bus.layer``)
-before its first database read, takes the values that messages carry when they
-follow on, reads the database after a gap, a lost message or a silence, and
-without a channel layer that reaches other processes polls every ``POLL_INTERVAL``
-seconds. One value pushed to a thousand sockets costs no query at all.
+A feed subscribes, before its first database read, to this event loop's share of
+the local hub (``bus.local.subscribe_on_loop``: the doorbells that Python waiters
+hear too, from this process's commits and, through LISTEN/NOTIFY, from other
+processes') and of the channel layer (``bus.layer``). It takes the values that
+layer messages carry when they follow on, and reads the database after a gap, a
+lost message, a doorbell that no healthy layer covers, or a silence; without
+either it polls every ``POLL_INTERVAL`` seconds. One value pushed to a thousand
+sockets costs no query at all.
 """
 
 from __future__ import annotations
