@@ -7,11 +7,14 @@ Whoever commits a change calls ``announce`` (topics) or ``publish_changes`` (wha
 queryset method changed) once; after the commit it goes out on every transport the
 deployment has:
 
-- ``local``: the waiters of this process (threads and event loops), at once;
+- ``local``: the waiters of this process, at once: threads and event loops
+  (``subscribe``), and the live feeds of WebSocket and SSE readers, one shared
+  subscription per event loop and topic (``subscribe_on_loop``);
 - ``database``: other processes, on a database that carries notifications
-  (PostgreSQL's LISTEN/NOTIFY), from a notifier thread, heard by a listener thread;
-- ``layer``: the channel layer, which carries stream values to the live feeds of
-  WebSocket and SSE readers.
+  (PostgreSQL's LISTEN/NOTIFY), from a notifier thread, heard by a listener thread
+  that rings the same local hub there;
+- ``layer``: the channel layer, which also carries small stream values to the live
+  feeds; a feed that a healthy layer serves drops the doorbells that layer covers.
 
 Elsewhere waiters in other processes poll every ``POLL_INTERVAL`` seconds.
 """
@@ -28,6 +31,7 @@ from . import layer
 from .database import (
     ensure_listener,
     flush_notifications,
+    listener_started,
     notifier,
     poll_interval,
     stop_listeners,
@@ -41,6 +45,7 @@ from .local import (
     queue_topic,
     stream_topic,
     subscribe,
+    subscribe_on_loop,
     watched_topics,
     workflow_topic,
 )
@@ -54,6 +59,7 @@ __all__ = [
     "event_topic",
     "ensure_listener",
     "flush_notifications",
+    "listener_started",
     "message_topic",
     "poll_interval",
     "publish_changes",
@@ -61,6 +67,8 @@ __all__ = [
     "stop_listeners",
     "stream_topic",
     "subscribe",
+    "subscribe_on_loop",
+    "uses_listen_notify",
     "watched_topics",
     "workflow_topic",
 ]
@@ -94,7 +102,9 @@ def publish_changes(changes: Changes, using: str) -> None:
     """
     announce(
         [queue_topic(queue) for queue in changes.queues]
-        + [workflow_topic(workflow_id) for workflow_id, _ in changes.ended],
+        + [workflow_topic(workflow_id) for workflow_id, _ in changes.ended]
+        # A resumed workflow's interrupted streams reopen: their live feeds read on.
+        + [workflow_topic(workflow_id) for workflow_id in changes.resumed],
         using,
     )
     for workflow_id, status in changes.ended:
