@@ -15,8 +15,7 @@ from durable_streams.bus import watched_topics
 from tests import workflows
 from tests.processes import worker_processes
 from tests.sockets import (
-    _channel_layer_per_test,  # noqa: F401  (autouse: applies here)
-    _close_thread_connections,  # noqa: F401  (autouse: applies here)
+    READER_FIXTURES,
     entries,
     no_polling,
     open_gate,
@@ -29,7 +28,7 @@ from tests.test_sse import decoded, get, url
 from tests.waiting import wait_until_async
 from tests.workflows_readers import paced
 
-pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(120), READER_FIXTURES]
 
 # Far below the 30 s polls of no_polling: a value that arrives within this was woken.
 WAKE_WITHIN = 8.0
