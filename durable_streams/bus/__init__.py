@@ -21,9 +21,10 @@ Elsewhere waiters in other processes poll every ``POLL_INTERVAL`` seconds.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import logging
+from collections.abc import Iterable, Sequence
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from django.db import transaction
 
@@ -53,7 +54,10 @@ from .local import (
 if TYPE_CHECKING:
     from ..models import Changes
 
+logger = logging.getLogger("durable_streams.bus")
+
 __all__ = [
+    "StreamCommitted",
     "Waiter",
     "announce",
     "event_topic",
@@ -63,6 +67,7 @@ __all__ = [
     "message_topic",
     "poll_interval",
     "publish_changes",
+    "publish_streams",
     "queue_topic",
     "stop_listeners",
     "stream_topic",
@@ -72,6 +77,41 @@ __all__ = [
     "watched_topics",
     "workflow_topic",
 ]
+
+
+class StreamCommitted(NamedTuple):
+    """Values, or a close, that one stream gained in a committed batch."""
+
+    workflow_id: str
+    key: str
+    first: int  # the offset of the first value
+    texts: list[str]  # the values, as JSON; empty for a close
+    closed_length: int | None  # None for values; the stream's length for a close
+
+
+def publish_streams(changes: Sequence[StreamCommitted], using: str) -> None:
+    """Tell every reader what a batch of stream writes changed; call it after the commit.
+
+    One call per batch: it rings the streams' topics (this process's waiters and feeds,
+    and other processes through the database where it notifies), then hands the values
+    to the channel layer, values before closes, so that no reader sees a close before
+    the last value. Never raises: a reader that hears nothing reads the database later.
+    """
+    if not changes:
+        return
+    announce([stream_topic(change.workflow_id, change.key) for change in changes], using)
+    for change in sorted(changes, key=lambda c: c.closed_length is not None):
+        try:
+            if change.closed_length is None:
+                layer.entries_committed(change.workflow_id, change.key, change.first, change.texts)
+            else:
+                layer.stream_closed(change.workflow_id, change.key, change.closed_length)
+        except Exception:
+            logger.exception(
+                "[%s] Live delivery of stream %r failed; readers catch up.",
+                change.workflow_id,
+                change.key,
+            )
 
 
 def announce(topics: Iterable[str], using: str) -> None:
