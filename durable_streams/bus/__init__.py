@@ -3,9 +3,11 @@
 A *doorbell*, never a data channel: a waiter that is woken re-reads the database, and
 every wait is bounded, so a lost notification costs latency, never a value.
 
-Whoever commits a change calls ``announce`` (topics) or ``publish_changes`` (what a
-queryset method changed) once; after the commit it goes out on every transport the
-deployment has:
+Whoever commits a change calls one function once: ``publish_streams`` (the writer,
+for a batch of stream values and closes), ``publish_changes`` (what a queryset method
+changed: queues with work, workflows that ended or were resumed) or ``announce``
+(topics alone: messages, events). After the commit it goes out on every transport
+the deployment has:
 
 - ``local``: the waiters of this process, at once: threads and event loops
   (``subscribe``), and the live feeds of WebSocket and SSE readers, one shared

@@ -1,6 +1,6 @@
 """The channel layer: committed stream changes carried to the live feeds of every process.
 
-After the transaction that stored a change commits, the writer and the callers of
+After the transaction that stored a change commits, ``bus.publish_streams`` and
 ``bus.publish_changes`` call the hooks below (``entries_committed``, ``stream_closed``,
 ``workflow_ended``, ``workflows_resumed``). They hand a small message to the channel
 layer and return at once; they never raise into the workflow.
