@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import copy
+import dataclasses
 import functools
 import inspect
 import json
@@ -84,8 +86,28 @@ def _qualified_name(fn: Callable[..., Any]) -> str:
     return f"{fn.__module__}.{fn.__qualname__}"
 
 
+# The options of a start, by name: ``using()`` takes them, and so does ``start_workflow()``
+# before the function's own keyword arguments.
+OPTION_NAMES = frozenset({"workflow_id", "queue", "owner", "public"})
+
+
+@dataclasses.dataclass(frozen=True)
+class _StartOptions:
+    """What ``using()`` bound: None (or False) is the default of each."""
+
+    queue: str | None = None
+    workflow_id: str | None = None
+    owner: Any = None
+    public: bool = False
+
+
 class WorkflowFunction(Generic[P, R]):
-    """A registered workflow. Call ``start()`` to run it durably on a worker."""
+    """A registered workflow. Call ``start()`` to run it durably on a worker.
+
+    ``using()`` returns a copy bound to start options; the workflow itself never changes.
+    """
+
+    _options = _StartOptions()
 
     def __init__(
         self,
@@ -117,6 +139,11 @@ class WorkflowFunction(Generic[P, R]):
         self.name = _check_name("name", name) if name is not None else _qualified_name(fn)
         self.queue = queue
         self._max_attempts = max_attempts
+        try:
+            self._signature: inspect.Signature | None = inspect.signature(fn)
+        except (TypeError, ValueError):
+            # Some callables implemented in C have none: then only the run's call checks.
+            self._signature = None
         functools.update_wrapper(self, fn)
         registry.register(self)
 
@@ -128,13 +155,49 @@ class WorkflowFunction(Generic[P, R]):
         """Run the body directly, in this thread, without durability (handy in tests)."""
         return self.fn(*args, **kwargs)
 
+    def using(
+        self,
+        *,
+        queue: str | None = None,
+        workflow_id: str | None = None,
+        owner: Any = None,
+        public: bool | None = None,
+    ) -> WorkflowFunction[P, R]:
+        """A copy of this workflow whose ``start()`` takes these options.
+
+        Each option is checked now. One left out (None) keeps what this workflow
+        has bound, so ``using()`` calls chain; this workflow is left unchanged.
+        """
+        changes: dict[str, Any] = {}
+        if queue is not None:
+            changes["queue"] = _check_name("queue", queue)
+        if workflow_id is not None:
+            changes["workflow_id"] = check_workflow_id(workflow_id)
+        if owner is not None:
+            # The type now; whether the user exists is asked at start, when it counts.
+            _owner_id(owner, look_up=False)
+            changes["owner"] = owner
+        if public is not None:
+            changes["public"] = _check_public(public)
+        bound = copy.copy(self)  # not registered: the registry keeps the decorated workflow
+        bound._options = dataclasses.replace(self._options, **changes)
+        return bound
+
     def start(self, *args: P.args, **kwargs: P.kwargs) -> WorkflowHandle:
-        """Enqueue a run; a worker picks it up."""
-        # The body's keyword arguments share start_workflow's, options included.
-        return start_workflow(self, *args, **kwargs)  # type: ignore[arg-type]
+        """Enqueue a run of ``fn(*args, **kwargs)``; a worker picks it up.
+
+        Every keyword argument goes to the function: options are bound with ``using()``.
+        """
+        return _start(self, args, kwargs)
 
     def __repr__(self) -> str:
-        return f"<Workflow {self.name}>"
+        options = self._options
+        bound = [
+            f"{field.name}={getattr(options, field.name)!r}"
+            for field in dataclasses.fields(options)
+            if getattr(options, field.name) != field.default
+        ]
+        return f"<Workflow {self.name}{' using ' + ', '.join(bound) if bound else ''}>"
 
 
 # The lengths of the columns that store them.
@@ -259,11 +322,13 @@ def start_workflow(
     workflow_id: str | None = None,
     queue: str | None = None,
     owner: Any = None,
-    public: bool = False,
+    public: bool | None = None,
     **kwargs: Any,
 ) -> WorkflowHandle:
-    """Enqueue a run of ``wf`` and return its handle.
+    """Enqueue a run of ``wf`` and return its handle: ``wf.using(options).start(...)``.
 
+    The options are taken out of the keyword arguments, so a workflow with a
+    parameter named like one is refused (start it with ``using().start()``).
     With a ``workflow_id`` that already exists, return that run's handle if this
     start repeats it (same workflow, owner, public and inputs), else raise
     ``WorkflowConflict``: a run is never started twice, nor handed to another
@@ -278,10 +343,59 @@ def start_workflow(
         raise TypeError(
             f"start_workflow() takes a @workflow function or its name, not {type(wf).__name__}."
         )
+    _refuse_option_parameters(wf)
+    bound = wf.using(workflow_id=workflow_id, queue=queue, owner=owner, public=public)
+    return _start(bound, args, kwargs)
+
+
+def _refuse_option_parameters(wf: WorkflowFunction[..., Any]) -> None:
+    """Refuse a workflow that has a parameter start_workflow() would take as an option."""
+    if wf._signature is None:
+        return
+    for parameter in wf._signature.parameters.values():
+        if parameter.name in OPTION_NAMES and parameter.kind in (
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+            inspect.Parameter.KEYWORD_ONLY,
+        ):
+            raise TypeError(
+                f"start_workflow() cannot start workflow {wf.name!r}: its parameter "
+                f"{parameter.name!r} has the name of a start_workflow() option "
+                f"({', '.join(sorted(OPTION_NAMES))}). Start it with "
+                f"{wf.fn.__name__}.using(...).start(...), which passes every keyword argument "
+                "to the function."
+            )
+
+
+def _check_arguments(
+    wf: WorkflowFunction[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> None:
+    """Refuse arguments the function cannot take, before anything is stored.
+
+    Found by the worker instead, they would fail every attempt of a run already stored.
+    """
+    if wf._signature is None:
+        return
+    try:
+        wf._signature.bind(*args, **kwargs)
+    except TypeError as exc:
+        raise TypeError(f"Workflow {wf.name!r} cannot start with these arguments: {exc}.") from None
+
+
+def _check_public(public: object) -> bool:
     if not isinstance(public, bool):
         # bool("no") is True: anything but a bool would guess at who may read.
         raise TypeError(f"public must be True or False, not {public!r}.")
-    owner_id = _owner_id(owner)
+    return public
+
+
+def _start(
+    wf: WorkflowFunction[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> WorkflowHandle:
+    """Store a run of ``wf`` with these arguments and the options ``wf`` is bound to."""
+    # Checked before the child id below takes an operation number.
+    _check_arguments(wf, args, kwargs)
+    options = wf._options
+    owner_id = _owner_id(options.owner)
     inputs = encoding.encode_inputs(args, kwargs, wf.name)
     size = len(inputs.encode("utf-8"))
     limit = get_config().MAX_INPUT_BYTES
@@ -290,11 +404,10 @@ def start_workflow(
             f"The inputs of workflow {wf.name!r} are {size} bytes once encoded; the limit is "
             f"{limit} (settings.DURABLE_STREAMS['MAX_INPUT_BYTES'])."
         )
+    workflow_id = options.workflow_id
     if workflow_id is None:
         workflow_id = runtime.child_workflow_id() or None
-    else:
-        check_workflow_id(workflow_id)
-    queue = _check_name("queue", queue) if queue is not None else wf.queue
+    queue = options.queue if options.queue is not None else wf.queue
     using = alias()
     run = Workflow(
         name=wf.name,
@@ -302,7 +415,7 @@ def start_workflow(
         inputs=inputs,
         max_attempts=wf.max_attempts,
         owner_id=owner_id,
-        is_public=public,
+        is_public=options.public,
     )
     if workflow_id is not None:
         run.id = workflow_id
@@ -343,11 +456,12 @@ def _raise_if_unmigrated(exc: DatabaseError, using: str) -> None:
         raise missing from exc
 
 
-def _owner_id(owner: Any) -> Any:
+def _owner_id(owner: Any, *, look_up: bool = True) -> Any:
     """The primary key of the user ``owner``, checked here rather than by the database.
 
     The foreign key is checked at commit, so a bad owner would fail the caller's
-    transaction far from this call, with a raw IntegrityError.
+    transaction far from this call, with a raw IntegrityError. Without ``look_up``,
+    a primary key is checked for its type only, not looked up.
     """
     if owner is None:
         return None
@@ -371,7 +485,7 @@ def _owner_id(owner: Any) -> Any:
         raise TypeError(
             f"owner must be a {label} or its primary key; {owner!r} cannot be one."
         ) from None
-    if not user_model._default_manager.filter(pk=pk).exists():
+    if look_up and not user_model._default_manager.filter(pk=pk).exists():
         raise ValueError(f"owner is {owner!r}, but no {label} has that primary key.")
     return pk
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import encoding
-from .api import WorkflowFunction, WorkflowHandle
+from .api import OPTION_NAMES, WorkflowFunction, WorkflowHandle, start_workflow
 from .db import alias
 from .exceptions import WorkflowTimeout
 from .models import Status, Stream, StreamEntry, Workflow
@@ -47,15 +47,20 @@ def run_workflow(
 ) -> Run:
     """Start ``wf(*args, **kwargs)`` and run it, and the runs it starts, to their end.
 
-    ``kwargs`` take ``start_workflow``'s options too (``workflow_id``, ``owner``,
-    ``public``, ``queue``). Raises ``WorkflowTimeout`` if the run has not ended
-    after ``timeout`` seconds (it is cancelled then), and ``AssertionError`` if no
-    worker of this process can take it (its workflow or queue is not registered),
-    instead of waiting forever.
+    Options are bound with ``wf.using()``. For compatibility ``kwargs`` take
+    ``start_workflow``'s options too (``workflow_id``, ``owner``, ``public``,
+    ``queue``), and like it refuse a workflow with a parameter of such a name
+    when one is given. Raises ``WorkflowTimeout``
+    if the run has not ended after ``timeout`` seconds (it is cancelled then), and
+    ``AssertionError`` if no worker of this process can take it (its workflow or
+    queue is not registered), instead of waiting forever.
     """
     if not isinstance(wf, WorkflowFunction):
         raise TypeError(f"run_workflow() takes a @workflow function, not {type(wf).__name__}.")
-    handle = wf.start(*args, **kwargs)
+    if OPTION_NAMES & kwargs.keys():
+        handle = start_workflow(wf, *args, **kwargs)
+    else:
+        handle = wf.start(*args, **kwargs)
     queues = {registry.get(name).queue for name in registry.names()}
     queues.add(
         Workflow.objects.using(alias()).values_list("queue", flat=True).get(pk=handle.workflow_id)

@@ -146,7 +146,7 @@ def test_a_running_workflows_stream_grows_on_its_page(
         handle.result(timeout=10)
     wait_until(lambda: failed.status == Status.ERROR, timeout=10, what="the failure")
     count = 30
-    running = workflows.steady.start(count, 0.12, key="tokens", owner=User.objects.get())
+    running = workflows.steady.using(owner=User.objects.get()).start(count, 0.12, key="tokens")
     wait_until(
         lambda: StreamEntry.objects.filter(stream__workflow_id=running.workflow_id).count() >= 3,
         timeout=10,

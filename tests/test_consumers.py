@@ -211,7 +211,7 @@ async def test_private_workflow_answers_anonymous_and_strangers_as_missing(
     staff = await make_user("staff", is_staff=True)
     viewer = await grant(await make_user("viewer"), "view_workflow")
     superuser = await sync_to_async(get_user_model().objects.create_superuser)("root", "", "pw")
-    handle = await sync_to_async(many.start)("out", 2, owner=owner)
+    handle = await sync_to_async(many.using(owner=owner).start)("out", 2)
     await run_all(run_burst)
     url = path(handle.workflow_id, "out")
     # The answer for a missing workflow, word for word: ids cannot be probed.

@@ -220,7 +220,7 @@ async def test_unknown_workflow_is_404_and_head_is_405(db: None) -> None:
 async def test_private_stream_needs_the_owner(run_burst: Any) -> None:
     owner = await make_user("sse-owner")
     stranger = await make_user("sse-stranger")
-    handle = await sync_to_async(many.start)("out", 2, owner=owner)
+    handle = await sync_to_async(many.using(owner=owner).start)("out", 2)
     await run_all(run_burst)
     target = url(handle.workflow_id, "out")
     missing = await (await get(url("nope", "out"))).body()

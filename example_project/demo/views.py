@@ -72,12 +72,11 @@ def index(request: HttpRequest) -> HttpResponse:
         prompt = form.cleaned_data["prompt"]
         if request.user.is_authenticated:
             # The owner may read the streams; "public" opens them to everyone.
-            handle = answer.start(
-                prompt, owner=request.user, public=not form.cleaned_data["private"]
-            )
+            public = not form.cleaned_data["private"]
+            handle = answer.using(owner=request.user, public=public).start(prompt)
         else:
             # A visitor has no account to own the run: anyone with the link may read it.
-            handle = answer.start(prompt, public=True)
+            handle = answer.using(public=True).start(prompt)
         return redirect("demo:run", workflow_id=handle.workflow_id)
     context = {"form": form, "recent": recent(request.user), "suggestions": SUGGESTIONS}
     return render(request, "demo/index.html", context)
