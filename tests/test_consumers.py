@@ -59,6 +59,34 @@ async def background() -> AsyncIterator[Callable[..., asyncio.Task[Any]]]:
 # Backlog, live values, the close
 
 
+async def test_a_quiet_socket_gets_heartbeats_at_the_configured_interval(
+    live_worker: Any, settings: Any
+) -> None:
+    interval = 0.4
+    settings.DURABLE_STREAMS = {**settings.DURABLE_STREAMS, "READER_HEARTBEAT_SECONDS": interval}
+    wid = await start(gated, "out", ["a"], ["b"], "gate-heartbeat")
+    await wait_until_async(lambda: stream_length(wid, "out") == 1)
+    communicator = await open_socket(path(wid, "out"))
+    assert (await read_entries(communicator, 1))[0]["value"] == "a"
+    heard = [time.monotonic()]
+    for _ in range(3):
+        frame = await communicator.receive_json_from(timeout=10)
+        heard.append(time.monotonic())
+        assert frame == {"type": "heartbeat", "interval": interval}
+    gaps = [later - earlier for earlier, later in zip(heard, heard[1:], strict=False)]
+    # Each after a full interval of silence, not sooner (a loaded machine may be later).
+    assert all(gap >= interval * 0.9 for gap in gaps), gaps
+    # Heartbeats need no ack and do not get in the way of the values that follow.
+    await open_gate("gate-heartbeat")
+    frames, code = await read_until_closed(communicator)
+    values = [f for f in frames if f["type"] != "heartbeat"]
+    assert values == [
+        {"type": "entry", "key": "out", "offset": 1, "value": "b"},
+        {"type": "closed", "key": "out", "length": 2},
+    ]
+    assert code == 1000
+
+
 async def test_backlog_then_live_then_closed(live_worker: Any) -> None:
     wid = await start(gated, "out", ["a", "b", "c"], ["d", "e"], "gate-live")
     await wait_until_async(lambda: stream_length(wid, "out") == 3)
