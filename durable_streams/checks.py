@@ -106,7 +106,11 @@ def check_live_delivery(app_configs: Any = None, **kwargs: Any) -> list[CheckMes
     except ConfigurationError:
         return []  # E001 says why
     layer = "no channel layer" if backend is None else "the in-memory channel layer"
-    if uses_listen_notify(alias()):
+    try:
+        notified = uses_listen_notify(alias())
+    except Exception:
+        notified = False  # an unusable database: E005 or E006 says why
+    if notified:
         how = (
             "through the database's notifications: the readers of each stream in a "
             "process re-read the database after every batch a worker commits"
