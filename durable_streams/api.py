@@ -972,6 +972,18 @@ def _event_arguments(workflow_id: str, key: str, timeout: float | None) -> tuple
     return key_text, waiting.check_timeout(timeout)
 
 
+def _event_wait(
+    interval: float, deadline: float | None, workflow_id: str, key: str, seconds: float | None
+) -> float:
+    """How long to wait for the event before reading again; ``EventTimeout`` once it is late."""
+    if deadline is None:
+        return interval
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise EventTimeout(workflow_id, key, seconds or 0.0)
+    return min(interval, remaining)
+
+
 def get_event(workflow_id: str, key: str, *, timeout: float | None = None) -> Any:
     """The latest value that workflow ``workflow_id`` set under ``key``, waiting until it is set.
 
@@ -989,13 +1001,7 @@ def get_event(workflow_id: str, key: str, *, timeout: float | None = None) -> An
                 found = waiting.read_event(using, workflow_id, key)
             if found is not None:
                 return found[0]
-            wait = interval
-            if deadline is not None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise EventTimeout(workflow_id, key, seconds or 0.0)
-                wait = min(wait, remaining)
-            waiter.wait(wait)
+            waiter.wait(_event_wait(interval, deadline, workflow_id, key, seconds))
 
 
 async def aget_event(workflow_id: str, key: str, *, timeout: float | None = None) -> Any:
@@ -1011,10 +1017,4 @@ async def aget_event(workflow_id: str, key: str, *, timeout: float | None = None
             found = await read(using, workflow_id, key)
             if found is not None:
                 return found[0]
-            wait = interval
-            if deadline is not None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise EventTimeout(workflow_id, key, seconds or 0.0)
-                wait = min(wait, remaining)
-            await waiter.async_wait(wait)
+            await waiter.async_wait(_event_wait(interval, deadline, workflow_id, key, seconds))

@@ -68,10 +68,11 @@ from .display import (
 )
 from .filters import CreatedFilter, IndexedValuesFilter, WorkflowChangeList
 from .pages import CappedCountPaginator, EntryRow, Pager, StepRow, StreamPanel, offset_param
+from .readonly import ReadOnlyAdmin
 
 
 @admin.register(Workflow)
-class WorkflowAdmin(admin.ModelAdmin):  # type: ignore[type-arg]  # generic only in the stubs
+class WorkflowAdmin(ReadOnlyAdmin, admin.ModelAdmin):  # type: ignore[type-arg]  # generic only in the stubs
     list_display = (
         "id_column",
         "name_column",
@@ -106,17 +107,6 @@ class WorkflowAdmin(admin.ModelAdmin):  # type: ignore[type-arg]  # generic only
 
     class Media:
         css = {"all": ("durable_streams/admin.css",)}
-
-    # Permissions: history is never edited here.
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
     def _has(self, request: HttpRequest, codename: str) -> bool:
         return bool(request.user.has_perm(f"{self.opts.app_label}.{codename}"))
