@@ -159,8 +159,8 @@ def _recovery(system: str, sizes: Sizes) -> list[str]:
 
 
 def _push_unavailable() -> str | None:
-    if not (ROOT / "durable_streams" / "consumers.py").exists():
-        return "needs durable_streams/consumers.py (issue 3)"
+    if not (ROOT / "durable_streams" / "web" / "consumers.py").exists():
+        return "needs durable_streams/web/consumers.py (issue 3)"
     try:
         import websockets  # noqa: F401
     except ImportError:
@@ -185,8 +185,8 @@ def _idle_unavailable() -> str | None:
 
 
 def _admin_unavailable() -> str | None:
-    if not (ROOT / "durable_streams" / "admin.py").exists():
-        return "needs durable_streams/admin.py (issue 4)"
+    if not (ROOT / "durable_streams" / "admin").is_dir():
+        return "needs durable_streams/admin/ (issue 4)"
     return None
 
 

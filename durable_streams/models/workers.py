@@ -11,6 +11,7 @@ from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
 from ..conf import get_config
+from ..db import take_write_lock
 
 # A worker whose heartbeat is older than this many WORKER_HEARTBEAT_SECONDS counts as gone.
 GONE_AFTER_BEATS = 3
@@ -62,6 +63,9 @@ class WorkerProcessQuerySet(models.QuerySet["WorkerProcess"]):
         now = timezone.now()
         text, complete = encode_names(names)
         with transaction.atomic(using=self.db):
+            # A read, then a write: on a database that locks the file, a writer from the
+            # start, or a concurrent writer makes the upgrade fail at once ("locked").
+            take_write_lock(self.db)
             row, _ = self.update_or_create(
                 worker_id=worker_id,
                 defaults={
