@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import Collection
 from concurrent.futures import Future, ThreadPoolExecutor
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from types import FrameType
 from typing import Any
 
@@ -32,7 +32,7 @@ from .bus import (
 )
 from .conf import get_config
 from .db import ConnectionKeeper, alias, take_write_lock
-from .exceptions import Interrupted, LeaseLost, WorkflowNotRegistered
+from .exceptions import Interrupted, LeaseLost, Suspended, WorkflowNotRegistered
 from .models import Claim, Status, WorkerProcess, Workflow, WorkflowQuerySet
 from .models.workers import GONE_AFTER_BEATS
 from .runtime import execution as runtime
@@ -198,7 +198,7 @@ class Worker:
                     if self.burst and not claimed and idle:
                         break
                     if not self._stopping.is_set():
-                        waiter.wait(interval)
+                        waiter.wait(self._idle_wait(interval, names, keeper))
         finally:
             self._waiter = None
             self._shutdown(pool)
@@ -209,6 +209,21 @@ class Worker:
             flush_notifications()
             writer.release_connections()
             connections.close_all()
+
+    def _idle_wait(self, interval: float, names: list[str], keeper: ConnectionKeeper) -> float:
+        """How long the loop may wait for an announcement: at most until the next timer
+        of a waiting run (read from the database), so that it fires on time."""
+        if len(self._running) >= self.concurrency or not names:
+            return interval
+        try:
+            keeper.ready()
+            wake = Workflow.objects.using(self.using).next_wake(self.queues, names)
+        except DatabaseError:
+            keeper.broken()
+            return interval
+        if wake is None:
+            return interval
+        return max(0.0, min(interval, (wake - timezone.now()).total_seconds()))
 
     def _describe_registry(self) -> None:
         """Say which workflows this worker can run, and which of its queues none uses."""
@@ -586,6 +601,9 @@ class Worker:
             except LeaseLost:
                 log.info("Stopped: %s.", execution.stop_reason)
                 return
+            except Suspended as wait:
+                self._suspend(execution, wait, log)
+                return
         if execution.fatal is not None:
             status, output = Status.ERROR, None
             error = encoding.dumps(runtime.error_record(execution.fatal))
@@ -617,6 +635,29 @@ class Worker:
             log.info(
                 "Ended with %s, but it was cancelled or reclaimed meanwhile; nothing recorded.",
                 status,
+            )
+
+    def _suspend(self, execution: runtime.Execution, wait: Suspended, log: WorkflowAdapter) -> None:
+        """Leave the run WAITING: its slot and lease are free until its timer or message."""
+        wake_at = None if wait.wake_at is None else datetime.fromtimestamp(wait.wake_at, tz=UTC)
+        try:
+            suspended, changes = Workflow.objects.using(self.using).suspend(
+                self.worker_id, execution.workflow_id, wait.operation, wait.topic, wake_at
+            )
+            publish_changes(changes, self.using)
+        except Error as exc:
+            log.warning("Could not suspend the run (%s); replaying from its checkpoints.", exc)
+            self._hand_back(execution.workflow_id, log)
+            return
+        if not suspended:
+            log.info("Stopped: it was cancelled or reclaimed meanwhile.")
+        elif wait.topic is None:
+            log.info("Sleeping until %s; its worker slot is free.", wake_at)
+        else:
+            log.info(
+                "Waiting for a message on topic %r%s; its worker slot is free.",
+                wait.topic or None,
+                "" if wake_at is None else f" until {wake_at}",
             )
 
     def _hand_back(self, workflow_id: str, log: WorkflowAdapter) -> None:
