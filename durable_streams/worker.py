@@ -195,7 +195,9 @@ class Worker:
                     # Only when nothing ran during the claim either: a run that ended
                     # meanwhile may have gone back to the queue (a database fault).
                     idle = free == self.concurrency and not self._running
-                    if self.burst and not claimed and idle:
+                    # A burst worker stays for the timers of its waiting runs (a sleep,
+                    # a recv's deadline): they are work that is already there.
+                    if self.burst and not claimed and idle and not self._timers(names):
                         break
                     if not self._stopping.is_set():
                         waiter.wait(self._idle_wait(interval, names, keeper))
@@ -209,6 +211,12 @@ class Worker:
             flush_notifications()
             writer.release_connections()
             connections.close_all()
+
+    def _timers(self, names: list[str]) -> bool:
+        try:
+            return Workflow.objects.using(self.using).next_wake(self.queues, names) is not None
+        except DatabaseError:
+            return False
 
     def _idle_wait(self, interval: float, names: list[str], keeper: ConnectionKeeper) -> float:
         """How long the loop may wait for an announcement: at most until the next timer

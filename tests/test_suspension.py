@@ -7,12 +7,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from django.conf import settings
 from django.test import override_settings
 
 from durable_streams import Status, cancel_workflow, send
 from durable_streams.conf import get_config
 from durable_streams.exceptions import ConfigurationError
 from durable_streams.models import Stream, StreamState, Workflow
+from durable_streams.testing import run_workflow
 from tests import workflows_waiting as flows
 from tests.processes import WorkerProcesses, worker_processes
 from tests.stored import stream_values
@@ -119,3 +121,16 @@ def test_sigkill_while_runs_are_suspended_loses_nothing(processes: WorkerProcess
     for wid in ids:
         assert stream_values(wid, "got") == ["first", "second"]
         assert json.loads(Workflow.objects.get(pk=wid).output or "null") == 2
+
+
+def test_a_burst_worker_stays_for_the_timers_of_suspended_runs(
+    transactional_db: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    with override_settings(
+        DURABLE_STREAMS={**settings.DURABLE_STREAMS, "SUSPEND_AFTER_SECONDS": 0}
+    ):
+        caplog.set_level("INFO", logger="durable_streams.worker")
+        run = run_workflow(flows.napper, 0.3)
+    assert run.status == Status.SUCCESS
+    assert run.output >= 0.3
+    assert "Sleeping until" in caplog.text
