@@ -105,6 +105,9 @@ class Worker:
         self._next_unknown_check = 0.0
         self._unknown_warned: dict[str, float] = {}
         self._registered = False
+        # The earliest timer of the waiting runs of this worker's queues, as last read.
+        self._next_wake: datetime | None = None
+        self._wake_known = False
         self._beats = 0
         self.completed = 0
 
@@ -199,8 +202,11 @@ class Worker:
                     # a recv's deadline): they are work that is already there.
                     if self.burst and not claimed and idle and not self._timers(names):
                         break
-                    if not self._stopping.is_set():
-                        waiter.wait(self._idle_wait(interval, names, keeper))
+                    if not self._stopping.is_set() and waiter.wait(
+                        self._idle_wait(interval, names, keeper)
+                    ):
+                        # Rung: a run may have been suspended with a new timer.
+                        self._wake_known = False
         finally:
             self._waiter = None
             self._shutdown(pool)
@@ -220,18 +226,28 @@ class Worker:
 
     def _idle_wait(self, interval: float, names: list[str], keeper: ConnectionKeeper) -> float:
         """How long the loop may wait for an announcement: at most until the next timer
-        of a waiting run (read from the database), so that it fires on time."""
+        of a waiting run, so that it fires on time without a polling loop.
+
+        The timer is read from the database again only after a ring (a suspension
+        announces its queue) or once it is due: an idle loop costs no query for it.
+        """
         if len(self._running) >= self.concurrency or not names:
             return interval
-        try:
-            keeper.ready()
-            wake = Workflow.objects.using(self.using).next_wake(self.queues, names)
-        except DatabaseError:
-            keeper.broken()
+        if not self._wake_known:
+            try:
+                keeper.ready()
+                self._next_wake = Workflow.objects.using(self.using).next_wake(self.queues, names)
+            except DatabaseError:
+                keeper.broken()
+                return interval
+            self._wake_known = True
+        if self._next_wake is None:
             return interval
-        if wake is None:
-            return interval
-        return max(0.0, min(interval, (wake - timezone.now()).total_seconds()))
+        left = (self._next_wake - timezone.now()).total_seconds()
+        if left <= 0:
+            # Due: the next claim takes it; read the timer after it again.
+            self._wake_known = False
+        return max(0.0, min(interval, left))
 
     def _describe_registry(self) -> None:
         """Say which workflows this worker can run, and which of its queues none uses."""

@@ -103,7 +103,8 @@ class WorkflowQuerySet(models.QuerySet["Workflow"]):
 
         The lease is let go and the attempt not counted. False if the worker no longer
         holds it. The change to publish is its queue: a message that arrived just
-        before the suspension committed makes it claimable at once.
+        before the suspension committed makes it claimable at once, and idle workers
+        learn of its timer.
         """
         with transaction.atomic(using=self.db):
             take_write_lock(self.db)
@@ -121,7 +122,7 @@ class WorkflowQuerySet(models.QuerySet["Workflow"]):
             )
         if not changed or queue is None:
             return False, NO_CHANGES
-        return True, Changes(queues=(queue,) if topic is not None else ())
+        return True, Changes(queues=(queue,))
 
     def wait_of(self, workflow_id: str) -> tuple[int | None, datetime | None]:
         """The operation and the deadline of the wait a run was last suspended in."""
