@@ -134,3 +134,14 @@ def test_a_burst_worker_stays_for_the_timers_of_suspended_runs(
     assert run.status == Status.SUCCESS
     assert run.output >= 0.3
     assert "Sleeping until" in caplog.text
+
+
+def test_run_workflow_says_when_a_run_is_left_waiting_for_a_message(
+    transactional_db: None,
+) -> None:
+    config = {**settings.DURABLE_STREAMS, "SUSPEND_AFTER_SECONDS": 0}
+    with (
+        override_settings(DURABLE_STREAMS=config),
+        pytest.raises(AssertionError, match="WAITING.*recv"),
+    ):
+        run_workflow(flows.collector, 1)
