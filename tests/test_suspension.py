@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from durable_streams.conf import get_config
 from durable_streams.exceptions import ConfigurationError
 from durable_streams.models import Stream, StreamState, Workflow
 from durable_streams.testing import run_workflow
+from durable_streams.worker import Worker
 from tests import workflows_waiting as flows
 from tests.processes import WorkerProcesses, worker_processes
 from tests.stored import stream_values
@@ -145,3 +147,34 @@ def test_run_workflow_says_when_a_run_is_left_waiting_for_a_message(
         pytest.raises(AssertionError, match="WAITING.*recv"),
     ):
         run_workflow(flows.collector, 1)
+
+
+def test_a_recv_keeps_its_deadline_when_its_run_is_queued_again(transactional_db: None) -> None:
+    config = {**settings.DURABLE_STREAMS, "SUSPEND_AFTER_SECONDS": 0}
+    with override_settings(DURABLE_STREAMS=config):
+        handle = flows.first_recv.start(2.0)
+        wid = handle.workflow_id
+        # Not a burst worker: one could leave between its claim and the re-queueing.
+        worker = Worker()
+        thread = threading.Thread(target=worker.run, daemon=True)
+        thread.start()
+        try:
+            wait_until(lambda: _waiting([wid]) == 1, timeout=30, what="the suspension")
+            first = Workflow.objects.get(pk=wid)
+            assert first.wake_at is not None
+            # Handed back to the queue with its wait recorded (a shutdown after its wake-up).
+            Workflow.objects.filter(pk=wid).update(status=Status.ENQUEUED)
+            wait_until(
+                lambda: (
+                    _waiting([wid]) == 1
+                    and Workflow.objects.get(pk=wid).updated_at > first.updated_at
+                ),
+                timeout=30,
+                what="the second suspension",
+            )
+            # The deadline still counts from the first run's recv.
+            assert Workflow.objects.get(pk=wid).wake_at == first.wake_at
+            assert handle.result(timeout=30) == "timed out"
+        finally:
+            worker.stop()
+            thread.join(30)

@@ -78,7 +78,7 @@ SET status = 'RUNNING', lease_owner = %(worker)s, lease_expires_at = %(until)s,
 FROM picked
 WHERE w.id = picked.id
 RETURNING w.id, w.name, w.inputs, w.attempts, picked.status, picked.lease_owner,
-    picked.status IN ('RUNNING', 'WAITING')
+    picked.status IN ('RUNNING', 'WAITING') OR w.wait_operation IS NOT NULL
     OR EXISTS (SELECT FROM {step} s WHERE s.workflow_id = w.id)
     OR EXISTS (SELECT FROM {stream} s WHERE s.workflow_id = w.id)
 """

@@ -207,12 +207,15 @@ class WorkflowQuerySet(models.QuerySet["Workflow"]):
                 updated_at=now,
                 started_at=Coalesce("started_at", Value(now)),
             )
-            details = {
-                pk: (name, inputs, attempts)
-                for pk, name, inputs, attempts in self.filter(pk__in=ids).values_list(
-                    "pk", "name", "inputs", "attempts"
-                )
-            }
+            details = {}
+            # A run that was ever suspended has a wait to load (a recv's deadline).
+            suspended = set()
+            for pk, name, inputs, attempts, wait_operation in self.filter(pk__in=ids).values_list(
+                "pk", "name", "inputs", "attempts", "wait_operation"
+            ):
+                details[pk] = (name, inputs, attempts)
+                if wait_operation is not None:
+                    suspended.add(pk)
             recorded = set(
                 Step.objects.using(self.db)
                 .filter(workflow_id__in=ids)
@@ -231,7 +234,7 @@ class WorkflowQuerySet(models.QuerySet["Workflow"]):
                 *details[pk],
                 status,
                 owner,
-                status in (Status.RUNNING, Status.WAITING) or pk in recorded,
+                status in (Status.RUNNING, Status.WAITING) or pk in recorded | suspended,
             )
             for pk, status, owner in picked_rows
         ]
