@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import copy
+import dataclasses
 import functools
 import inspect
 import json
@@ -40,8 +42,8 @@ from .exceptions import (
     WorkflowNotFound,
     WorkflowTimeout,
 )
-from .models import Status, Stream, StreamEntry
-from .models import Workflow as WorkflowRun
+from .models import Status, Stream, StreamEntry, Workflow
+from .retry import ReadRetry
 from .runtime import execution as runtime
 from .runtime import registry, waiting
 
@@ -51,7 +53,7 @@ R = TypeVar("R")
 logger = logging.getLogger("durable_streams.api")
 
 __all__ = [
-    "Workflow",
+    "WorkflowFunction",
     "WorkflowHandle",
     "aget_event",
     "aread_stream",
@@ -84,8 +86,28 @@ def _qualified_name(fn: Callable[..., Any]) -> str:
     return f"{fn.__module__}.{fn.__qualname__}"
 
 
-class Workflow(Generic[P, R]):
-    """A registered workflow. Call ``start()`` to run it durably on a worker."""
+# The options of a start, by name: ``using()`` takes them, and so does ``start_workflow()``
+# before the function's own keyword arguments.
+OPTION_NAMES = frozenset({"workflow_id", "queue", "owner", "public"})
+
+
+@dataclasses.dataclass(frozen=True)
+class _StartOptions:
+    """What ``using()`` bound: None (or False) is the default of each."""
+
+    queue: str | None = None
+    workflow_id: str | None = None
+    owner: Any = None
+    public: bool = False
+
+
+class WorkflowFunction(Generic[P, R]):
+    """A registered workflow. Call ``start()`` to run it durably on a worker.
+
+    ``using()`` returns a copy bound to start options; the workflow itself never changes.
+    """
+
+    _options = _StartOptions()
 
     def __init__(
         self,
@@ -117,6 +139,11 @@ class Workflow(Generic[P, R]):
         self.name = _check_name("name", name) if name is not None else _qualified_name(fn)
         self.queue = queue
         self._max_attempts = max_attempts
+        try:
+            self._signature: inspect.Signature | None = inspect.signature(fn)
+        except (TypeError, ValueError):
+            # Some callables implemented in C have none: then only the run's call checks.
+            self._signature = None
         functools.update_wrapper(self, fn)
         registry.register(self)
 
@@ -128,13 +155,49 @@ class Workflow(Generic[P, R]):
         """Run the body directly, in this thread, without durability (handy in tests)."""
         return self.fn(*args, **kwargs)
 
+    def using(
+        self,
+        *,
+        queue: str | None = None,
+        workflow_id: str | None = None,
+        owner: Any = None,
+        public: bool | None = None,
+    ) -> WorkflowFunction[P, R]:
+        """A copy of this workflow whose ``start()`` takes these options.
+
+        Each option is checked now. One left out (None) keeps what this workflow
+        has bound, so ``using()`` calls chain; this workflow is left unchanged.
+        """
+        changes: dict[str, Any] = {}
+        if queue is not None:
+            changes["queue"] = _check_name("queue", queue)
+        if workflow_id is not None:
+            changes["workflow_id"] = check_workflow_id(workflow_id)
+        if owner is not None:
+            # The type now; whether the user exists is asked at start, when it counts.
+            _owner_id(owner, look_up=False)
+            changes["owner"] = owner
+        if public is not None:
+            changes["public"] = _check_public(public)
+        bound = copy.copy(self)  # not registered: the registry keeps the decorated workflow
+        bound._options = dataclasses.replace(self._options, **changes)
+        return bound
+
     def start(self, *args: P.args, **kwargs: P.kwargs) -> WorkflowHandle:
-        """Enqueue a run; a worker picks it up."""
-        # The body's keyword arguments share start_workflow's, options included.
-        return start_workflow(self, *args, **kwargs)  # type: ignore[arg-type]
+        """Enqueue a run of ``fn(*args, **kwargs)``; a worker picks it up.
+
+        Every keyword argument goes to the function: options are bound with ``using()``.
+        """
+        return _start(self, args, kwargs)
 
     def __repr__(self) -> str:
-        return f"<Workflow {self.name}>"
+        options = self._options
+        bound = [
+            f"{field.name}={getattr(options, field.name)!r}"
+            for field in dataclasses.fields(options)
+            if getattr(options, field.name) != field.default
+        ]
+        return f"<Workflow {self.name}{' using ' + ', '.join(bound) if bound else ''}>"
 
 
 # The lengths of the columns that store them.
@@ -152,11 +215,11 @@ def _check_name(what: str, value: object) -> str:
 
 
 @overload
-def workflow(fn: Callable[P, R], /) -> Workflow[P, R]: ...
+def workflow(fn: Callable[P, R], /) -> WorkflowFunction[P, R]: ...
 @overload
 def workflow(
     *, name: str | None = None, queue: str = "default", max_attempts: int | None = None
-) -> Callable[[Callable[P, R]], Workflow[P, R]]: ...
+) -> Callable[[Callable[P, R]], WorkflowFunction[P, R]]: ...
 def workflow(
     fn: Callable[P, R] | None = None,
     /,
@@ -164,13 +227,13 @@ def workflow(
     name: str | None = None,
     queue: str = "default",
     max_attempts: int | None = None,
-) -> Workflow[P, R] | Callable[[Callable[P, R]], Workflow[P, R]]:
+) -> WorkflowFunction[P, R] | Callable[[Callable[P, R]], WorkflowFunction[P, R]]:
     """Register a function as a durable workflow, under ``name`` (default: module.qualname)."""
     if fn is not None:
-        return Workflow(fn, name=name, queue=queue, max_attempts=max_attempts)
+        return WorkflowFunction(fn, name=name, queue=queue, max_attempts=max_attempts)
 
-    def decorate(fn: Callable[P, R]) -> Workflow[P, R]:
-        return Workflow(fn, name=name, queue=queue, max_attempts=max_attempts)
+    def decorate(fn: Callable[P, R]) -> WorkflowFunction[P, R]:
+        return WorkflowFunction(fn, name=name, queue=queue, max_attempts=max_attempts)
 
     return decorate
 
@@ -253,17 +316,19 @@ def run_step(fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:
 
 
 def start_workflow(
-    wf: Workflow[..., Any] | str,
+    wf: WorkflowFunction[..., Any] | str,
     /,
     *args: Any,
     workflow_id: str | None = None,
     queue: str | None = None,
     owner: Any = None,
-    public: bool = False,
+    public: bool | None = None,
     **kwargs: Any,
 ) -> WorkflowHandle:
-    """Enqueue a run of ``wf`` and return its handle.
+    """Enqueue a run of ``wf`` and return its handle: ``wf.using(options).start(...)``.
 
+    The options are taken out of the keyword arguments, so a workflow with a
+    parameter named like one is refused (start it with ``using().start()``).
     With a ``workflow_id`` that already exists, return that run's handle if this
     start repeats it (same workflow, owner, public and inputs), else raise
     ``WorkflowConflict``: a run is never started twice, nor handed to another
@@ -272,16 +337,65 @@ def start_workflow(
     parent, so a replay finds the same child.
     """
     if isinstance(wf, str):
-        # Only Workflow registers itself (in its __init__).
-        wf = cast("Workflow[..., Any]", registry.get(wf))
-    elif not isinstance(wf, Workflow):
+        # Only a WorkflowFunction registers itself (in its __init__).
+        wf = cast("WorkflowFunction[..., Any]", registry.get(wf))
+    elif not isinstance(wf, WorkflowFunction):
         raise TypeError(
             f"start_workflow() takes a @workflow function or its name, not {type(wf).__name__}."
         )
+    _refuse_option_parameters(wf)
+    bound = wf.using(workflow_id=workflow_id, queue=queue, owner=owner, public=public)
+    return _start(bound, args, kwargs)
+
+
+def _refuse_option_parameters(wf: WorkflowFunction[..., Any]) -> None:
+    """Refuse a workflow that has a parameter start_workflow() would take as an option."""
+    if wf._signature is None:
+        return
+    for parameter in wf._signature.parameters.values():
+        if parameter.name in OPTION_NAMES and parameter.kind in (
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+            inspect.Parameter.KEYWORD_ONLY,
+        ):
+            raise TypeError(
+                f"start_workflow() cannot start workflow {wf.name!r}: its parameter "
+                f"{parameter.name!r} has the name of a start_workflow() option "
+                f"({', '.join(sorted(OPTION_NAMES))}). Start it with "
+                f"{wf.fn.__name__}.using(...).start(...), which passes every keyword argument "
+                "to the function."
+            )
+
+
+def _check_arguments(
+    wf: WorkflowFunction[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> None:
+    """Refuse arguments the function cannot take, before anything is stored.
+
+    Found by the worker instead, they would fail every attempt of a run already stored.
+    """
+    if wf._signature is None:
+        return
+    try:
+        wf._signature.bind(*args, **kwargs)
+    except TypeError as exc:
+        raise TypeError(f"Workflow {wf.name!r} cannot start with these arguments: {exc}.") from None
+
+
+def _check_public(public: object) -> bool:
     if not isinstance(public, bool):
         # bool("no") is True: anything but a bool would guess at who may read.
         raise TypeError(f"public must be True or False, not {public!r}.")
-    owner_id = _owner_id(owner)
+    return public
+
+
+def _start(
+    wf: WorkflowFunction[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> WorkflowHandle:
+    """Store a run of ``wf`` with these arguments and the options ``wf`` is bound to."""
+    # Checked before the child id below takes an operation number.
+    _check_arguments(wf, args, kwargs)
+    options = wf._options
+    owner_id = _owner_id(options.owner)
     inputs = encoding.encode_inputs(args, kwargs, wf.name)
     size = len(inputs.encode("utf-8"))
     limit = get_config().MAX_INPUT_BYTES
@@ -290,23 +404,22 @@ def start_workflow(
             f"The inputs of workflow {wf.name!r} are {size} bytes once encoded; the limit is "
             f"{limit} (settings.DURABLE_STREAMS['MAX_INPUT_BYTES'])."
         )
+    workflow_id = options.workflow_id
     if workflow_id is None:
         workflow_id = runtime.child_workflow_id() or None
-    else:
-        check_workflow_id(workflow_id)
-    queue = _check_name("queue", queue) if queue is not None else wf.queue
+    queue = options.queue if options.queue is not None else wf.queue
     using = alias()
-    run = WorkflowRun(
+    run = Workflow(
         name=wf.name,
         queue=queue,
         inputs=inputs,
         max_attempts=wf.max_attempts,
         owner_id=owner_id,
-        is_public=public,
+        is_public=options.public,
     )
     if workflow_id is not None:
         run.id = workflow_id
-    runs = WorkflowRun.objects.using(using)
+    runs = Workflow.objects.using(using)
     # A taken id is kept; the second try is for a run deleted between the two queries.
     for _ in range(2):
         with runtime.on_behalf_of_body(f"starting workflow {wf.name!r}"):
@@ -343,11 +456,12 @@ def _raise_if_unmigrated(exc: DatabaseError, using: str) -> None:
         raise missing from exc
 
 
-def _owner_id(owner: Any) -> Any:
+def _owner_id(owner: Any, *, look_up: bool = True) -> Any:
     """The primary key of the user ``owner``, checked here rather than by the database.
 
     The foreign key is checked at commit, so a bad owner would fail the caller's
-    transaction far from this call, with a raw IntegrityError.
+    transaction far from this call, with a raw IntegrityError. Without ``look_up``,
+    a primary key is checked for its type only, not looked up.
     """
     if owner is None:
         return None
@@ -371,14 +485,12 @@ def _owner_id(owner: Any) -> Any:
         raise TypeError(
             f"owner must be a {label} or its primary key; {owner!r} cannot be one."
         ) from None
-    if not user_model._default_manager.filter(pk=pk).exists():
+    if look_up and not user_model._default_manager.filter(pk=pk).exists():
         raise ValueError(f"owner is {owner!r}, but no {label} has that primary key.")
     return pk
 
 
-def _check_same_run(
-    run: WorkflowRun, name: str, owner_id: Any, is_public: bool, inputs: str
-) -> None:
+def _check_same_run(run: Workflow, name: str, owner_id: Any, is_public: bool, inputs: str) -> None:
     """Refuse a start whose id is taken by a run it does not repeat.
 
     Ids may be built from user input: returning whatever run has the id would hand
@@ -436,10 +548,10 @@ def cancel_workflow(workflow_id: str) -> bool:
     using = alias()
     with runtime.on_behalf_of_body(f"cancelling workflow {workflow_id!r}"):
         changed, changes = (
-            WorkflowRun.objects.using(using).active().finish(workflow_id, Status.CANCELLED)
+            Workflow.objects.using(using).active().finish(workflow_id, Status.CANCELLED)
         )
         publish_changes(changes, using)
-        if not changed and not WorkflowRun.objects.using(using).filter(pk=workflow_id).exists():
+        if not changed and not Workflow.objects.using(using).filter(pk=workflow_id).exists():
             raise WorkflowNotFound(workflow_id)
     return changed
 
@@ -462,7 +574,7 @@ _TRANSIENT = (OperationalError, InterfaceError)
 
 
 class _Reconnecting:
-    """How a reader or result waiter rides out a failing database.
+    """How a reader or result waiter rides out a failing database (``retry.ReadRetry``).
 
     After a failed read it drops its connection (the next read opens a new one) and
     waits a little longer each time, for up to ``READER_RETRY_SECONDS`` from the
@@ -470,18 +582,31 @@ class _Reconnecting:
     the count again. In a workflow body the run stops and replays instead.
     """
 
-    FIRST_DELAY, MAX_DELAY = 0.1, 2.0
-
     def __init__(self, using: str, what: str) -> None:
         self.using = using
         self.what = what
-        self._since: float | None = None
-        self._delay = self.FIRST_DELAY
+        self._retry = ReadRetry(warn=self._warn, recovered=self._recovered, give_up=self._give_up)
+
+    def _warn(self, exc: Exception, limit: float) -> None:
+        logger.warning(
+            "Database %r failed while %s (%s); reconnecting for up to %ss.",
+            self.using,
+            self.what,
+            exc,
+            limit,
+        )
+
+    def _recovered(self) -> None:
+        logger.info("Database %r is back: %s goes on.", self.using, self.what)
+
+    def _give_up(self, exc: Exception, limit: float) -> BaseException:
+        return DatabaseUnavailable(
+            f"Database {self.using!r} could not be reached for {limit} seconds "
+            f"(READER_RETRY_SECONDS) while {self.what}: {exc}"
+        )
 
     def succeeded(self) -> None:
-        if self._since is not None:
-            logger.info("Database %r is back: %s goes on.", self.using, self.what)
-        self._since = None
+        self._retry.succeeded()
 
     def failed(self, exc: Exception) -> float:
         """Call in the thread whose read failed; return the seconds to wait before the next."""
@@ -489,32 +614,13 @@ class _Reconnecting:
         if execution is not None and execution.step_name is None:
             raise runtime.database_failed(execution, self.what, exc) from exc
         connection = connections[self.using]
-        limit = get_config().READER_RETRY_SECONDS
         if connection.in_atomic_block:
             # The caller's transaction is lost with its connection: nothing to resume.
             raise DatabaseUnavailable(
                 f"Database {self.using!r} failed inside a transaction while {self.what}: {exc}"
             ) from exc
         connection.close()
-        now = time.monotonic()
-        if self._since is None:
-            self._since, self._delay = now, self.FIRST_DELAY
-            logger.warning(
-                "Database %r failed while %s (%s); reconnecting for up to %ss.",
-                self.using,
-                self.what,
-                exc,
-                limit,
-            )
-        left = self._since + limit - now
-        if left <= 0:
-            raise DatabaseUnavailable(
-                f"Database {self.using!r} could not be reached for {limit} seconds "
-                f"(READER_RETRY_SECONDS) while {self.what}: {exc}"
-            ) from exc
-        delay = min(self._delay, left)
-        self._delay = min(self._delay * 2, self.MAX_DELAY)
-        return delay
+        return self._retry.failed(exc)
 
 
 class WorkflowHandle:
@@ -532,12 +638,12 @@ class WorkflowHandle:
     def __hash__(self) -> int:
         return hash(self.workflow_id)
 
-    def get(self) -> WorkflowRun:
+    def get(self) -> Workflow:
         """The workflow's row, as stored now."""
         try:
             with runtime.on_behalf_of_body(f"reading workflow {self.workflow_id!r}"):
-                return WorkflowRun.objects.using(alias()).get(pk=self.workflow_id)
-        except WorkflowRun.DoesNotExist:
+                return Workflow.objects.using(alias()).get(pk=self.workflow_id)
+        except Workflow.DoesNotExist:
             raise WorkflowNotFound(self.workflow_id) from None
 
     @property
@@ -546,7 +652,7 @@ class WorkflowHandle:
         CANCELLED, read fresh from the database."""
         with runtime.on_behalf_of_body(f"reading workflow {self.workflow_id!r}"):
             status = (
-                WorkflowRun.objects.using(alias())
+                Workflow.objects.using(alias())
                 .filter(pk=self.workflow_id)
                 .values_list("status", flat=True)
                 .first()
@@ -560,7 +666,7 @@ class WorkflowHandle:
 
     def _outcome(self) -> tuple[bool, Any]:
         row = (
-            WorkflowRun.objects.using(alias())
+            Workflow.objects.using(alias())
             .filter(pk=self.workflow_id)
             .values_list("status", "output", "error")
             .first()
@@ -588,6 +694,17 @@ class WorkflowHandle:
         reconnecting.succeeded()
         return done, value, None
 
+    def _wait(self, wait: float, deadline: float | None, timeout: float | None) -> float:
+        """``wait``, cut to what is left before ``deadline``; ``WorkflowTimeout`` once it passed."""
+        if deadline is None:
+            return wait
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise WorkflowTimeout(
+                f"Workflow {self.workflow_id!r} did not end within {timeout} seconds."
+            )
+        return min(wait, remaining)
+
     def result(self, timeout: float | None = None) -> Any:
         """Wait for the end and return the output, or raise what ended the workflow.
 
@@ -605,14 +722,7 @@ class WorkflowHandle:
                 done, value, retry = self._try_outcome(reconnecting)
                 if done:
                     return value
-                wait = interval if retry is None else retry
-                if deadline is not None:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise WorkflowTimeout(
-                            f"Workflow {self.workflow_id!r} did not end within {timeout} seconds."
-                        )
-                    wait = min(wait, remaining)
+                wait = self._wait(interval if retry is None else retry, deadline, timeout)
                 waiter.wait(wait)
 
     async def aresult(self, timeout: float | None = None) -> Any:
@@ -631,14 +741,7 @@ class WorkflowHandle:
                 done, value, retry = await outcome(reconnecting)
                 if done:
                     return value
-                wait = interval if retry is None else retry
-                if deadline is not None:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise WorkflowTimeout(
-                            f"Workflow {self.workflow_id!r} did not end within {timeout} seconds."
-                        )
-                    wait = min(wait, remaining)
+                wait = self._wait(interval if retry is None else retry, deadline, timeout)
                 await waiter.async_wait(wait)
 
 
@@ -718,7 +821,7 @@ class _StreamCursor:
         if self.interrupted == Status.ERROR and self._error is None:
             # Read here, where a database fault is retried like any read.
             error = (
-                WorkflowRun.objects.using(self.using)
+                Workflow.objects.using(self.using)
                 .filter(pk=self.workflow_id)
                 .values_list("error", flat=True)
                 .first()
@@ -872,6 +975,18 @@ def _event_arguments(workflow_id: str, key: str, timeout: float | None) -> tuple
     return key_text, waiting.check_timeout(timeout)
 
 
+def _event_wait(
+    interval: float, deadline: float | None, workflow_id: str, key: str, seconds: float | None
+) -> float:
+    """How long to wait for the event before reading again; ``EventTimeout`` once it is late."""
+    if deadline is None:
+        return interval
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise EventTimeout(workflow_id, key, seconds or 0.0)
+    return min(interval, remaining)
+
+
 def get_event(workflow_id: str, key: str, *, timeout: float | None = None) -> Any:
     """The latest value that workflow ``workflow_id`` set under ``key``, waiting until it is set.
 
@@ -889,13 +1004,7 @@ def get_event(workflow_id: str, key: str, *, timeout: float | None = None) -> An
                 found = waiting.read_event(using, workflow_id, key)
             if found is not None:
                 return found[0]
-            wait = interval
-            if deadline is not None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise EventTimeout(workflow_id, key, seconds or 0.0)
-                wait = min(wait, remaining)
-            waiter.wait(wait)
+            waiter.wait(_event_wait(interval, deadline, workflow_id, key, seconds))
 
 
 async def aget_event(workflow_id: str, key: str, *, timeout: float | None = None) -> Any:
@@ -911,10 +1020,4 @@ async def aget_event(workflow_id: str, key: str, *, timeout: float | None = None
             found = await read(using, workflow_id, key)
             if found is not None:
                 return found[0]
-            wait = interval
-            if deadline is not None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise EventTimeout(workflow_id, key, seconds or 0.0)
-                wait = min(wait, remaining)
-            await waiter.async_wait(wait)
+            await waiter.async_wait(_event_wait(interval, deadline, workflow_id, key, seconds))

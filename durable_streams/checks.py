@@ -11,7 +11,9 @@ from django.core.checks import CheckMessage, Error, Tags, Warning, register
 from . import telemetry
 from .auth import _load
 from .backends import check_database, check_server
+from .bus import uses_listen_notify
 from .conf import get_config
+from .db import alias
 from .exceptions import ConfigurationError
 
 
@@ -104,11 +106,23 @@ def check_live_delivery(app_configs: Any = None, **kwargs: Any) -> list[CheckMes
     except ConfigurationError:
         return []  # E001 says why
     layer = "no channel layer" if backend is None else "the in-memory channel layer"
+    try:
+        notified = uses_listen_notify(alias())
+    except Exception:
+        notified = False  # an unusable database: E005 or E006 says why
+    if notified:
+        how = (
+            "through the database's notifications: the readers of each stream in a "
+            "process re-read the database after every batch a worker commits"
+        )
+    else:
+        how = (
+            f"by polling: each open stream re-reads the database every {interval}s (POLL_INTERVAL)"
+        )
     return [
         Warning(
             f"With {layer}, values that worker processes write reach WebSocket and SSE "
-            f"readers by polling: each open stream re-reads the database every "
-            f"{interval}s (POLL_INTERVAL).",
+            f"readers {how}.",
             hint=(
                 "Fine for development, or with workers inside the web process. For push "
                 "delivery across processes, and fewer queries, set CHANNEL_LAYERS to "

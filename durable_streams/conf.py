@@ -52,6 +52,10 @@ DEFAULTS: dict[str, Any] = {
     # Seconds a WebSocket client may leave a full window unacknowledged before it is
     # closed with 4408 (it reconnects from its offset).
     "READER_STALL_SECONDS": 60.0,
+    # Seconds without any frame after which a WebSocket reader gets a heartbeat frame
+    # and an SSE response a keep-alive comment, so that clients can tell a quiet
+    # stream from a lost connection (the JS client gives up after 3 of them).
+    "READER_HEARTBEAT_SECONDS": 15.0,
     # Claims per workflow before it ends in ERROR; the default for @workflow.
     "MAX_ATTEMPTS": 10,
     # Seconds a sleep or a recv in a workflow body waits in place, holding its worker
@@ -87,6 +91,7 @@ _NUMBERS: dict[str, tuple[type[int | float], float]] = {
     "READER_RETRY_SECONDS": (float, 0.0),
     "READER_WINDOW_BYTES": (int, 1),
     "READER_STALL_SECONDS": (float, 0.01),
+    "READER_HEARTBEAT_SECONDS": (float, 0.05),
     "MAX_ATTEMPTS": (int, 1),
     "SHUTDOWN_GRACE_SECONDS": (float, 0.0),
     "SUSPEND_AFTER_SECONDS": (float, 0.0),
@@ -108,6 +113,8 @@ MAXIMA: dict[str, int] = {
     "READER_RETRY_SECONDS": DAY,
     "READER_WINDOW_BYTES": 64 * 1024 * 1024,
     "READER_STALL_SECONDS": DAY,
+    # Proxies commonly close a connection idle for a minute or more.
+    "READER_HEARTBEAT_SECONDS": 300,
     "RETENTION_DAYS": 36_500,
 }
 
@@ -128,6 +135,7 @@ class Config:
     READER_RETRY_SECONDS: float
     READER_WINDOW_BYTES: int
     READER_STALL_SECONDS: float
+    READER_HEARTBEAT_SECONDS: float
     MAX_ATTEMPTS: int
     SUSPEND_AFTER_SECONDS: float
     SHUTDOWN_GRACE_SECONDS: float

@@ -18,9 +18,14 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import cache
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
+from django.db import DatabaseError, connections
+from django.db.models import Count
+
+from . import encoding
 from .conf import get_config
+from .db import alias
 from .exceptions import ImproperlyInstalled
 
 if TYPE_CHECKING:
@@ -47,6 +52,29 @@ STEP_SPAN = "durable_streams.step"
 INTERRUPTED = "INTERRUPTED"
 
 _NULL: contextlib.nullcontext[None] = contextlib.nullcontext()
+
+
+class _Instrument(NamedTuple):
+    name: str
+    unit: str
+    description: str
+
+    def create(self, factory: Callable[..., Any]) -> Any:
+        """The instrument, made by one of the meter's ``create_*`` methods."""
+        return factory(self.name, unit=self.unit, description=self.description)
+
+
+_WORKFLOWS_STARTED = _Instrument("durable_streams.workflows.started", "{workflow}", "Runs started.")
+_WORKFLOWS_FINISHED = _Instrument(
+    "durable_streams.workflows.finished", "{workflow}", "Runs whose end a worker recorded."
+)
+_STEP_DURATION = _Instrument("durable_streams.step.duration", "s", "Step attempts' durations.")
+_VALUES_WRITTEN = _Instrument(
+    "durable_streams.stream.values_written", "{value}", "Stream values stored."
+)
+_READERS = _Instrument(
+    "durable_streams.readers.connected", "{reader}", "WebSocket and SSE readers connected."
+)
 
 
 @dataclass
@@ -84,27 +112,11 @@ def _instruments() -> _Instruments:
     meter = metrics.get_meter(SCOPE, version)
     return _Instruments(
         tracer=trace.get_tracer(SCOPE, version),
-        started=meter.create_counter(
-            "durable_streams.workflows.started", unit="{workflow}", description="Runs started."
-        ),
-        finished=meter.create_counter(
-            "durable_streams.workflows.finished",
-            unit="{workflow}",
-            description="Runs whose end a worker recorded.",
-        ),
-        step_duration=meter.create_histogram(
-            "durable_streams.step.duration", unit="s", description="Step attempts' durations."
-        ),
-        values_written=meter.create_counter(
-            "durable_streams.stream.values_written",
-            unit="{value}",
-            description="Stream values stored.",
-        ),
-        readers=meter.create_up_down_counter(
-            "durable_streams.readers.connected",
-            unit="{reader}",
-            description="WebSocket and SSE readers connected.",
-        ),
+        started=_WORKFLOWS_STARTED.create(meter.create_counter),
+        finished=_WORKFLOWS_FINISHED.create(meter.create_counter),
+        step_duration=_STEP_DURATION.create(meter.create_histogram),
+        values_written=_VALUES_WRITTEN.create(meter.create_counter),
+        readers=_READERS.create(meter.create_up_down_counter),
     )
 
 
@@ -120,9 +132,8 @@ class _Run:
         self.status: str | None = None
 
     def end(self, status: str, error: str | None) -> None:
+        # opentelemetry is optional (the otel extra): imported only while telemetry is on.
         from opentelemetry.trace import StatusCode
-
-        from . import encoding
 
         self.status = status
         self.span.set_attribute("durable_streams.workflow.status", status)
@@ -205,6 +216,7 @@ def step_attempt(
     ins = run.ins
 
     def attempted(*args: Any, **kwargs: Any) -> Any:
+        # opentelemetry is optional (the otel extra): imported only while telemetry is on.
         from opentelemetry.trace import StatusCode
 
         attributes: dict[str, str | int] = {
@@ -272,6 +284,7 @@ def observe_queue_depth(queues: Iterable[str]) -> None:
         first = not _queues
         _queues.update(queues)
     if first:
+        # opentelemetry is optional (the otel extra): imported only while telemetry is on.
         from opentelemetry import metrics
 
         metrics.get_meter(SCOPE).create_observable_gauge(
@@ -283,11 +296,10 @@ def observe_queue_depth(queues: Iterable[str]) -> None:
 
 
 def _queue_depth(options: CallbackOptions) -> Iterable[Observation]:
-    from django.db import DatabaseError, connections
-    from django.db.models import Count
+    # opentelemetry is optional (the otel extra), and the models need the app registry,
+    # which is not ready yet when the system checks import this module.
     from opentelemetry.metrics import Observation
 
-    from .db import alias
     from .models import Status, Workflow
 
     with _queues_lock:

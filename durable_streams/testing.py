@@ -14,11 +14,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import encoding
-from .api import Workflow, WorkflowHandle
+from .api import OPTION_NAMES, WorkflowFunction, WorkflowHandle, start_workflow
 from .db import alias
 from .exceptions import WorkflowTimeout
-from .models import Status, Stream, StreamEntry
-from .models import Workflow as WorkflowRun
+from .models import Status, Stream, StreamEntry, Workflow
 from .runtime import registry
 from .worker import Worker
 
@@ -44,24 +43,27 @@ class Run:
 
 
 def run_workflow(
-    wf: Workflow[..., Any], /, *args: Any, timeout: float = 30.0, **kwargs: Any
+    wf: WorkflowFunction[..., Any], /, *args: Any, timeout: float = 30.0, **kwargs: Any
 ) -> Run:
     """Start ``wf(*args, **kwargs)`` and run it, and the runs it starts, to their end.
 
-    ``kwargs`` take ``start_workflow``'s options too (``workflow_id``, ``owner``,
-    ``public``, ``queue``). Raises ``WorkflowTimeout`` if the run has not ended
-    after ``timeout`` seconds (it is cancelled then), and ``AssertionError`` if no
-    worker of this process can take it (its workflow or queue is not registered),
-    instead of waiting forever.
+    Options are bound with ``wf.using()``. For compatibility ``kwargs`` take
+    ``start_workflow``'s options too (``workflow_id``, ``owner``, ``public``,
+    ``queue``), and like it refuse a workflow with a parameter of such a name
+    when one is given. Raises ``WorkflowTimeout``
+    if the run has not ended after ``timeout`` seconds (it is cancelled then), and
+    ``AssertionError`` if no worker of this process can take it (its workflow or
+    queue is not registered), instead of waiting forever.
     """
-    if not isinstance(wf, Workflow):
+    if not isinstance(wf, WorkflowFunction):
         raise TypeError(f"run_workflow() takes a @workflow function, not {type(wf).__name__}.")
-    handle = wf.start(*args, **kwargs)
+    if OPTION_NAMES & kwargs.keys():
+        handle = start_workflow(wf, *args, **kwargs)
+    else:
+        handle = wf.start(*args, **kwargs)
     queues = {registry.get(name).queue for name in registry.names()}
     queues.add(
-        WorkflowRun.objects.using(alias())
-        .values_list("queue", flat=True)
-        .get(pk=handle.workflow_id)
+        Workflow.objects.using(alias()).values_list("queue", flat=True).get(pk=handle.workflow_id)
     )
     worker = Worker(queues=sorted(queues), burst=True, worker_id="durable-streams-testing")
     thread = threading.Thread(target=worker.run, name="durable-streams-testing", daemon=True)
@@ -81,9 +83,7 @@ def run_workflow(
 def _read_back(workflow_id: str, name: str) -> Run:
     using = alias()
     status, output, error = (
-        WorkflowRun.objects.using(using)
-        .values_list("status", "output", "error")
-        .get(pk=workflow_id)
+        Workflow.objects.using(using).values_list("status", "output", "error").get(pk=workflow_id)
     )
     if status == Status.WAITING:
         raise AssertionError(

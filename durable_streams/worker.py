@@ -568,7 +568,7 @@ class Worker:
                 telemetry.workflow_ended(Status.ERROR, failure)
             log.error("%s", exc)
             return
-        if claim.recorded:
+        if claim.has_history:
             try:
                 execution = runtime.Execution.load(workflow_id, self.worker_id, self.using)
             except Error as exc:
@@ -582,12 +582,12 @@ class Worker:
                 execution.stop_reason = "the worker is shutting down"
                 execution.stop.set()
             self._running[workflow_id] = execution
-        replaying = bool(execution.recorded)
+        replaying = bool(execution.history)
         log.info(
             "Running %s (attempt %d%s).",
             claim.name,
             claim.attempts,
-            f", replaying {len(execution.recorded)} recorded operations" if replaying else "",
+            f", replaying {len(execution.history)} recorded operations" if replaying else "",
         )
         inputs = encoding.loads(claim.inputs)
         started = time.monotonic()

@@ -85,6 +85,8 @@ DURABLE_STREAMS = {
     # A killed worker's answers resume on another worker after this many seconds.
     "LEASE_SECONDS": 5.0,
     "POLL_INTERVAL": 0.05,
+    # A heartbeat every few seconds: the page notices a lost connection in 3 of them.
+    "READER_HEARTBEAT_SECONDS": float(os.environ.get("DEMO_HEARTBEAT_SECONDS", "5")),
 }
 
 LANGUAGE_CODE = "en-us"

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import gc
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -7,11 +8,31 @@ from typing import Any
 
 import pytest
 from asgiref.sync import sync_to_async
+from channels.layers import channel_layers
 from django.db import connection, connections
 
 from durable_streams.worker import Worker
 from tests.processes import process_env
 from tests.servers import Daphne
+
+
+@pytest.fixture
+async def close_thread_connections() -> AsyncIterator[None]:
+    # sync_to_async() runs the test's database calls in a thread of its own, and Django
+    # leaves the connections of its per-request threads to the garbage collector: close
+    # them all, or PostgreSQL refuses to drop the test database at the end.
+    yield
+    await sync_to_async(connections.close_all)()
+    gc.collect()
+
+
+@pytest.fixture
+def channel_layer_per_test() -> Iterator[None]:
+    # Each test runs its own event loop; a Redis layer keeps loop-bound state, so every
+    # test gets a layer of its own.
+    channel_layers.backends = {}
+    yield
+    channel_layers.backends = {}
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -92,17 +93,33 @@ class PrivatePostgres:
             _run("pg_dropcluster", self.version, self.name, "--stop")
 
     def migrate(self) -> None:
-        done = subprocess.run(
-            [sys.executable, "-m", "django", "migrate", "--noinput", "-v", "0"],
-            cwd=ROOT,
-            env=django_env(self.url),
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        if done.returncode != 0:
-            raise RuntimeError(f"migrate failed on the private cluster:\n{done.stderr}")
+        _migrate(self.url, "the private cluster", timeout=120)
+
+
+def _serve(
+    args: list[str], *, port: int, what: str, timeout: float, output: Any
+) -> subprocess.Popen[bytes]:
+    """Start a server process and wait until it accepts connections on ``port``."""
+    process = subprocess.Popen(args, stdout=output, stderr=subprocess.STDOUT)
+    wait_until(lambda: _accepts(port) or process.poll() is not None, timeout=timeout, what=what)
+    if process.poll() is not None:
+        raise RuntimeError(f"{what} exited with {process.returncode}")
+    return process
+
+
+def _migrate(database_url: str, what: str, *, timeout: float) -> None:
+    """Create the project's tables on a private server, in a process of the test project."""
+    done = subprocess.run(
+        [sys.executable, "-m", "django", "migrate", "--noinput", "-v", "0"],
+        cwd=ROOT,
+        env=django_env(database_url),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"migrate failed on {what}:\n{done.stderr}")
 
 
 def django_env(database_url: str, redis_url: str = "") -> dict[str, str]:
@@ -143,7 +160,7 @@ class PrivateRedis:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        self.process = subprocess.Popen(
+        self.process = _serve(
             [
                 "redis-server",
                 "--port",
@@ -157,16 +174,11 @@ class PrivateRedis:
                 "--dir",
                 self.dir,
             ],  # fmt: skip
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wait_until(
-            lambda: _accepts(self.port) or self.process.poll() is not None,  # type: ignore[union-attr]
-            timeout=15,
+            port=self.port,
             what="the private redis-server",
+            timeout=15,
+            output=subprocess.DEVNULL,
         )
-        if self.process.poll() is not None:
-            raise RuntimeError(f"redis-server exited with {self.process.returncode}")
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -230,20 +242,17 @@ class PrivateMariaDB:
         return done.stdout
 
     def start(self) -> None:
-        log = (self.dir / "server.log").open("ab")
-        self.process = subprocess.Popen(
-            ["mariadbd", "--no-defaults", f"--datadir={self.dir / 'data'}",
-             f"--port={self.port}", "--bind-address=127.0.0.1",
-             f"--socket={self.dir / 'mariadb.sock'}", "--user=root", "--skip-log-bin",
-             # A test server: a killed mariadbd loses nothing committed (the log is in
-             # the OS's cache); only a crash of the machine would.
-             "--innodb-flush-log-at-trx-commit=2", "--innodb-buffer-pool-size=64M",
-             "--max-connections=300"],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        log.close()
-        wait_until(lambda: _accepts(self.port), timeout=60, what="the private MariaDB")
+        with (self.dir / "server.log").open("ab") as log:
+            self.process = _serve(
+                ["mariadbd", "--no-defaults", f"--datadir={self.dir / 'data'}",
+                 f"--port={self.port}", "--bind-address=127.0.0.1",
+                 f"--socket={self.dir / 'mariadb.sock'}", "--user=root", "--skip-log-bin",
+                 # A test server: a killed mariadbd loses nothing committed (the log is in
+                 # the OS's cache); only a crash of the machine would.
+                 "--innodb-flush-log-at-trx-commit=2", "--innodb-buffer-pool-size=64M",
+                 "--max-connections=300"],
+                port=self.port, what="the private MariaDB", timeout=60, output=log,
+            )  # fmt: skip
 
     def kill(self) -> None:
         """SIGKILL: the server dies mid-transaction and recovers from its log at start."""
@@ -263,17 +272,7 @@ class PrivateMariaDB:
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def migrate(self) -> None:
-        done = subprocess.run(
-            [sys.executable, "-m", "django", "migrate", "--noinput", "-v", "0"],
-            cwd=ROOT,
-            env=django_env(self.url),
-            capture_output=True,
-            text=True,
-            timeout=180,
-            check=False,
-        )
-        if done.returncode != 0:
-            raise RuntimeError(f"migrate failed on the private MariaDB:\n{done.stderr}")
+        _migrate(self.url, "the private MariaDB", timeout=180)
 
 
 @pytest.fixture(scope="module")

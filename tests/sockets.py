@@ -1,26 +1,23 @@
 """Readers of a stream inside the test process: the WebSocket through the test suite's
 ASGI application, the fixtures these tests share, and probes of the reads they cause.
 
-A module that imports the two autouse fixtures (``_close_thread_connections``,
-``_channel_layer_per_test``) has them apply to its tests.
+A module whose ``pytestmark`` holds ``READER_FIXTURES`` has the two fixtures it names
+apply to its tests.
 """
 
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 from asgiref.sync import sync_to_async
-from channels.layers import channel_layers
 from channels.testing import WebsocketCommunicator
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Permission
-from django.db import connections
 from django.test import Client
 
 from durable_streams import start_workflow
@@ -28,24 +25,9 @@ from durable_streams.web import feed as ds_feed
 from tests.asgi import application
 from tests.models import Effect
 
-
-@pytest.fixture(autouse=True)
-async def _close_thread_connections() -> AsyncIterator[None]:
-    # sync_to_async() runs the test's database calls in a thread of its own, and Django
-    # leaves the connections of its per-request threads to the garbage collector: close
-    # them all, or PostgreSQL refuses to drop the test database at the end.
-    yield
-    await sync_to_async(connections.close_all)()
-    gc.collect()
-
-
-@pytest.fixture(autouse=True)
-def _channel_layer_per_test() -> Iterator[None]:
-    # Each test runs its own event loop; a Redis layer keeps loop-bound state, so every
-    # test gets a layer of its own.
-    channel_layers.backends = {}
-    yield
-    channel_layers.backends = {}
+# What every test of these readers needs (the fixtures are in conftest.py): Django's
+# per-request thread connections closed, and a channel layer of its own.
+READER_FIXTURES = pytest.mark.usefixtures("close_thread_connections", "channel_layer_per_test")
 
 
 ORIGIN = (b"origin", b"http://testserver")

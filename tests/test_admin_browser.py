@@ -25,12 +25,12 @@ from durable_streams.admin import display as ds_display
 from durable_streams.bus import publish_changes
 from durable_streams.models import Status, StreamEntry, Workflow
 from tests import workflows
+from tests.chromium import CHROMIUM, launch_chromium
 from tests.processes import ROOT
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = Path("/usr/bin/chromium")
 CLIENT_JS = ROOT / "durable_streams" / "static" / "durable_streams" / "durable-streams.js"
 SCREENSHOTS = Path("/tmp")
 
@@ -105,18 +105,13 @@ def browser(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     # Playwright's sync API keeps an event loop in this thread; the ORM calls the test
     # makes meanwhile are still plain blocking calls.
     monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
-    with sync_api.sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(
-            executable_path=str(CHROMIUM),
-            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"],
-        )
-        try:
+    try:
+        with launch_chromium() as chromium:
             yield chromium
-        finally:
-            chromium.close()
-            # Queries made while Playwright runs may have opened connections of their
-            # own; an open one would keep PostgreSQL from dropping the test database.
-            connections.close_all()
+    finally:
+        # Queries made while Playwright runs may have opened connections of their
+        # own; an open one would keep PostgreSQL from dropping the test database.
+        connections.close_all()
 
 
 def log_in(browser: Any, server: str, errors: list[str]) -> Any:
@@ -151,7 +146,7 @@ def test_a_running_workflows_stream_grows_on_its_page(
         handle.result(timeout=10)
     wait_until(lambda: failed.status == Status.ERROR, timeout=10, what="the failure")
     count = 30
-    running = workflows.steady.start(count, 0.12, key="tokens", owner=User.objects.get())
+    running = workflows.steady.using(owner=User.objects.get()).start(count, 0.12, key="tokens")
     wait_until(
         lambda: StreamEntry.objects.filter(stream__workflow_id=running.workflow_id).count() >= 3,
         timeout=10,

@@ -124,8 +124,8 @@ def test_a_queue_longer_than_its_column_is_refused() -> None:
 def test_an_existing_id_returns_that_run_and_never_runs_it_twice(
     run_burst: Callable[..., Worker],
 ) -> None:
-    first = workflows.counted_once.start("dup", workflow_id="same")
-    second = workflows.counted_once.start("dup", workflow_id="same")
+    first = workflows.counted_once.using(workflow_id="same").start("dup")
+    second = workflows.counted_once.using(workflow_id="same").start("dup")
     assert first == second
     assert Workflow.objects.count() == 1
 
@@ -133,7 +133,7 @@ def test_an_existing_id_returns_that_run_and_never_runs_it_twice(
     assert first.result(timeout=5) == "dup"
 
     # Once ended, starting it again still gives the same run, which does not run again.
-    third = workflows.counted_once.start("dup", workflow_id="same")
+    third = workflows.counted_once.using(workflow_id="same").start("dup")
     assert third == first
     run_burst()
     assert third.result(timeout=5) == "dup"
@@ -144,16 +144,16 @@ def test_an_existing_id_returns_that_run_and_never_runs_it_twice(
 def test_an_existing_id_inside_the_callers_transaction() -> None:
     # The failed insert must not break the caller's transaction (PostgreSQL aborts it).
     with transaction.atomic():
-        workflows.echo.start(workflow_id="in-atomic")
-        again = workflows.echo.start(workflow_id="in-atomic")
+        workflows.echo.using(workflow_id="in-atomic").start()
+        again = workflows.echo.using(workflow_id="in-atomic").start()
         assert again.status == Status.ENQUEUED
     assert Workflow.objects.filter(pk="in-atomic").count() == 1
 
 
 def test_a_start_is_one_statement_inside_a_transaction_too() -> None:
     with transaction.atomic(), CaptureQueriesContext(connection) as queries:
-        workflows.echo.start(workflow_id="one-statement")
-        workflows.echo.start(workflow_id="one-statement")  # taken: then one look at it
+        workflows.echo.using(workflow_id="one-statement").start()
+        workflows.echo.using(workflow_id="one-statement").start()  # taken: then one look at it
     statements = [q["sql"] for q in queries.captured_queries]
     assert len(statements) == 3, statements
     assert not any("SAVEPOINT" in sql.upper() for sql in statements)
@@ -161,9 +161,9 @@ def test_a_start_is_one_statement_inside_a_transaction_too() -> None:
 
 
 def test_a_different_workflow_under_an_existing_id_conflicts() -> None:
-    workflows.echo.start(workflow_id="taken")
+    workflows.echo.using(workflow_id="taken").start()
     with pytest.raises(WorkflowConflict) as info:
-        workflows.custom.start(workflow_id="taken")
+        workflows.custom.using(workflow_id="taken").start()
     assert "'taken'" in str(info.value)
     assert ECHO in str(info.value) and "tests.custom-name" in str(info.value)
     assert isinstance(info.value, DurableStreamsError)
@@ -171,8 +171,8 @@ def test_a_different_workflow_under_an_existing_id_conflicts() -> None:
 
 
 def test_keyword_arguments_in_another_order_repeat_the_start() -> None:
-    first = workflows.echo.start(1, a=1, b=[2.0, True], workflow_id="order")
-    assert workflows.echo.start(1, b=[2.0, True], a=1, workflow_id="order") == first
+    first = workflows.echo.using(workflow_id="order").start(1, a=1, b=[2.0, True])
+    assert workflows.echo.using(workflow_id="order").start(1, b=[2.0, True], a=1) == first
     assert Workflow.objects.count() == 1
 
 
@@ -220,7 +220,7 @@ def test_an_anonymous_owner_is_no_owner() -> None:
     assert handle.get().owner_id is None
 
 
-@pytest.mark.parametrize("public", ["no", "yes", 1, 0, None, [], "False"])
+@pytest.mark.parametrize("public", ["no", "yes", 1, 0, [], "False"])
 def test_public_must_be_a_bool(public: Any) -> None:
     # bool("no") is True: the run was stored public.
     with pytest.raises(TypeError, match=r"public must be True or False, not "):

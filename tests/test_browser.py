@@ -19,12 +19,12 @@ from typing import Any
 import pytest
 
 from example_project.demo.generator import compose
+from tests.chromium import CHROMIUM, launch_chromium
 from tests.processes import ROOT, wait_until
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 ADMIN_USER, ADMIN_PASSWORD = "admin", "demo-admin-password"
 SCREENSHOT = Path("/tmp/durable-streams-demo.png")
+HEARTBEAT_SECONDS = 2.0
 
 pytestmark = [
     pytest.mark.browser,
@@ -92,6 +92,8 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
     env.update(
         DEMO_DATABASE=str(workdir / "demo.sqlite3"),
         DJANGO_SUPERUSER_PASSWORD=ADMIN_PASSWORD,
+        # The page takes 3 silent heartbeats (6 s) for a lost connection.
+        DEMO_HEARTBEAT_SECONDS=str(HEARTBEAT_SECONDS),
         PYTHONUNBUFFERED="1",
     )
     manage = [sys.executable, str(ROOT / "manage.py")]
@@ -142,14 +144,8 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
+    with launch_chromium() as chromium:
+        yield chromium
 
 
 @pytest.fixture
@@ -201,6 +197,113 @@ def test_the_answer_grows_on_screen_while_the_workflow_runs(page: Any, demo: Dem
     assert len(partial) >= 10, f"the text should grow in many steps, saw {partial}"
     assert page.inner_text("#stage") == "Done"
     assert page.inner_text(".runs li.current .status") == "Success"
+
+
+def manage_shell(demo: Demo, script: str) -> str:
+    """Run ``script`` in ``manage.py shell`` on the demo's database; its last line of output."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "manage.py"), "shell", "-c", script],
+        cwd=ROOT,
+        env=demo.env,
+        check=True,
+        timeout=120,
+        capture_output=True,
+        text=True,
+    )
+    return result.stdout.strip().splitlines()[-1]
+
+
+def sidebar_status(page: Any) -> str:
+    return page.inner_text(".runs li.current .status")
+
+
+def test_the_labels_follow_the_run_through_writing_and_a_cancel(page: Any, demo: Demo) -> None:
+    prompt = "Label each stage of this run truthfully, please."
+    expected = "".join(compose(prompt))
+    ask(page, demo, prompt)
+    # While the answer is being written: running, live (the page may have been
+    # rendered while the run was still enqueued).
+    wait_until(lambda: 0 < len(answer_text(page)) < len(expected) // 2, timeout=30, what="text")
+    page.wait_for_function(
+        "() => document.querySelector('.runs li.current .status').textContent === 'Running'"
+    )
+    page.wait_for_function("() => document.querySelector('#stage').textContent === 'Writing'")
+    assert page.inner_text("#connection") == "live"
+    assert len(answer_text(page)) < len(expected), "still being written"
+    workflow_id = page.get_attribute("[data-workflow]", "data-workflow")
+    assert manage_shell(
+        demo,
+        f"from durable_streams import cancel_workflow; print(cancel_workflow({workflow_id!r}))",
+    ).endswith("True")
+    page.wait_for_selector("#connection[data-state=interrupted]")
+    page.wait_for_function(
+        "() => document.querySelector('#connection').textContent === 'cancelled'"
+    )
+    assert page.inner_text("#stage") == "Stopped before the end"
+    assert sidebar_status(page) == "Cancelled"
+    shown = answer_text(page)
+    assert 0 < len(shown) < len(expected) and expected.startswith(shown)
+    # Coming back to the cancelled run: the page shows what was written, and says so.
+    response = page.reload()
+    assert response is not None and response.status == 200
+    assert answer_text(page) == shown
+    page.wait_for_function(
+        "() => document.querySelector('#connection').textContent === 'cancelled'"
+    )
+    assert page.inner_text("#stage") == "Stopped before the end"
+    assert sidebar_status(page) == "Cancelled"
+
+
+def web_server_of(demo: Demo) -> int:
+    for pid in children_of(demo.process.pid):
+        if b"daphne" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return pid
+    raise AssertionError("the demo runs no daphne")
+
+
+def test_a_silent_server_shows_as_lost_then_the_answer_reads_on(page: Any, demo: Demo) -> None:
+    prompt = "What if the network goes quiet mid-answer?"
+    expected = "".join(compose(prompt))
+    sockets: list[str] = []
+    page.on("websocket", lambda socket: sockets.append(socket.url))
+    ask(page, demo, prompt)
+    page.wait_for_selector("#connection[data-state=open]")
+    page.evaluate(
+        """() => {
+          window.seenStates = [];
+          window.lostAt = null;
+          const sub = window.durableDemo.answer;
+          const show = sub.options.onStatus;
+          sub.options.onStatus = (state) => {
+            window.seenStates.push(state);
+            if (state === "lost" && window.lostAt === null) window.lostAt = sub.offset;
+            show(state);
+          };
+        }"""
+    )
+    wait_until(lambda: len(answer_text(page)) > 0, timeout=30, what="the first text")
+    server = web_server_of(demo)
+    # The server stops answering without closing anything: a network outage, as the
+    # browser sees it. Its sockets stay open, silent.
+    os.kill(server, signal.SIGSTOP)
+    try:
+        page.wait_for_selector("#connection[data-state=lost]", timeout=HEARTBEAT_SECONDS * 10_000)
+        assert page.inner_text("#connection") == "connection lost"
+        lost_at = page.evaluate("window.lostAt")
+        assert 0 < lost_at < len(compose(prompt))
+        shown = answer_text(page)
+        before = len(sockets)
+    finally:
+        os.kill(server, signal.SIGCONT)
+    wait_for_complete(page)
+    # Every token once: it read on from the offset it had, on a new socket.
+    assert answer_text(page) == expected
+    assert expected.startswith(shown)
+    answer_sockets = [url for url in sockets[before:] if "/answer/" in url]
+    assert answer_sockets and all(url.endswith(f"?offset={lost_at}") for url in answer_sockets)
+    states = page.evaluate("window.seenStates")
+    assert states[0] == "lost" and states[-2:] == ["open", "closed"], states
+    assert page.inner_text("#connection") == "complete"
 
 
 def test_a_reload_mid_answer_resumes_with_every_token_once(page: Any, demo: Demo) -> None:
@@ -326,6 +429,7 @@ async ([moduleUrl, scenario]) => {
   let interruptedState = null;
   const sub = subscribe("wf/1", "answer key", {
     offset: 2, WebSocket: FakeSocket, minDelay: 5, maxDelay: 20,
+    heartbeat: scenario === "silent" ? 40 : undefined,
     origin: "https://example.com/page",
     onEntry: (value, offset) => seen.push([offset, value]),
     onClose: (length) => { closedWith = length; },
@@ -371,6 +475,14 @@ async ([moduleUrl, scenario]) => {
     await tick();
     return { urls: sockets.map((s) => s.url), seen, states, closedWith, interruptions,
              interruptedState, acks: sockets[0].sent, state: sub.state };
+  } else if (scenario === "silent") {
+    sockets[0].frame(entry(2, "c"));
+    sockets[0].frame({ type: "heartbeat", interval: 0.1 }); // the server's: 300 ms of silence
+    await tick(200);                          // past 3 x 40 ms, not past 3 x 100 ms
+    const early = [sub.state, sockets.length];
+    await tick(250);                          // silent for 3 heartbeats: lost, reconnected
+    return { urls: sockets.map((s) => s.url), seen, states, early, closed: sockets[0].closed,
+             acks: sockets[0].sent };
   } else if (scenario === "refused") {
     sockets[0].close(4403);
     await tick(100);
@@ -487,6 +599,17 @@ def test_client_reports_an_interruption_and_follows_the_resume(page: Any, demo: 
         "open",
         "closed",
     ]
+
+
+def test_client_takes_a_silent_socket_for_lost_and_reconnects(page: Any, demo: Demo) -> None:
+    result = run_client(page, demo, "silent")
+    # The heartbeat frame set the interval: still open after 3 x the option's 40 ms.
+    assert result["early"] == ["open", 1]
+    assert result["seen"] == [[2, "c"]], "a heartbeat is no value"
+    assert result["acks"] == [{"type": "ack", "offset": 3}], "and needs no ack"
+    assert result["closed"] is True
+    assert result["states"][:4] == ["open", "lost", "waiting", "connecting"], result["states"]
+    assert result["urls"][1].endswith("?offset=3")
 
 
 def test_client_gives_up_on_a_refusal(page: Any, demo: Demo) -> None:

@@ -48,6 +48,9 @@ def ids(messages: list[CheckMessage]) -> list[str]:
         ({"READER_WINDOW_BYTES": 1e6}, "['READER_WINDOW_BYTES'] must be a whole number"),
         ({"READER_STALL_SECONDS": 0}, "['READER_STALL_SECONDS'] must be at least 0.01, not 0"),
         ({"MAX_ATTEMPTS": 0}, "['MAX_ATTEMPTS'] must be at least 1"),
+        ({"READER_HEARTBEAT_SECONDS": 0}, "['READER_HEARTBEAT_SECONDS'] must be at least 0.05"),
+        ({"READER_HEARTBEAT_SECONDS": 301}, "['READER_HEARTBEAT_SECONDS'] must be at most 300"),
+        ({"READER_HEARTBEAT_SECONDS": "15"}, "['READER_HEARTBEAT_SECONDS'] must be a number"),
         ({"READER_RETRY_SECONDS": -1}, "['READER_RETRY_SECONDS'] must be at least 0.0"),
         ({"SHUTDOWN_GRACE_SECONDS": -1}, "['SHUTDOWN_GRACE_SECONDS'] must be at least 0.0"),
         ({"REAUTHORIZE_SECONDS": 0}, "['REAUTHORIZE_SECONDS'] must be at least 0.01, not 0"),
@@ -157,6 +160,7 @@ def test_defaults_and_derived_values() -> None:
     assert pytest.approx(10.0) == config.HEARTBEAT_SECONDS * 3
     assert (config.MAX_VALUE_BYTES, config.READ_BATCH_SIZE) == (1024 * 1024, 500)
     assert (config.READER_WINDOW_BYTES, config.READER_STALL_SECONDS) == (1024 * 1024, 60.0)
+    assert config.READER_HEARTBEAT_SECONDS == 15.0
     with override_settings(DURABLE_STREAMS={"LEASE_SECONDS": 2, "MAX_ATTEMPTS": 3}):
         config = get_config()
     # Whole numbers where seconds are meant become floats.

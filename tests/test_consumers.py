@@ -12,14 +12,15 @@ import pytest
 from asgiref.sync import sync_to_async
 from channels.testing import WebsocketCommunicator
 from django.contrib.auth import get_user_model
+from django.db import DEFAULT_DB_ALIAS
 
 from durable_streams.bus import layer as ds_layer
+from durable_streams.bus import uses_listen_notify
 from durable_streams.web import feed as ds_feed
 from tests.asgi import application
 from tests.layers import wait_members
 from tests.sockets import (
-    _channel_layer_per_test,  # noqa: F401  (autouse: applies here)
-    _close_thread_connections,  # noqa: F401  (autouse: applies here)
+    READER_FIXTURES,
     entries,
     grant,
     make_user,
@@ -37,7 +38,7 @@ from tests.stored import stream_length
 from tests.waiting import wait_until_async
 from tests.workflows_readers import gated, keys, many, paced
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), READER_FIXTURES]
 
 
 @pytest.fixture
@@ -56,6 +57,34 @@ async def background() -> AsyncIterator[Callable[..., asyncio.Task[Any]]]:
 
 
 # Backlog, live values, the close
+
+
+async def test_a_quiet_socket_gets_heartbeats_at_the_configured_interval(
+    live_worker: Any, settings: Any
+) -> None:
+    interval = 0.4
+    settings.DURABLE_STREAMS = {**settings.DURABLE_STREAMS, "READER_HEARTBEAT_SECONDS": interval}
+    wid = await start(gated, "out", ["a"], ["b"], "gate-heartbeat")
+    await wait_until_async(lambda: stream_length(wid, "out") == 1)
+    communicator = await open_socket(path(wid, "out"))
+    assert (await read_entries(communicator, 1))[0]["value"] == "a"
+    heard = [time.monotonic()]
+    for _ in range(3):
+        frame = await communicator.receive_json_from(timeout=10)
+        heard.append(time.monotonic())
+        assert frame == {"type": "heartbeat", "interval": interval}
+    gaps = [later - earlier for earlier, later in zip(heard, heard[1:], strict=False)]
+    # Each after a full interval of silence, not sooner (a loaded machine may be later).
+    assert all(gap >= interval * 0.9 for gap in gaps), gaps
+    # Heartbeats need no ack and do not get in the way of the values that follow.
+    await open_gate("gate-heartbeat")
+    frames, code = await read_until_closed(communicator)
+    values = [f for f in frames if f["type"] != "heartbeat"]
+    assert values == [
+        {"type": "entry", "key": "out", "offset": 1, "value": "b"},
+        {"type": "closed", "key": "out", "length": 2},
+    ]
+    assert code == 1000
 
 
 async def test_backlog_then_live_then_closed(live_worker: Any) -> None:
@@ -210,7 +239,7 @@ async def test_private_workflow_answers_anonymous_and_strangers_as_missing(
     staff = await make_user("staff", is_staff=True)
     viewer = await grant(await make_user("viewer"), "view_workflow")
     superuser = await sync_to_async(get_user_model().objects.create_superuser)("root", "", "pw")
-    handle = await sync_to_async(many.start)("out", 2, owner=owner)
+    handle = await sync_to_async(many.using(owner=owner).start)("out", 2)
     await run_all(run_burst)
     url = path(handle.workflow_id, "out")
     # The answer for a missing workflow, word for word: ids cannot be probed.
@@ -364,7 +393,12 @@ def test_check_w002_explains_polling_without_a_shared_layer(settings: Any) -> No
     settings.DURABLE_STREAMS = {**settings.DURABLE_STREAMS, "POLL_INTERVAL": 0.25}
     (message,) = check_live_delivery()
     assert message.id == "durable_streams.W002"
-    assert "in-memory channel layer" in message.msg and "0.25s" in message.msg
+    assert "in-memory channel layer" in message.msg
+    if uses_listen_notify(DEFAULT_DB_ALIAS):
+        # Woken by NOTIFY, the readers do not poll: they read once per committed batch.
+        assert "notifications" in message.msg and "0.25s" not in message.msg
+    else:
+        assert "polling" in message.msg and "0.25s" in message.msg
     assert "RedisChannelLayer" in message.hint
     del settings.CHANNEL_LAYERS
     (message,) = check_live_delivery()

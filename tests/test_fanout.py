@@ -14,8 +14,7 @@ from durable_streams.bus import layer as ds_layer
 from durable_streams.web import feed as ds_feed
 from tests.layers import members, wait_members
 from tests.sockets import (
-    _channel_layer_per_test,  # noqa: F401  (autouse: applies here)
-    _close_thread_connections,  # noqa: F401  (autouse: applies here)
+    READER_FIXTURES,
     entries,
     no_polling,
     open_gate,
@@ -31,7 +30,7 @@ from tests.test_sse import get, url
 from tests.waiting import wait_until_async
 from tests.workflows_readers import gated, keys, paced
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), READER_FIXTURES]
 
 
 async def close_all(sockets: list[WebsocketCommunicator]) -> None:

@@ -8,9 +8,8 @@ import pytest
 from django.db import OperationalError
 
 from durable_streams.web import feed as ds_feed
-from tests.sockets import (  # the fixtures apply here too
-    _channel_layer_per_test,  # noqa: F401
-    _close_thread_connections,  # noqa: F401
+from tests.sockets import (
+    READER_FIXTURES,
     entries,
     open_socket,
     path,
@@ -20,7 +19,7 @@ from tests.sockets import (  # the fixtures apply here too
 )
 from tests.workflows_readers import many
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), READER_FIXTURES]
 
 
 def failing_reads(monkeypatch: pytest.MonkeyPatch, failures: int | None) -> list[int]:

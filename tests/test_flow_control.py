@@ -19,8 +19,7 @@ from durable_streams.web import feed as ds_feed
 from durable_streams.web import protocol as ds_protocol
 from durable_streams.web.views import _event_stream
 from tests.sockets import (
-    _channel_layer_per_test,  # noqa: F401  (autouse: applies here)
-    _close_thread_connections,  # noqa: F401  (autouse: applies here)
+    READER_FIXTURES,
     open_socket,
     path,
     read_until_closed,
@@ -31,7 +30,7 @@ from tests.sockets import (
 from tests.test_sse import get, url
 from tests.workflows_readers import sized, value
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), READER_FIXTURES]
 
 
 def frame_size(offset: int) -> int:

@@ -32,9 +32,8 @@ from durable_streams.models import Status, Stream, StreamEntry, Workflow
 from durable_streams.web import feed as ds_feed
 from durable_streams.worker import Worker
 from tests.processes import WorkerProcesses, worker_processes
-from tests.sockets import (  # the fixtures apply here too
-    _channel_layer_per_test,  # noqa: F401
-    _close_thread_connections,  # noqa: F401
+from tests.sockets import (
+    READER_FIXTURES,
     open_gate,
     open_socket,
     path,
@@ -45,7 +44,7 @@ from tests.test_sse import get, url
 from tests.waiting import wait_until_async
 from tests.workflows_interrupted import interruptible
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), READER_FIXTURES]
 
 BEFORE, AFTER = ["a", "b", "c"], ["d", "e", {"f": [1]}]
 

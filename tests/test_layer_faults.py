@@ -16,15 +16,14 @@ from durable_streams.bus import layer as ds_layer
 from durable_streams.web import feed as ds_feed
 from tests.layers import BreakableLayer
 from tests.sockets import (
-    _channel_layer_per_test,  # noqa: F401  (autouse: applies here)
-    _close_thread_connections,  # noqa: F401  (autouse: applies here)
+    READER_FIXTURES,
     record_reads,
     start,
 )
 from tests.waiting import wait_until_async
 from tests.workflows_readers import gated
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), READER_FIXTURES]
 
 
 async def test_readers_poll_at_the_normal_interval_while_the_layer_fails(

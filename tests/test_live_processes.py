@@ -23,9 +23,12 @@ from durable_streams.models import StreamEntry
 from tests import workflows
 from tests.processes import ROOT, worker_processes
 from tests.servers import HOST, WebSocketClient
-from tests.sockets import _close_thread_connections  # noqa: F401  (applies here too)
 
-pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(180)]
+pytestmark = [
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.timeout(180),
+    pytest.mark.usefixtures("close_thread_connections"),
+]
 
 
 async def read_stream_over_socket(

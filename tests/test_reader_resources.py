@@ -28,15 +28,14 @@ from durable_streams import start_workflow
 from tests import workflows
 from tests.servers import HOST, WebSocketClient
 from tests.sockets import (
-    _channel_layer_per_test,  # noqa: F401  (autouse: applies here)
-    _close_thread_connections,  # noqa: F401  (autouse: applies here)
+    READER_FIXTURES,
     make_user,
     session_cookie,
 )
 from tests.test_sse import get, url
 from tests.waiting import wait_until, wait_until_async
 
-pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(120), READER_FIXTURES]
 
 
 def signed_in_sessions(username: str, count: int) -> tuple[Any, list[str]]:

@@ -28,11 +28,10 @@ from typing import Any
 
 import pytest
 
+from tests.chromium import CHROMIUM, launch_chromium
 from tests.processes import ROOT
 from tests.waiting import wait_until
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 HOST = "127.0.0.1"
 BIN = Path(sys.executable).parent
 README = ROOT / "README.md"
@@ -285,14 +284,8 @@ def project(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Project]
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
+    with launch_chromium() as chromium:
+        yield chromium
 
 
 def status_of(url: str) -> int:

@@ -18,8 +18,7 @@ from durable_streams.auth import ReaderAccess, default_authorize_reader, session
 from durable_streams.models import Workflow
 from tests import workflows
 from tests.sockets import (
-    _channel_layer_per_test,  # noqa: F401  (autouse: applies here)
-    _close_thread_connections,  # noqa: F401  (autouse: applies here)
+    READER_FIXTURES,
     grant,
     make_user,
     open_gate,
@@ -33,7 +32,7 @@ from tests.test_sse import get, url
 from tests.waiting import wait_until_async
 from tests.workflows_readers import gated
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), READER_FIXTURES]
 
 REVOKED = "You may no longer read this stream."
 ORIGIN_HEADER = (b"origin", b"http://testserver")
@@ -155,7 +154,7 @@ async def test_a_socket_still_allowed_reads_on_and_receives_its_values(
     recheck_often: float, checks: list[bool], live_worker: Any
 ) -> None:
     owner = await make_user("steady-owner")
-    handle = await sync_to_async(gated.start)("out", ["a"], ["b"], "gate-steady", owner=owner)
+    handle = await sync_to_async(gated.using(owner=owner).start)("out", ["a"], ["b"], "gate-steady")
     communicator = await open_socket(path(handle.workflow_id, "out"), user=owner)
     assert (await communicator.receive_json_from(timeout=10))["value"] == "a"
     await no_frame_for(communicator, checks, 5)
@@ -170,7 +169,7 @@ async def test_values_stop_once_the_session_is_deleted_and_the_run_given_away(
     # What used to happen: the old socket kept receiving every value.
     owner = await make_user("first-owner")
     cookie = await session_cookie(owner)
-    handle = await sync_to_async(gated.start)("out", ["a"], ["b"], "gate-given", owner=owner)
+    handle = await sync_to_async(gated.using(owner=owner).start)("out", ["a"], ["b"], "gate-given")
     communicator = await open_socket(
         path(handle.workflow_id, "out"), headers=[ORIGIN_HEADER, cookie]
     )

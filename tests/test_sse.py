@@ -13,8 +13,7 @@ from asgiref.testing import ApplicationCommunicator
 from durable_streams.bus import layer as ds_layer
 from tests.asgi import application
 from tests.sockets import (
-    _channel_layer_per_test,  # noqa: F401  (autouse: applies here)
-    _close_thread_connections,  # noqa: F401  (autouse: applies here)
+    READER_FIXTURES,
     make_user,
     open_gate,
     run_all,
@@ -25,7 +24,7 @@ from tests.stored import stream_length
 from tests.waiting import wait_until_async
 from tests.workflows_readers import gated, many
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), READER_FIXTURES]
 
 
 class EventStream:
@@ -172,6 +171,29 @@ async def test_live_values_follow_the_backlog(live_worker: Any) -> None:
     ]
 
 
+async def test_a_quiet_response_gets_keep_alives_at_the_heartbeat_interval(
+    live_worker: Any, settings: Any
+) -> None:
+    interval = 0.4
+    settings.DURABLE_STREAMS = {**settings.DURABLE_STREAMS, "READER_HEARTBEAT_SECONDS": interval}
+    wid = await start(gated, "out", ["a"], ["b"], "gate-sse-keepalive")
+    await wait_until_async(lambda: stream_length(wid, "out") == 1)
+    response = await get(url(wid, "out"))
+    assert json.loads((await response.event())["data"])["value"] == "a"
+    heard = [time.monotonic()]
+    while len(heard) < 4:
+        # Long before the old fixed 15 s: the comment follows the setting.
+        await response._more(timeout=10)
+        if response.buffer.endswith(": keep-alive\n\n"):
+            response.buffer = ""
+            heard.append(time.monotonic())
+    gaps = [later - earlier for earlier, later in zip(heard, heard[1:], strict=False)]
+    assert all(gap >= interval * 0.9 for gap in gaps), gaps
+    await open_gate("gate-sse-keepalive")
+    rest = await response.until_closed()
+    assert decoded(rest)[-1] == {"type": "closed", "key": "out", "length": 2}
+
+
 async def test_disconnect_mid_stream_releases_the_subscription(live_worker: Any) -> None:
     wid = await start(gated, "out", ["a"], ["b"], "gate-sse-disconnect")
     await wait_until_async(lambda: stream_length(wid, "out") == 1)
@@ -221,7 +243,7 @@ async def test_unknown_workflow_is_404_and_head_is_405(db: None) -> None:
 async def test_private_stream_needs_the_owner(run_burst: Any) -> None:
     owner = await make_user("sse-owner")
     stranger = await make_user("sse-stranger")
-    handle = await sync_to_async(many.start)("out", 2, owner=owner)
+    handle = await sync_to_async(many.using(owner=owner).start)("out", 2)
     await run_all(run_burst)
     target = url(handle.workflow_id, "out")
     missing = await (await get(url("nope", "out"))).body()

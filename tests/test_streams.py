@@ -476,7 +476,7 @@ def test_a_reader_is_woken_once_per_value(
 def test_readers_and_waiters_leave_nothing_subscribed(run_burst: Callable[..., Worker]) -> None:
     baseline = watched_topics()
     done = workflows.write_values.start("out", [1, 2])
-    waiting = workflows.echo.start(queue="nobody")
+    waiting = workflows.echo.using(queue="nobody").start()
     run_burst()
     assert list(read_stream(done.workflow_id, "out", timeout=5)) == [1, 2]
     assert done.result(timeout=5) == 2
@@ -511,7 +511,7 @@ async def test_aread_stream_works_the_same_from_async_code(
     await sync_to_async(worker_thread)()
     assert [v async for v in aread_stream(handle.workflow_id, "out", timeout=10)] == [0, 1, 2, 3]
 
-    waiting = await sync_to_async(workflows.echo.start)(queue="nobody")
+    waiting = await sync_to_async(workflows.echo.using(queue="nobody").start)()
     with pytest.raises(StreamTimeout):
         async for _ in aread_stream(waiting.workflow_id, "out", timeout=0.2):
             pass

@@ -39,8 +39,7 @@ from durable_streams.exceptions import ImproperlyInstalled, WorkflowNotRegistere
 from durable_streams.models import Workflow
 from durable_streams.runtime import registry
 from tests.sockets import (
-    _channel_layer_per_test,  # noqa: F401  (autouse: applies here)
-    _close_thread_connections,  # noqa: F401  (autouse: applies here)
+    READER_FIXTURES,
     open_socket,
     path,
 )
@@ -48,7 +47,7 @@ from tests.test_sse import get, url
 from tests.waiting import wait_until_async
 from tests.workflows_readers import gated
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), READER_FIXTURES]
 
 # The API's global providers can be set once per process: once, for the whole module.
 SPANS = InMemorySpanExporter()

@@ -47,7 +47,7 @@ def breaks(message: str) -> None:
 @workflow
 def waits_for_nobody() -> str:
     # A child on a queue that no registered workflow uses: nothing here runs it.
-    child = echo.start("x", queue="unserved")
+    child = echo.using(queue="unserved").start("x")
     return str(child.result())
 
 

@@ -288,7 +288,7 @@ def test_a_claim_says_which_runs_have_a_history_to_replay() -> None:
     claims = Workflow.objects.claim(
         "claimer", ["default"], names(), 10, lease_until=now + timedelta(minutes=1)
     )
-    assert {claim.workflow_id: claim.recorded for claim in claims} == {
+    assert {claim.workflow_id: claim.has_history for claim in claims} == {
         fresh: False,
         with_steps: True,
         with_stream: True,
@@ -489,7 +489,7 @@ def test_a_run_whose_writes_keep_failing_ends_at_max_attempts(
     handle = workflows.write_values.start("out", [1, 2])
     wid = handle.workflow_id
     Workflow.objects.filter(pk=wid).update(max_attempts=2)
-    store = writer._store
+    store = writer._store_batch
 
     def refuse_this_workflow(using: str, batch: Any) -> Any:
         if any(execution.workflow_id == wid for execution in batch):
@@ -497,7 +497,7 @@ def test_a_run_whose_writes_keep_failing_ends_at_max_attempts(
         return store(using, batch)
 
     # The database refuses this workflow's stream writes, every time.
-    monkeypatch.setattr(writer, "_store", refuse_this_workflow)
+    monkeypatch.setattr(writer, "_store_batch", refuse_this_workflow)
     worker_thread()
     # Every run stops at its failed write; the attempts must add up, not loop forever.
     wait_until(lambda: handle.status == Status.ERROR, timeout=15, what="the workflow to end")

@@ -84,7 +84,7 @@ def test_one_batch_stores_many_workflows_of_many_workers_and_fences_each() -> No
     batch[first].insert(2, writer.PendingCheckpoint(checkpoint("wf-a", 1)))
     leases = dict(Workflow.objects.values_list("pk", "lease_expires_at"))
 
-    stored = writer._store(connection.alias, batch)
+    stored = writer._store_batch(connection.alias, batch)
 
     assert set(stored.failures) == {usurped}
     assert isinstance(stored.failures[usurped], LeaseLost)
@@ -132,7 +132,7 @@ def test_a_batch_that_breaks_a_constraint_stores_nothing_at_all() -> None:
     batch = {first: [W("fine", "1", None, 0)], second: [W("s", "dup", None, 0)]}
 
     with pytest.raises(Exception, match="(?i)unique"):
-        writer._store(connection.alias, batch)
+        writer._store_batch(connection.alias, batch)
 
     assert rows("wf-d") == {}
     assert rows("wf-e") == {"s": (1, False, None, [(0, "0")])}

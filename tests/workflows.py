@@ -454,3 +454,26 @@ from .workflows_faults import two_steps  # noqa: E402, F401 - registers the faul
 from .workflows_interrupted import interruptible  # noqa: E402, F401 - registers it
 from .workflows_storm import storm  # noqa: E402, F401 - registers it
 from .workflows_waiting import napper  # noqa: E402, F401 - registers the wait tests' workflows
+
+
+@workflow
+def greet(name: str, queue: str = "no queue given") -> dict[str, str]:
+    """A parameter named like a start option: ``start()`` passes it, ``start_workflow`` cannot."""
+    return {"name": name, "queue": queue}
+
+
+@workflow
+def summarize(text: str) -> str:
+    return text[:10]
+
+
+@workflow
+def parent_with_bad_child() -> dict[str, str]:
+    """Starts a child without its argument, then a good child."""
+    try:
+        summarize.start()
+    except TypeError as exc:
+        error = str(exc)
+    else:
+        error = ""
+    return {"error": error, "next_child": echo.start("after").workflow_id}

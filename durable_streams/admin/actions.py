@@ -22,7 +22,7 @@ from ..models import (
 
 
 @dataclass(frozen=True)
-class Outcome:
+class ActionResult:
     changed: list[str]
     refused: list[str]
 
@@ -38,7 +38,7 @@ def batches(items: Iterable[str], size: int = 500) -> Iterator[list[str]]:
         yield batch
 
 
-def cancel_all(queryset: QuerySet[Workflow]) -> Outcome:
+def cancel_all(queryset: QuerySet[Workflow]) -> ActionResult:
     """Cancel each active workflow through the API, one transaction each."""
     changed: list[str] = []
     refused = list(queryset.exclude(status__in=ACTIVE_STATUSES).values_list("pk", flat=True))
@@ -48,23 +48,23 @@ def cancel_all(queryset: QuerySet[Workflow]) -> Outcome:
         except WorkflowNotFound:
             continue
         (changed if done else refused).append(workflow_id)
-    return Outcome(changed, refused)
+    return ActionResult(changed, refused)
 
 
-def resume_all(queryset: QuerySet[Workflow]) -> Outcome:
+def resume_all(queryset: QuerySet[Workflow]) -> ActionResult:
     resumed, changes = queryset.resume()  # type: ignore[attr-defined]  # a WorkflowQuerySet
     publish_changes(changes, queryset.db)
     done = set(resumed)
     refused = [pk for pk in queryset.values_list("pk", flat=True) if pk not in done]
-    return Outcome(resumed, refused)
+    return ActionResult(resumed, refused)
 
 
-def retry_all(queryset: QuerySet[Workflow]) -> tuple[Outcome, list[str]]:
+def retry_all(queryset: QuerySet[Workflow]) -> tuple[ActionResult, list[str]]:
     pairs, changes = queryset.retry()  # type: ignore[attr-defined]  # a WorkflowQuerySet
     publish_changes(changes, queryset.db)
     originals = {original for original, _ in pairs}
     refused = [pk for pk in queryset.values_list("pk", flat=True) if pk not in originals]
-    return Outcome([original for original, _ in pairs], refused), [new for _, new in pairs]
+    return ActionResult([original for original, _ in pairs], refused), [new for _, new in pairs]
 
 
 @dataclass(frozen=True)

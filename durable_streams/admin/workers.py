@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from django.contrib import admin
 from django.db.models import Count, IntegerField, OuterRef, QuerySet, Subquery
 from django.db.models.functions import Coalesce
@@ -17,10 +15,11 @@ from django.utils.translation import gettext_lazy as _
 from ..db import alias
 from ..models import Status, WorkerProcess, Workflow
 from .display import format_time
+from .readonly import ReadOnlyAdmin
 
 
 @admin.register(WorkerProcess)
-class WorkerProcessAdmin(admin.ModelAdmin):  # type: ignore[type-arg]  # generic only in the stubs
+class WorkerProcessAdmin(ReadOnlyAdmin, admin.ModelAdmin):  # type: ignore[type-arg]  # generic only in the stubs
     list_display = (
         "worker_id",
         "hostname",
@@ -52,17 +51,6 @@ class WorkerProcessAdmin(admin.ModelAdmin):  # type: ignore[type-arg]  # generic
 
     class Media:
         css = {"all": ("durable_streams/admin.css",)}
-
-    # The workers write these rows themselves: viewing only.
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[WorkerProcess]:
         held = (

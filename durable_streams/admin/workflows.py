@@ -37,7 +37,7 @@ from ..models import (
     StreamEntry,
     Workflow,
 )
-from .actions import OBJECT_ACTIONS, Outcome, batches, cancel_all, resume_all, retry_all
+from .actions import OBJECT_ACTIONS, ActionResult, batches, cancel_all, resume_all, retry_all
 from .display import (
     DETAIL_CHARS,
     ENTRIES_PER_PAGE,
@@ -68,10 +68,11 @@ from .display import (
 )
 from .filters import CreatedFilter, IndexedValuesFilter, WorkflowChangeList
 from .pages import CappedCountPaginator, EntryRow, Pager, StepRow, StreamPanel, offset_param
+from .readonly import ReadOnlyAdmin
 
 
 @admin.register(Workflow)
-class WorkflowAdmin(admin.ModelAdmin):  # type: ignore[type-arg]  # generic only in the stubs
+class WorkflowAdmin(ReadOnlyAdmin, admin.ModelAdmin):  # type: ignore[type-arg]  # generic only in the stubs
     list_display = (
         "id_column",
         "name_column",
@@ -106,17 +107,6 @@ class WorkflowAdmin(admin.ModelAdmin):  # type: ignore[type-arg]  # generic only
 
     class Media:
         css = {"all": ("durable_streams/admin.css",)}
-
-    # Permissions: history is never edited here.
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
     def _has(self, request: HttpRequest, codename: str) -> bool:
         return bool(request.user.has_perm(f"{self.opts.app_label}.{codename}"))
@@ -218,7 +208,7 @@ class WorkflowAdmin(admin.ModelAdmin):  # type: ignore[type-arg]  # generic only
 
     # Actions
 
-    def _report(self, request: HttpRequest, outcome: Outcome, done: str, refused: str) -> None:
+    def _report(self, request: HttpRequest, outcome: ActionResult, done: str, refused: str) -> None:
         """Say how many workflows changed and which were refused; ``refused`` names them."""
         if outcome.changed:
             self.message_user(request, done, messages.SUCCESS)
@@ -240,7 +230,7 @@ class WorkflowAdmin(admin.ModelAdmin):  # type: ignore[type-arg]  # generic only
                 change_message=message,
             )
 
-    def _cancel(self, request: HttpRequest, queryset: QuerySet[Workflow]) -> Outcome:
+    def _cancel(self, request: HttpRequest, queryset: QuerySet[Workflow]) -> ActionResult:
         outcome = cancel_all(queryset)
         changed, refused = len(outcome.changed), len(outcome.refused)
         self._report(
@@ -257,7 +247,7 @@ class WorkflowAdmin(admin.ModelAdmin):  # type: ignore[type-arg]  # generic only
         )
         return outcome
 
-    def _resume(self, request: HttpRequest, queryset: QuerySet[Workflow]) -> Outcome:
+    def _resume(self, request: HttpRequest, queryset: QuerySet[Workflow]) -> ActionResult:
         outcome = resume_all(queryset)
         changed, refused = len(outcome.changed), len(outcome.refused)
         self._report(

@@ -132,7 +132,7 @@ class Backend:
     # The single statements of a backend with ``one_statement``
 
     def claim(self, params: dict[str, Any]) -> list[tuple[Any, ...]]:
-        """Claim rows: (id, name, inputs, attempts, previous status, previous owner, recorded)."""
+        """Claim rows: (id, name, inputs, attempts, previous status, previous owner, history?)."""
         raise NotImplementedError
 
     def held_target(self) -> str:

@@ -167,7 +167,7 @@ class _Listener(threading.Thread):
                         for pid, topic in backend.notifications(conn, 0.5):
                             # This process rang its own waiters when it committed.
                             if pid not in _sender_pids[self.using]:
-                                hub.ring(topic)
+                                hub.ring(topic, remote=True)
             except Exception:
                 logger.warning(
                     "LISTEN connection to database %r failed; readers poll until it is back.",
@@ -195,6 +195,12 @@ def ensure_listener(using: str) -> bool:
             listener.start()
     listener.ready.wait(5.0)
     return listener.connected
+
+
+def listener_started(using: str) -> bool:
+    """Whether this process already runs its listener for ``using`` (never blocks)."""
+    with _listeners_lock:
+        return using in _listeners
 
 
 def stop_listeners() -> None:

@@ -1,6 +1,6 @@
 """The channel layer: committed stream changes carried to the live feeds of every process.
 
-After the transaction that stored a change commits, the writer and the callers of
+After the transaction that stored a change commits, ``bus.publish_streams`` and
 ``bus.publish_changes`` call the hooks below (``entries_committed``, ``stream_closed``,
 ``workflow_ended``, ``workflows_resumed``). They hand a small message to the channel
 layer and return at once; they never raise into the workflow.
@@ -27,7 +27,7 @@ import os
 import threading
 import time
 from collections.abc import Coroutine, Iterator
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict
 
 from ..db import alias
 
@@ -56,6 +56,41 @@ CLOSED = "durable_streams.closed"
 ENDED = "durable_streams.ended"
 # A failed or cancelled workflow was resumed: its interrupted streams are open again.
 RESUMED = "durable_streams.resumed"
+
+
+class EntriesMessage(TypedDict):
+    """``count`` values were stored from ``offset`` on; ``values`` None when too big to travel."""
+
+    type: str  # ENTRIES
+    workflow: str
+    key: str
+    offset: int
+    count: int
+    values: list[str] | None
+
+
+class ClosedMessage(TypedDict):
+    type: str  # CLOSED
+    workflow: str
+    key: str
+    length: int
+
+
+class EndedMessage(TypedDict):
+    """The workflow ended; ``lengths`` (by key) only after a success, and not for too many."""
+
+    type: str  # ENDED
+    workflow: str
+    status: str | None
+    lengths: dict[str, int] | None
+
+
+class ResumedMessage(TypedDict):
+    type: str  # RESUMED
+    workflow: str
+
+
+Message = EntriesMessage | ClosedMessage | EndedMessage | ResumedMessage
 
 
 def _digest(*parts: str) -> str:
@@ -311,8 +346,10 @@ _sender = _Sender()
 atexit.register(_sender.flush, 2.0)
 
 
-def publish(group: str, message: dict[str, Any]) -> None:
+def publish(group: str, typed: Message) -> None:
     """Hand ``message`` to the channel layer's ``group`` without waiting; never raises."""
+    # The layers take plain dicts; the subscribers add the encoded frames to it.
+    message: dict[str, Any] = dict(typed)
     try:
         layer = channel_layer()
         if layer is None:
@@ -335,14 +372,14 @@ def entries_committed(workflow_id: str, key: str, first_offset: int, values: lis
     inline = list(values) if _size(values) <= INLINE_LIMIT else None
     publish(
         stream_group(workflow_id, key),
-        {
-            "type": ENTRIES,
-            "workflow": workflow_id,
-            "key": key,
-            "offset": first_offset,
-            "count": len(values),
-            "values": inline,
-        },
+        EntriesMessage(
+            type=ENTRIES,
+            workflow=workflow_id,
+            key=key,
+            offset=first_offset,
+            count=len(values),
+            values=inline,
+        ),
     )
 
 
@@ -350,14 +387,14 @@ def stream_closed(workflow_id: str, key: str, length: int) -> None:
     """Stream ``key`` was closed with ``length`` values."""
     publish(
         stream_group(workflow_id, key),
-        {"type": CLOSED, "workflow": workflow_id, "key": key, "length": length},
+        ClosedMessage(type=CLOSED, workflow=workflow_id, key=key, length=length),
     )
 
 
 def workflows_resumed(workflow_ids: list[str]) -> None:
     """These workflows were sent back to the queue: their interrupted streams reopened."""
     for workflow_id in workflow_ids:
-        publish(workflow_group(workflow_id), {"type": RESUMED, "workflow": workflow_id})
+        publish(workflow_group(workflow_id), ResumedMessage(type=RESUMED, workflow=workflow_id))
 
 
 def _final_lengths(workflow_id: str) -> dict[str, int] | None:
@@ -392,7 +429,7 @@ def workflow_ended(workflow_id: str, status: str | None = None) -> None:
     lengths = _final_lengths(workflow_id) if status == "SUCCESS" else None
     publish(
         workflow_group(workflow_id),
-        {"type": ENDED, "workflow": workflow_id, "status": status, "lengths": lengths},
+        EndedMessage(type=ENDED, workflow=workflow_id, status=status, lengths=lengths),
     )
 
 
@@ -424,6 +461,8 @@ class _Hub:
 
     def __init__(self, layer: ChannelLayer) -> None:
         self.layer = layer
+        # Whether other processes' messages arrive here too (see feed's doorbells).
+        self.crosses = crosses_processes(layer)
         self.channel: str | None = None
         self._feeds: dict[str, dict[str, set[Subscriber]]] = {}
         self._members: dict[str, _Membership] = {}

@@ -24,6 +24,8 @@ from .states import (
     TERMINAL_STATUSES,
     Changes,
     Claim,
+    Ended,
+    HistoryRow,
     Status,
     StreamPosition,
     StreamState,
@@ -39,6 +41,8 @@ __all__ = [
     "TERMINAL_STATUSES",
     "Changes",
     "Claim",
+    "Ended",
+    "HistoryRow",
     "Event",
     "Message",
     "Status",
@@ -141,7 +145,7 @@ class WorkflowQuerySet(models.QuerySet["Workflow"]):
         run._state.adding, run._state.db = False, self.db
         return True, Changes(queues=(run.queue,))
 
-    def history(self, workflow_id: str) -> list[tuple[str, int | None, str, Any, Any, Any]]:
+    def history(self, workflow_id: str) -> list[HistoryRow]:
         """What the runs of a workflow recorded, as rows of one query.
 
         ``("step", operation, name, None, None, None)`` for each step checkpoint,
@@ -149,7 +153,8 @@ class WorkflowQuerySet(models.QuerySet["Workflow"]):
         body wrote, and ``("stream", close operation, key, id, length, closed)`` for
         each stream.
         """
-        return backend_for(self.db).fetch(table_sql(self.db, HISTORY), [workflow_id] * 3)
+        rows = backend_for(self.db).fetch(table_sql(self.db, HISTORY), [workflow_id] * 3)
+        return [HistoryRow(*row) for row in rows]
 
     def exhausted(self, queues: Collection[str], names: Collection[str]) -> WorkflowQuerySet:
         """Claimable workflows that used all their attempts: nobody runs them again."""
@@ -319,7 +324,7 @@ class WorkflowQuerySet(models.QuerySet["Workflow"]):
                 ).update(closed_at=now, closed_by_end=True)
         if not changed:
             return False, NO_CHANGES
-        return True, Changes(ended=((workflow_id, status),))
+        return True, Changes(ended=(Ended(workflow_id, status),))
 
     def finish_held(
         self,
@@ -359,7 +364,7 @@ class WorkflowQuerySet(models.QuerySet["Workflow"]):
         )
         if not changed:
             return False, NO_CHANGES
-        return True, Changes(ended=((workflow_id, status),))
+        return True, Changes(ended=(Ended(workflow_id, status),))
 
     def release(
         self, worker_id: str, workflow_ids: Collection[str], *, count_attempt: bool = False

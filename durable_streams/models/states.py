@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from django.db import models
 from django.utils.translation import gettext_lazy as _
@@ -44,7 +44,29 @@ class Claim(NamedTuple):
     previous_status: str
     previous_owner: str | None
     # False only when no earlier run can have recorded anything: nothing to replay.
-    recorded: bool = True
+    has_history: bool = True
+
+
+class Ended(NamedTuple):
+    """A workflow that ended, with its final status."""
+
+    workflow_id: str
+    status: str
+
+
+class HistoryRow(NamedTuple):
+    """One row of ``WorkflowQuerySet.history()``: a step checkpoint, a numbered write, or a stream.
+
+    ``stream_id``, ``length`` and ``closed`` are set for a stream only; ``operation`` is the
+    close operation of a stream, None when the workflow body did not close it.
+    """
+
+    kind: str  # "step", "write_stream" or "stream"
+    operation: int | None
+    name: str  # the step's name, or the stream's key
+    stream_id: Any
+    length: Any
+    closed: Any
 
 
 class Changes(NamedTuple):
@@ -58,7 +80,7 @@ class Changes(NamedTuple):
     # Queues that gained work: idle workers claim it at once.
     queues: tuple[str, ...] = ()
     # Workflows that ended, with their final status: result waiters and stream readers.
-    ended: tuple[tuple[str, str], ...] = ()
+    ended: tuple[Ended, ...] = ()
     # Workflows sent back to the queue: the readers of their reopened streams follow them.
     resumed: tuple[str, ...] = ()
 

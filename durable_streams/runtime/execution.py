@@ -89,7 +89,7 @@ class Execution:
     worker_id: str
     using: str
     # operation number -> (kind, name): what a previous run recorded
-    recorded: dict[int, tuple[str, str]] = field(default_factory=dict)
+    history: dict[int, tuple[str, str]] = field(default_factory=dict)
     streams: dict[str, _StreamState] = field(default_factory=dict)
     next_operation: int = 0
     step_name: str | None = None
@@ -134,27 +134,27 @@ class Execution:
                 operation,
                 None if wake_at is None else wake_at.timestamp(),
             )
-        for kind, operation, name, stream_id, length, closed in Workflow.objects.using(
-            using
-        ).history(workflow_id):
-            if kind == STEP:
-                assert operation is not None  # a checkpoint's column is NOT NULL
-                wait = WAIT_KINDS.get(name)
-                execution.recorded[operation] = (STEP, name) if wait is None else (wait, "")
-            elif kind == WRITE:
-                assert operation is not None  # the query keeps only numbered writes
-                execution.recorded[operation] = (WRITE, name)
+        for row in Workflow.objects.using(using).history(workflow_id):
+            if row.kind == STEP:
+                assert row.operation is not None  # a checkpoint's column is NOT NULL
+                wait = WAIT_KINDS.get(row.name)
+                execution.history[row.operation] = (STEP, row.name) if wait is None else (wait, "")
+            elif row.kind == WRITE:
+                assert row.operation is not None  # the query keeps only numbered writes
+                execution.history[row.operation] = (WRITE, row.name)
             else:
-                execution.streams[name] = _StreamState(stream_id, length, bool(closed))
-                if operation is not None:
-                    execution.recorded[operation] = (CLOSE, name)
+                execution.streams[row.name] = _StreamState(
+                    row.stream_id, row.length, bool(row.closed)
+                )
+                if row.operation is not None:
+                    execution.history[row.operation] = (CLOSE, row.name)
         return execution
 
     def take_operation(self, kind: str, name: str) -> tuple[int, bool]:
         """Return the next operation number and whether a previous run recorded it."""
         operation = self.next_operation
         self.next_operation += 1
-        recorded = self.recorded.get(operation)
+        recorded = self.history.get(operation)
         if recorded is None:
             return operation, False
         if recorded != (kind, name):
@@ -458,7 +458,7 @@ def record_checkpoint(
         if not held:
             execution.lease_lost()
     wait = WAIT_KINDS.get(name)
-    execution.recorded[operation] = (STEP, name) if wait is None else (wait, "")
+    execution.history[operation] = (STEP, name) if wait is None else (wait, "")
 
 
 # Streams
@@ -503,13 +503,13 @@ def _append(execution: Execution, key: str, text: str, operation: int | None) ->
         state = execution.streams[key] = _StreamState(None, 0, False)
     elif state.closed:
         raise StreamClosed(execution.workflow_id, key)
-    _store(execution, writer.PendingWrite(key, text, operation, state.length))
+    _submit(execution, writer.PendingWrite(key, text, operation, state.length))
     state.length += 1
     if operation is not None:
-        execution.recorded[operation] = (WRITE, key)
+        execution.history[operation] = (WRITE, key)
 
 
-def _store(execution: Execution, write: writer.PendingWrite) -> None:
+def _submit(execution: Execution, write: writer.PendingWrite) -> None:
     if execution.in_transaction:
         # The step's transaction fails with it; the run stops and replays.
         with library_statements(execution, f"storing a value of stream {write.key!r}"):
@@ -524,10 +524,10 @@ def _close(execution: Execution, key: str, operation: int | None) -> None:
         state = execution.streams[key] = _StreamState(None, 0, False)
     elif state.closed:
         return
-    _store(execution, writer.PendingWrite(key, None, operation, state.length))
+    _submit(execution, writer.PendingWrite(key, None, operation, state.length))
     state.closed = True
     if operation is not None:
-        execution.recorded[operation] = (CLOSE, key)
+        execution.history[operation] = (CLOSE, key)
 
 
 def child_workflow_id() -> str | None:

@@ -10,7 +10,7 @@ from ..exceptions import WorkflowNotRegistered
 
 
 class Registered(Protocol):
-    """What the registry knows of a workflow (``api.Workflow`` is one)."""
+    """What the registry knows of a workflow (``api.WorkflowFunction`` is one)."""
 
     @property
     def name(self) -> str: ...

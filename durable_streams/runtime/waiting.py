@@ -310,7 +310,7 @@ def _checkpoint_in_transaction(
         started_at=started,
         finished_at=timezone.now(),
     ).save(using=execution.using, force_insert=True)
-    execution.recorded[operation] = (name.rsplit(".", 1)[1], "")
+    execution.history[operation] = (name.rsplit(".", 1)[1], "")
 
 
 def recv(topic: str | None = None, *, timeout: float | None = None) -> Any:

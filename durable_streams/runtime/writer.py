@@ -26,7 +26,7 @@ from django.utils import timezone
 
 from .. import telemetry
 from ..backends import backend_for
-from ..bus import announce, layer, stream_topic
+from ..bus import StreamCommitted, publish_streams
 from ..conf import get_config
 from ..db import ConnectionKeeper, take_write_lock
 from ..exceptions import Interrupted, LeaseLost
@@ -160,7 +160,7 @@ class GroupCommitter:
             failures: dict[Producer, BaseException] = {}
             try:
                 keeper.ready()
-                stored = _store(self.using, batch)
+                stored = _store_batch(self.using, batch)
                 stored.set_stream_ids()
                 stored.deliver()
                 failures = stored.failures
@@ -192,30 +192,24 @@ class _EntryRow(NamedTuple):
     operation: int | None
 
 
-class _DeliveryHook(NamedTuple):
-    """What live delivery hears once the batch has committed: values, or a close."""
-
-    workflow_id: str
-    key: str
-    first: int  # the offset of the first value
-    texts: list[str]  # the values, as JSON; empty for a close
-    closed_length: int | None  # None for values; the stream's length for a close
-
-
 @dataclass
 class _Stored:
     """What one transaction stored, to apply once it has committed."""
 
+    using: str
     failures: dict[Producer, BaseException]
     created: list[tuple[Producer, str, int]]
-    hooks: list[_DeliveryHook]
+    hooks: list[StreamCommitted]
 
     def set_stream_ids(self) -> None:
         for execution, key, stream_id in self.created:
             execution.set_stream_id(key, stream_id)
 
     def deliver(self) -> None:
-        _deliver(self.hooks)
+        written = sum(len(hook.texts) for hook in self.hooks)
+        if written:
+            telemetry.values_written(written)
+        publish_streams(self.hooks, self.using)
 
 
 @dataclass
@@ -236,13 +230,12 @@ class _Plan:
 
     streams: dict[tuple[str, str], _StreamChange]
     entries: list[_EntryRow]
-    topics: list[tuple[str, str]]  # (workflow id, topic)
-    hooks: dict[str, list[_DeliveryHook]]
+    hooks: dict[str, list[StreamCommitted]]
     steps: list[Step]
 
 
 def _plan(batch: dict[Producer, list[Pending]]) -> _Plan:
-    plan = _Plan({}, [], [], {}, [])
+    plan = _Plan({}, [], {}, [])
     for execution, writes in batch.items():
         workflow_id = execution.workflow_id
         hooks = plan.hooks.setdefault(workflow_id, [])
@@ -256,11 +249,12 @@ def _plan(batch: dict[Producer, list[Pending]]) -> _Plan:
                 change = plan.streams[workflow_id, write.key] = _StreamChange(
                     execution, write.key, execution.stream_id(write.key)
                 )
-                plan.topics.append((workflow_id, stream_topic(workflow_id, write.key)))
             if write.text is None:
                 change.closed = True
                 change.close_operation = write.operation
-                hooks.append(_DeliveryHook(workflow_id, write.key, write.offset, [], write.offset))
+                hooks.append(
+                    StreamCommitted(workflow_id, write.key, write.offset, [], write.offset)
+                )
             else:
                 plan.entries.append(
                     _EntryRow(workflow_id, write.key, write.offset, write.text, write.operation)
@@ -268,11 +262,11 @@ def _plan(batch: dict[Producer, list[Pending]]) -> _Plan:
                 change.length = write.offset + 1
                 runs.setdefault(write.key, (write.offset, []))[1].append(write.text)
         for key, (first, texts) in runs.items():
-            hooks.append(_DeliveryHook(workflow_id, key, first, texts, None))
+            hooks.append(StreamCommitted(workflow_id, key, first, texts, None))
     return plan
 
 
-def _store(using: str, batch: dict[Producer, list[Pending]]) -> _Stored:
+def _store_batch(using: str, batch: dict[Producer, list[Pending]]) -> _Stored:
     """Store ``batch``: in one statement where the backend has one (it commits on its own
     outside a transaction), elsewhere in a transaction (a savepoint inside one)."""
     if backend_for(using).one_statement:
@@ -286,6 +280,7 @@ def _store_with_the_orm(using: str, batch: dict[Producer, list[Pending]]) -> _St
     take_write_lock(using)
     held = _fence(using, batch)
     stored = _Stored(
+        using,
         {e: e.lease_lost_error() for e in batch if e.workflow_id not in held},
         [],
         [],
@@ -326,7 +321,6 @@ def _store_with_the_orm(using: str, batch: dict[Producer, list[Pending]]) -> _St
         Workflow.objects.using(using).filter(
             pk__in={step.workflow_id for step in plan.steps}
         ).update(lease_expires_at=_lease_until())
-    announce([topic for _, topic in plan.topics], using)
     stored.hooks = [hook for hooks in plan.hooks.values() for hook in hooks]
     return stored
 
@@ -395,7 +389,9 @@ def _store_in_one_statement(using: str, batch: dict[Producer, list[Pending]]) ->
     }
     rows = backend_for(using).store_batch(params)
     held = {workflow_id for workflow_id, key, _ in rows if workflow_id is not None and key is None}
-    stored = _Stored({e: e.lease_lost_error() for e in batch if e.workflow_id not in held}, [], [])
+    stored = _Stored(
+        using, {e: e.lease_lost_error() for e in batch if e.workflow_id not in held}, [], []
+    )
     for workflow_id, key, stream_id in rows:
         if key is not None:
             execution = plan.streams[workflow_id, key].execution
@@ -403,7 +399,6 @@ def _store_in_one_statement(using: str, batch: dict[Producer, list[Pending]]) ->
     for workflow_id, hooks in plan.hooks.items():
         if workflow_id in held:
             stored.hooks.extend(hooks)
-    announce([topic for w, topic in plan.topics if w in held], using)
     return stored
 
 
@@ -414,7 +409,7 @@ def store_in_transaction(execution: Producer, write: PendingWrite) -> None:
     thread instead would deadlock: its transaction would wait for the workflow's
     row, which the step's transaction holds until the step ends.
     """
-    stored = _store(execution.using, {execution: [write]})
+    stored = _store_batch(execution.using, {execution: [write]})
     if stored.failures:
         raise stored.failures[execution]
     stored.set_stream_ids()
@@ -436,23 +431,6 @@ def _fence(using: str, batch: dict[Producer, list[Pending]]) -> set[str]:
     for worker_id, workflow_ids in by_worker.items():
         held.update(runs.lock_held(worker_id, workflow_ids, None))
     return held
-
-
-def _deliver(hooks: list[_DeliveryHook]) -> None:
-    # Values first, then closes, so a subscriber never sees a close before the last value.
-    for workflow_id, key, first, texts, closed_length in sorted(
-        hooks, key=lambda h: h.closed_length is not None
-    ):
-        try:
-            if closed_length is None:
-                telemetry.values_written(len(texts))
-                layer.entries_committed(workflow_id, key, first, texts)
-            else:
-                layer.stream_closed(workflow_id, key, closed_length)
-        except Exception:
-            logger.exception(
-                "[%s] Live delivery of stream %r failed; readers catch up.", workflow_id, key
-            )
 
 
 def _raise_write_error(execution: Producer) -> None:

@@ -5,7 +5,13 @@ Protocol (JSON text frames, server to client)::
     {"type": "entry", "key": K, "offset": N, "value": V}   each value, in offset order
     {"type": "closed", "key": K, "length": L}             once the stream has ended
 
-then the server closes the socket with code 1000. ``closed`` is final: the stream
+then the server closes the socket with code 1000. After ``READER_HEARTBEAT_SECONDS``
+without any frame (a quiet stream, a full window, an interruption) the server sends::
+
+    {"type": "heartbeat", "interval": S}                  S: READER_HEARTBEAT_SECONDS
+
+so that a client can tell a quiet stream from a lost connection; clients ignore
+frame types they do not know. ``closed`` is final: the stream
 never grows again. A stream that was still open when its workflow failed or was
 cancelled is not closed but interrupted; once its L values are sent::
 
@@ -69,6 +75,7 @@ from .protocol import (
     closed_frame,
     entry_frame,
     frame_bytes,
+    heartbeat_frame,
     interrupted_frame,
     parse_address,
     parse_offset,
@@ -123,6 +130,7 @@ class StreamConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]  # channels:
 
     feed: StreamFeed | None = None
     _pump: asyncio.Task[None] | None = None
+    _beat: asyncio.Task[None] | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -130,6 +138,8 @@ class StreamConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]  # channels:
         self._unacked: collections.deque[tuple[int, int]] = collections.deque()
         self._unacked_bytes = 0
         self._acked = asyncio.Event()
+        # Set by every frame sent: the heartbeat waits for a silence, not a clock tick.
+        self._sent = asyncio.Event()
 
     async def connect(self) -> None:
         try:
@@ -159,6 +169,7 @@ class StreamConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]  # channels:
         access = ReaderAccess(user, _session_key(self.scope), workflow_id, key)
         self.feed = StreamFeed(workflow_id, key, offset, access)
         self._pump = asyncio.create_task(self._send_feed(self.feed))
+        self._beat = asyncio.create_task(self._heartbeat(get_config().READER_HEARTBEAT_SECONDS))
         telemetry.reader_connected("websocket")
 
     async def _refuse(self, code: int, reason: str) -> None:
@@ -200,6 +211,24 @@ class StreamConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]  # channels:
             with contextlib.suppress(Exception):
                 await self.close(code=SERVER_ERROR, reason="Server error.")
 
+    async def send(self, text_data: str | None = None, **kwargs: Any) -> None:
+        self._sent.set()
+        await super().send(text_data=text_data, **kwargs)
+
+    async def _heartbeat(self, interval: float) -> None:
+        """Send a heartbeat frame after each ``interval`` seconds without any frame."""
+        frame = heartbeat_frame(interval)
+        with contextlib.suppress(Exception):
+            while True:
+                self._sent.clear()
+                try:
+                    async with asyncio.timeout(interval):
+                        await self._sent.wait()
+                except TimeoutError:
+                    if self._pump is not None and self._pump.done():
+                        return  # the socket is closing
+                    await self.send(text_data=frame)
+
     async def _room(self, window: int, stall: float) -> bool:
         """Wait until acks bring the unacknowledged data under ``window``.
 
@@ -215,6 +244,10 @@ class StreamConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]  # channels:
         return True
 
     async def disconnect(self, code: int) -> None:
+        if self._beat is not None:
+            self._beat.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._beat
         if self._pump is not None:
             telemetry.reader_disconnected("websocket")
             self._pump.cancel()

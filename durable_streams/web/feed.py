@@ -1,10 +1,13 @@
 """The live feed of one stream for one reader: every value from an offset, then the end.
 
-A feed subscribes to this event loop's share of the channel layer (``bus.layer``)
-before its first database read, takes the values that messages carry when they
-follow on, reads the database after a gap, a lost message or a silence, and
-without a channel layer that reaches other processes polls every ``POLL_INTERVAL``
-seconds. One value pushed to a thousand sockets costs no query at all.
+A feed subscribes, before its first database read, to this event loop's share of
+the local hub (``bus.local.subscribe_on_loop``: the doorbells that Python waiters
+hear too, from this process's commits and, through LISTEN/NOTIFY, from other
+processes') and of the channel layer (``bus.layer``). It takes the values that
+layer messages carry when they follow on, and reads the database after a gap, a
+lost message, a doorbell that no healthy layer covers, or a silence; without
+either it polls every ``POLL_INTERVAL`` seconds. One value pushed to a thousand
+sockets costs no query at all.
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ import asyncio
 import collections
 import logging
 import random
-import time
 import weakref
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
@@ -23,7 +25,15 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 from asgiref.sync import sync_to_async
 from django.db import InterfaceError, OperationalError, close_old_connections
 
-from ..bus import layer
+from ..bus import (
+    ensure_listener,
+    layer,
+    listener_started,
+    stream_topic,
+    subscribe_on_loop,
+    uses_listen_notify,
+    workflow_topic,
+)
 from ..bus.layer import (
     CLOSED,
     ENDED,
@@ -36,10 +46,12 @@ from ..bus.layer import (
 )
 from ..conf import get_config
 from ..db import alias
+from ..retry import ReadRetry
 from .protocol import entry_frame
 
 if TYPE_CHECKING:
     from ..auth import ReaderAccess
+    from ..bus.layer import _Hub
 
 logger = logging.getLogger("durable_streams.web.feed")
 
@@ -50,6 +62,10 @@ T = TypeVar("T")
 SILENCE_CEILING = 15.0
 # Stands for the messages a feed dropped: it reads the database instead.
 LAGGED = "durable_streams.lagged"
+# A ring of the feed's stream or workflow topic on the local hub (a commit in this
+# process, or a notification from another): it carries no values, the feed reads them.
+DOORBELL = "durable_streams.doorbell"
+_DOORBELL_NOTE: dict[str, Any] = {"type": DOORBELL}
 # Messages a feed keeps while its reader does not pull (a WebSocket with a full
 # window, a slow SSE client); past this it drops them and reads the database later.
 MAX_NOTES = 64
@@ -130,39 +146,24 @@ async def run_db(fn: Callable[..., T], *args: Any) -> T:
     return await sync_to_async(call, thread_sensitive=False)()
 
 
-class _Outage:
-    """How a feed rides out a failing database: it reads again, a little later each
-    time, for up to ``READER_RETRY_SECONDS`` from the first failure, then gives up
-    with the last error (the socket closes with 1011, the client reconnects). The
-    connection of a failed read is replaced by ``run_db`` at the next one.
+def _outage(feed: StreamFeed) -> ReadRetry:
+    """How a feed rides out a failing database (``retry.ReadRetry``): it reads again, a
+    little later each time, for up to ``READER_RETRY_SECONDS`` from the first failure,
+    then gives up with the last error (the socket closes with 1011, the client
+    reconnects). The connection of a failed read is replaced by ``run_db`` at the next one.
     """
 
-    FIRST_DELAY, MAX_DELAY = 0.1, 2.0
+    def warn(exc: Exception, limit: float) -> None:
+        _read_failures.warning(
+            f"Could not read stream {feed.key!r} of workflow {feed.workflow_id!r}; "
+            f"reading again for up to {limit}s",
+            exc,
+        )
 
-    def __init__(self) -> None:
-        self._since: float | None = None
-        self._delay = self.FIRST_DELAY
+    def recovered() -> None:
+        logger.info("Reading stream %r of workflow %r again.", feed.key, feed.workflow_id)
 
-    def failed(self, exc: Exception, feed: StreamFeed) -> float:
-        now = time.monotonic()
-        limit = get_config().READER_RETRY_SECONDS
-        if self._since is None:
-            self._since, self._delay = now, self.FIRST_DELAY
-            _read_failures.warning(
-                f"Could not read stream {feed.key!r} of workflow {feed.workflow_id!r}; "
-                f"reading again for up to {limit}s",
-                exc,
-            )
-        if now - self._since >= limit:
-            raise exc
-        wait = min(self._delay, self._since + limit - now)
-        self._delay = min(self._delay * 2, self.MAX_DELAY)
-        return wait
-
-    def succeeded(self, feed: StreamFeed) -> None:
-        if self._since is not None:
-            logger.info("Reading stream %r of workflow %r again.", feed.key, feed.workflow_id)
-            self._since = None
+    return ReadRetry(warn=warn, recovered=recovered, give_up=lambda exc, limit: exc)
 
 
 _read_failures = Throttled()
@@ -202,6 +203,19 @@ def _landed(
         del reads[key]
     if not task.cancelled():
         task.exception()  # retrieved: a waiter that left must not leave it unheard
+
+
+def _layer_brings(hub: _Hub | None, remote: bool) -> bool:
+    """Whether a healthy channel layer brings the change behind a doorbell, with its values.
+
+    A commit of this process reaches its feeds through any layer; another process's
+    only through a layer that crosses processes. Then the doorbell is dropped (in the
+    ringing thread, before any per-feed work); without a layer, or while it fails,
+    the doorbell makes the feeds read the database.
+    """
+    if hub is None or hub.failing:
+        return False
+    return not remote or hub.crosses
 
 
 class StreamFeed:
@@ -254,6 +268,12 @@ class StreamFeed:
             self._notes.append({"type": LAGGED})
         self._notes.append(message)
         self._wake()
+
+    def doorbell(self) -> None:
+        """The local hub rang the stream's topic or its workflow's: read the database."""
+        if self._notes and self._notes[-1] is _DOORBELL_NOTE:
+            return  # one read answers every ring not yet acted on
+        self.notify(_DOORBELL_NOTE)
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -342,7 +362,7 @@ class StreamFeed:
     def _apply(self, note: dict[str, Any]) -> tuple[list[Entry], bool]:
         """Act on one message: the entries it delivers, and whether to read the database."""
         kind = note.get("type")
-        if kind == LAGGED:
+        if kind in (LAGGED, DOORBELL):
             return [], True
         if kind == ENTRIES:
             offset, count, values = note["offset"], note["count"], note.get("values")
@@ -386,15 +406,23 @@ class StreamFeed:
             base = ceiling = config.POLL_INTERVAL
         silence = base
         behind = True
-        outage = _Outage()
+        outage = _outage(self)
         hub = layer.local_hub()
-        with loops.attached(asyncio.get_running_loop()):
+        using = alias()
+        if uses_listen_notify(using) and not listener_started(using):
+            # Other processes' commits reach this one's hub through the listener.
+            await sync_to_async(ensure_listener, thread_sensitive=False)(using)
+        topics = [stream_topic(self.workflow_id, self.key), workflow_topic(self.workflow_id)]
+        with (
+            loops.attached(asyncio.get_running_loop()),
+            subscribe_on_loop(topics, self, muted=partial(_layer_brings, hub)),
+        ):
             try:
-                subscribed_at = 0.0
+                # Subscribed to the doorbells (above) and the layer before the first
+                # read: what commits after it is heard.
                 if hub is not None:
-                    # Subscribed before the first read: what commits after it is heard.
                     await hub.subscribe(self)
-                    subscribed_at = asyncio.get_running_loop().time()
+                subscribed_at = asyncio.get_running_loop().time()
                 if self.access is not None:
                     self._arm_recheck(first=True)
                 while True:
@@ -406,16 +434,11 @@ class StreamFeed:
                     if behind:
                         self.fetches += 1
                         try:
-                            if hub is not None:
-                                batch = await _shared_read(self, subscribed_at)
-                            else:
-                                batch = await run_db(
-                                    read_batch, self.workflow_id, self.key, self.next_offset
-                                )
+                            batch = await _shared_read(self, subscribed_at)
                         except (OperationalError, InterfaceError) as exc:
-                            await asyncio.sleep(outage.failed(exc, self))
+                            await asyncio.sleep(outage.failed(exc))
                             continue
-                        outage.succeeded(self)
+                        outage.succeeded()
                         for entry in self._take(batch.offset, batch.texts):
                             yield entry
                         if batch.closed:

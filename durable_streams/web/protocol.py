@@ -83,3 +83,8 @@ def interrupted_frame(key: str, length: int, status: str) -> str:
         {"type": "interrupted", "key": key, "length": length, "status": status},
         separators=(",", ":"),
     )
+
+
+def heartbeat_frame(interval: float) -> str:
+    """Sent after ``interval`` seconds without any frame: the connection is alive."""
+    return json.dumps({"type": "heartbeat", "interval": interval}, separators=(",", ":"))

@@ -12,8 +12,12 @@ ended is not closed: ``event: interrupted`` with ``{"type": "interrupted", "key"
 "length": L, "status": "CANCELLED" | "ERROR"}``, and the response stays open, so
 that the values of a resumed run, then ``event: closed``, follow. The ``id`` is the
 offset: a client that reconnects with ``Last-Event-ID: N`` resumes at ``N + 1``.
-Refusals are plain HTTP answers: 400 (bad offset or key), 404 (no such workflow, or
-the user may not read it: the same answer, so that nobody can probe which ids exist).
+After ``READER_HEARTBEAT_SECONDS`` without an event the server sends a comment
+line (``: keep-alive``), which keeps proxies from closing a quiet response; clients
+that read the response themselves can take it as a sign of life (EventSource does
+not report comments). Refusals are plain HTTP answers: 400 (bad offset or key),
+404 (no such workflow, or the user may not read it: the same answer, so that nobody
+can probe which ids exist).
 
 Access is checked again every ``REAUTHORIZE_SECONDS`` while the response lasts; once
 it no longer holds, ``event: refused`` with ``{"type": "refused", "key": K, "reason": R}``
@@ -67,8 +71,6 @@ from .protocol import BadParameters, parse_address, parse_offset
 
 logger = logging.getLogger("durable_streams.views")
 
-# Seconds of silence after which a comment line keeps proxies from closing the response.
-KEEPALIVE_SECONDS = 15.0
 RETRY_MILLISECONDS = 1000
 # The reconnection delay sent when a response ends early because of its byte budget.
 BUDGET_RETRY_MILLISECONDS = 100
@@ -179,7 +181,10 @@ async def _event_stream(feed: StreamFeed) -> AsyncIterator[bytes]:
     # One event in hand at a time: the feed is pulled only as fast as the client reads.
     out: asyncio.Queue[Entry | Closed | Interrupted | Revoked | BaseException] = asyncio.Queue(1)
     pump: asyncio.Task[None] | None = None
-    budget = get_config().READER_WINDOW_BYTES
+    config = get_config()
+    budget = config.READER_WINDOW_BYTES
+    # After this long without an event, a comment keeps proxies from closing the response.
+    keepalive = config.READER_HEARTBEAT_SECONDS
     try:
         await _release_request_thread()
         yield f"retry: {RETRY_MILLISECONDS}\n\n".encode()
@@ -187,7 +192,7 @@ async def _event_stream(feed: StreamFeed) -> AsyncIterator[bytes]:
         telemetry.reader_connected("sse")
         while True:
             try:
-                async with asyncio.timeout(KEEPALIVE_SECONDS):
+                async with asyncio.timeout(keepalive):
                     item = await out.get()
             except TimeoutError:
                 yield b": keep-alive\n\n"

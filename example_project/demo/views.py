@@ -10,8 +10,9 @@ from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_http_methods
 
-from durable_streams import StreamTimeout, read_stream
+from durable_streams import StreamTimeout, WorkflowCancelled, WorkflowFailed, read_stream
 from durable_streams.auth import VIEW_PERMISSIONS, can_read
+from durable_streams.conf import get_config
 from durable_streams.models import Workflow
 
 from .workflows import ANSWER, PROGRESS, answer
@@ -57,6 +58,8 @@ def stored(workflow_id: str, key: str) -> list[Any]:
             values.append(value)
     except StreamTimeout:
         pass  # open: the page's socket takes it from here
+    except (WorkflowCancelled, WorkflowFailed):
+        pass  # interrupted: the page shows what was written, its socket says why
     return values
 
 
@@ -72,12 +75,11 @@ def index(request: HttpRequest) -> HttpResponse:
         prompt = form.cleaned_data["prompt"]
         if request.user.is_authenticated:
             # The owner may read the streams; "public" opens them to everyone.
-            handle = answer.start(
-                prompt, owner=request.user, public=not form.cleaned_data["private"]
-            )
+            public = not form.cleaned_data["private"]
+            handle = answer.using(owner=request.user, public=public).start(prompt)
         else:
             # A visitor has no account to own the run: anyone with the link may read it.
-            handle = answer.start(prompt, public=True)
+            handle = answer.using(public=True).start(prompt)
         return redirect("demo:run", workflow_id=handle.workflow_id)
     context = {"form": form, "recent": recent(request.user), "suggestions": SUGGESTIONS}
     return render(request, "demo/index.html", context)
@@ -98,6 +100,8 @@ def run(request: HttpRequest, workflow_id: str) -> HttpResponse:
         "answer_offset": len(tokens),
         "progress": progress[-1] if progress else None,
         "progress_offset": len(progress),
+        # The page's client counts silence in the server's heartbeats.
+        "heartbeat_ms": round(get_config().READER_HEARTBEAT_SECONDS * 1000),
         "form": AskForm(),
         "recent": recent(request.user),
     }

@@ -9,6 +9,11 @@
  * every 64 KiB or 256 entries, and 100 ms after an entry when fewer came: the server
  * sends only so much beyond the last acknowledgement (READER_WINDOW_BYTES).
  *
+ * The server sends a heartbeat frame after READER_HEARTBEAT_SECONDS without any other
+ * frame. A socket that stays silent for SILENT_BEATS heartbeats (or whose handshake
+ * takes that long) is taken for lost, as a network outage or a stuck server leaves it
+ * without a close: the client reports "lost", closes it and reconnects from its offset.
+ *
  *   import { subscribe } from "/static/durable_streams/durable-streams.js";
  *
  *   const sub = subscribe(workflowId, "answer", {
@@ -33,6 +38,13 @@ export const REFUSALS = Object.freeze({
 
 /** Close code of a client that left the server's window full: it reconnects from its offset. */
 export const TOO_SLOW = 4408;
+
+/**
+ * Silence, in heartbeats, after which a connection counts as lost. The interval is the
+ * `heartbeat` option until a heartbeat frame says what the server's is.
+ */
+export const SILENT_BEATS = 3;
+export const HEARTBEAT = 15000;
 
 /** An acknowledgement goes out after this many bytes or entries, or this many ms after an entry. */
 export const ACK_BYTES = 64 * 1024;
@@ -79,8 +91,11 @@ function report(error) {
  *             end: the subscription stays open, and if the workflow is resumed, its new
  *             values (onEntry) and at last onClose follow. Call close() to stop waiting.
  *   onError   (error) => void, when the server refuses (error.code: 4400, 4403, 4404)
- *   onStatus  (state) => void: "connecting", "open", "interrupted", "waiting" (to
- *             reconnect), "closed", "failed"
+ *   onStatus  (state) => void: "connecting", "open", "interrupted", "lost" (nothing
+ *             heard for SILENT_BEATS heartbeats: the socket is closed, "waiting"
+ *             follows), "waiting" (to reconnect), "closed", "failed"
+ *   heartbeat the server's heartbeat interval in milliseconds, READER_HEARTBEAT_SECONDS
+ *             (15000), until its first heartbeat frame tells it
  *   path, origin   where the sockets are served (see streamUrl)
  *   minDelay, maxDelay   reconnection backoff bounds in milliseconds (250, 10000)
  *
@@ -104,6 +119,12 @@ export class Subscription {
     this.options = options;
     this.minDelay = options.minDelay ?? 250;
     this.maxDelay = options.maxDelay ?? 10000;
+    const heartbeat = options.heartbeat ?? HEARTBEAT;
+    if (typeof heartbeat !== "number" || !Number.isFinite(heartbeat) || heartbeat <= 0) {
+      throw new RangeError(`heartbeat must be a positive number of milliseconds, not ${heartbeat}`);
+    }
+    this._heartbeat = heartbeat;
+    this._silence = null;
     this._offset = offset;
     this._state = "connecting";
     this._socket = null;
@@ -176,20 +197,51 @@ export class Subscription {
       return;
     }
     this._socket = socket;
+    this._listen(socket); // a handshake that never ends is silence too
     socket.onopen = () => {
       if (socket !== this._socket) return;
       this._openedAt = Date.now();
+      this._listen(socket);
       this._setState("open");
     };
     socket.onmessage = (event) => {
-      if (socket === this._socket) this._receive(socket, event.data);
+      if (socket !== this._socket) return;
+      this._listen(socket);
+      this._receive(socket, event.data);
     };
     socket.onclose = (event) => {
       if (socket !== this._socket) return;
       this._socket = null;
+      this._stopListening();
       this._closed(event.code, event.reason);
     };
     socket.onerror = () => {}; // a close event follows
+  }
+
+  _listen(socket) {
+    // Every frame, and the open, restarts the count of silent heartbeats.
+    this._stopListening();
+    this._silence = setTimeout(() => this._lost(socket), this._heartbeat * SILENT_BEATS);
+  }
+
+  _stopListening() {
+    clearTimeout(this._silence);
+    this._silence = null;
+  }
+
+  _lost(socket) {
+    if (socket !== this._socket) return;
+    // Heard nothing, not even a heartbeat: the network or the server is gone, and the
+    // socket may never learn it. Give it up and reconnect from the offset we need.
+    this._socket = null;
+    if (this._openedAt && Date.now() - this._openedAt > 10000) this._failures = 0;
+    this._setState("lost");
+    try {
+      socket.close();
+    } catch {
+      // Closing a socket that is still connecting may throw in some environments.
+    }
+    this._retry();
   }
 
   _receive(socket, data) {
@@ -227,6 +279,12 @@ export class Subscription {
       }
       this._interrupted = { key: this.key, length: message.length, status: message.status };
       this._call("onInterrupted", { ...this._interrupted });
+    } else if (message.type === "heartbeat") {
+      // A sign of life, and the server's interval: silence is measured against it.
+      if (typeof message.interval === "number" && message.interval > 0) {
+        this._heartbeat = message.interval * 1000;
+        this._listen(socket);
+      }
     } else if (message.type === "closed") {
       if (message.length > this._offset) {
         this._drop(socket);
@@ -286,6 +344,8 @@ export class Subscription {
   }
 
   _retry() {
+    this._stopListening();
+    this._resetAcks();
     this._openedAt = 0;
     const delay = Math.min(this.maxDelay, this.minDelay * 2 ** this._failures);
     this._failures += 1;
@@ -298,6 +358,7 @@ export class Subscription {
     if (this._ended) return;
     this._ended = true;
     clearTimeout(this._timer);
+    this._stopListening();
     this._resetAcks();
     globalThis.removeEventListener?.("online", this._wake);
     globalThis.document?.removeEventListener?.("visibilitychange", this._wake);

@@ -10,13 +10,27 @@ const stage = document.getElementById("stage");
 const counter = document.getElementById("counter");
 
 const STAGES = { thinking: "Thinking…", writing: "Writing", done: "Done" };
+const heartbeat = Number(page.dataset.heartbeat) || undefined;
 let lastStage = page.dataset.stage;
+let answerState = "connecting";
+let lost = false; // the connection went silent, and no new one has opened yet
+let stoppedAs = null; // "CANCELLED" or "ERROR" once the run was interrupted
 
+// The pill says what the reader sees: a cancelled run is not "complete", even with its
+// answer stream closed, and a silent connection is not "live".
 function showState(state) {
-  connection.dataset.state = state;
-  connection.textContent = {
+  answerState = state;
+  if (state === "lost") lost = true;
+  else if (state === "open" || state === "closed" || state === "failed") lost = false;
+  let text = {
     open: "live", interrupted: "interrupted", waiting: "reconnecting…", closed: "complete", failed: "unavailable",
   }[state] || state;
+  if (lost) text = "connection lost";
+  else if (stoppedAs && (state === "interrupted" || state === "closed")) {
+    text = stoppedAs === "CANCELLED" ? "cancelled" : "failed";
+  }
+  connection.dataset.state = lost ? "lost" : state;
+  connection.textContent = text;
 }
 
 function showOutcome(text, status) {
@@ -29,7 +43,9 @@ function showOutcome(text, status) {
 
 function showProgress(progress) {
   lastStage = progress.stage;
+  // The workflow wrote this, so it runs (the page may have been rendered before it started).
   if (progress.stage === "done") showOutcome("Success", "success");
+  else showOutcome("Running", "running");
   stage.textContent = STAGES[progress.stage] || progress.stage;
   if (progress.total) {
     bar.style.width = `${Math.round((100 * progress.done) / progress.total)}%`;
@@ -49,6 +65,7 @@ window.durableDemo = {
       answer.classList.add("done");
     },
     onStatus: showState,
+    heartbeat,
     onError(error) {
       answer.classList.add("done");
       stage.textContent = error.message;
@@ -56,15 +73,22 @@ window.durableDemo = {
   }),
   progress: subscribe(workflowId, "progress", {
     offset: Number(page.dataset.progressOffset),
+    heartbeat,
     onEntry(progress) {
       page.classList.remove("stopped"); // resumed after an interruption
+      if (stoppedAs) {
+        stoppedAs = null;
+        showState(answerState);
+      }
       showProgress(progress);
     },
     onInterrupted({ status }) {
       // Cancelled or failed: not the end, if an operator resumes the run.
       stage.textContent = "Stopped before the end";
       page.classList.add("stopped");
-      showOutcome(status === "CANCELLED" ? "Cancelled" : "Error", "error");
+      stoppedAs = status;
+      showState(answerState);
+      showOutcome(status === "CANCELLED" ? "Cancelled" : "Error", status.toLowerCase());
     },
   }),
 };
