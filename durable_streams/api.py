@@ -538,10 +538,11 @@ def get_workflow(workflow_id: str) -> WorkflowHandle:
 
 
 def cancel_workflow(workflow_id: str) -> bool:
-    """Cancel an enqueued or running workflow; False if it had already ended.
+    """Cancel an enqueued, running or waiting workflow; False if it had already ended.
 
-    A running workflow stops at its next step boundary. Its open streams end now as
-    interrupted, not closed: resuming the workflow reopens them.
+    A running workflow stops at its next step boundary, a waiting (suspended) one at
+    once. Its open streams end now as interrupted, not closed: resuming the workflow
+    reopens them.
     """
     check_workflow_id(workflow_id)
     using = alias()
@@ -647,6 +648,8 @@ class WorkflowHandle:
 
     @property
     def status(self) -> str:
+        """ENQUEUED, RUNNING, WAITING (suspended in a long sleep or recv), SUCCESS, ERROR or
+        CANCELLED, read fresh from the database."""
         with runtime.on_behalf_of_body(f"reading workflow {self.workflow_id!r}"):
             status = (
                 Workflow.objects.using(alias())

@@ -58,6 +58,11 @@ DEFAULTS: dict[str, Any] = {
     "READER_HEARTBEAT_SECONDS": 15.0,
     # Claims per workflow before it ends in ERROR; the default for @workflow.
     "MAX_ATTEMPTS": 10,
+    # Seconds a sleep or a recv in a workflow body waits in place, holding its worker
+    # slot and lease; a longer wait suspends the run (status WAITING): it frees the
+    # slot and the lease, and any worker claims it again when its timer is due or its
+    # message arrives. 0 suspends every wait at once.
+    "SUSPEND_AFTER_SECONDS": 1.0,
     # Seconds a stopping worker waits for running steps before it releases leases.
     "SHUTDOWN_GRACE_SECONDS": 30.0,
     # Callable (dotted path) deciding who may read a stream: (user, workflow, key) -> bool.
@@ -89,6 +94,7 @@ _NUMBERS: dict[str, tuple[type[int | float], float]] = {
     "READER_HEARTBEAT_SECONDS": (float, 0.05),
     "MAX_ATTEMPTS": (int, 1),
     "SHUTDOWN_GRACE_SECONDS": (float, 0.0),
+    "SUSPEND_AFTER_SECONDS": (float, 0.0),
     "REAUTHORIZE_SECONDS": (float, 0.01),
 }
 
@@ -103,6 +109,7 @@ MAXIMA: dict[str, int] = {
     "READ_BATCH_SIZE": 10_000,
     "MAX_ATTEMPTS": 1_000_000,
     "SHUTDOWN_GRACE_SECONDS": DAY,
+    "SUSPEND_AFTER_SECONDS": 3_600,
     "READER_RETRY_SECONDS": DAY,
     "READER_WINDOW_BYTES": 64 * 1024 * 1024,
     "READER_STALL_SECONDS": DAY,
@@ -130,6 +137,7 @@ class Config:
     READER_STALL_SECONDS: float
     READER_HEARTBEAT_SECONDS: float
     MAX_ATTEMPTS: int
+    SUSPEND_AFTER_SECONDS: float
     SHUTDOWN_GRACE_SECONDS: float
     AUTHORIZE_READER: str
     REAUTHORIZE_SECONDS: float

@@ -198,3 +198,19 @@ class Interrupted(BaseException):
     def __init__(self, reason: str) -> None:
         self.reason = reason
         super().__init__(reason)
+
+
+class Suspended(BaseException):
+    """Ends a workflow's thread in a long wait: the worker leaves the run WAITING.
+
+    ``operation`` is the sleep's or the recv's; ``topic`` the recv's ("" the default
+    topic; None for a sleep); ``wake_at`` (a Unix time) the sleep's wake time or the
+    recv's deadline, None for a recv without a timeout. A BaseException, like
+    ``Interrupted``, so that user code cannot swallow it.
+    """
+
+    def __init__(self, operation: int, topic: str | None, wake_at: float | None) -> None:
+        self.operation = operation
+        self.topic = topic
+        self.wake_at = wake_at
+        super().__init__(f"suspended at operation {operation}")

@@ -85,6 +85,13 @@ def _read_back(workflow_id: str, name: str) -> Run:
     status, output, error = (
         Workflow.objects.using(using).values_list("status", "output", "error").get(pk=workflow_id)
     )
+    if status == Status.WAITING:
+        raise AssertionError(
+            f"Workflow {workflow_id!r} ({name}) waits for a message (status WAITING) that "
+            "nothing sent it while the worker ran: it was suspended in a recv() without a "
+            "timeout. Send it from a workflow this worker runs too, or use start() with a "
+            "worker of your own and send() it from the test."
+        )
     if status not in (Status.SUCCESS, Status.ERROR, Status.CANCELLED):
         raise AssertionError(
             f"Workflow {workflow_id!r} ({name}) is still {status} after the worker ran out of "

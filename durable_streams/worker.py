@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import Collection
 from concurrent.futures import Future, ThreadPoolExecutor
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from types import FrameType
 from typing import Any
 
@@ -32,7 +32,7 @@ from .bus import (
 )
 from .conf import get_config
 from .db import ConnectionKeeper, alias, take_write_lock
-from .exceptions import Interrupted, LeaseLost, WorkflowNotRegistered
+from .exceptions import Interrupted, LeaseLost, Suspended, WorkflowNotRegistered
 from .models import Claim, Status, WorkerProcess, Workflow, WorkflowQuerySet
 from .models.workers import GONE_AFTER_BEATS
 from .runtime import execution as runtime
@@ -105,6 +105,9 @@ class Worker:
         self._next_unknown_check = 0.0
         self._unknown_warned: dict[str, float] = {}
         self._registered = False
+        # The earliest timer of the waiting runs of this worker's queues, as last read.
+        self._next_wake: datetime | None = None
+        self._wake_known = False
         self._beats = 0
         self.completed = 0
 
@@ -195,10 +198,15 @@ class Worker:
                     # Only when nothing ran during the claim either: a run that ended
                     # meanwhile may have gone back to the queue (a database fault).
                     idle = free == self.concurrency and not self._running
-                    if self.burst and not claimed and idle:
+                    # A burst worker stays for the timers of its waiting runs (a sleep,
+                    # a recv's deadline): they are work that is already there.
+                    if self.burst and not claimed and idle and not self._timers(names):
                         break
-                    if not self._stopping.is_set():
-                        waiter.wait(interval)
+                    if not self._stopping.is_set() and waiter.wait(
+                        self._idle_wait(interval, names, keeper)
+                    ):
+                        # Rung: a run may have been suspended with a new timer.
+                        self._wake_known = False
         finally:
             self._waiter = None
             self._shutdown(pool)
@@ -209,6 +217,37 @@ class Worker:
             flush_notifications()
             writer.release_connections()
             connections.close_all()
+
+    def _timers(self, names: list[str]) -> bool:
+        try:
+            return Workflow.objects.using(self.using).next_wake(self.queues, names) is not None
+        except DatabaseError:
+            return False
+
+    def _idle_wait(self, interval: float, names: list[str], keeper: ConnectionKeeper) -> float:
+        """How long the loop may wait for an announcement: at most until the next timer
+        of a waiting run, so that it fires on time without a polling loop.
+
+        The timer is read from the database again only after a ring (a suspension
+        announces its queue) or once it is due: an idle loop costs no query for it.
+        """
+        if len(self._running) >= self.concurrency or not names:
+            return interval
+        if not self._wake_known:
+            try:
+                keeper.ready()
+                self._next_wake = Workflow.objects.using(self.using).next_wake(self.queues, names)
+            except DatabaseError:
+                keeper.broken()
+                return interval
+            self._wake_known = True
+        if self._next_wake is None:
+            return interval
+        left = (self._next_wake - timezone.now()).total_seconds()
+        if left <= 0:
+            # Due: the next claim takes it; read the timer after it again.
+            self._wake_known = False
+        return max(0.0, min(interval, left))
 
     def _describe_registry(self) -> None:
         """Say which workflows this worker can run, and which of its queues none uses."""
@@ -586,6 +625,9 @@ class Worker:
             except LeaseLost:
                 log.info("Stopped: %s.", execution.stop_reason)
                 return
+            except Suspended as wait:
+                self._suspend(execution, wait, log)
+                return
         if execution.fatal is not None:
             status, output = Status.ERROR, None
             error = encoding.dumps(runtime.error_record(execution.fatal))
@@ -617,6 +659,29 @@ class Worker:
             log.info(
                 "Ended with %s, but it was cancelled or reclaimed meanwhile; nothing recorded.",
                 status,
+            )
+
+    def _suspend(self, execution: runtime.Execution, wait: Suspended, log: WorkflowAdapter) -> None:
+        """Leave the run WAITING: its slot and lease are free until its timer or message."""
+        wake_at = None if wait.wake_at is None else datetime.fromtimestamp(wait.wake_at, tz=UTC)
+        try:
+            suspended, changes = Workflow.objects.using(self.using).suspend(
+                self.worker_id, execution.workflow_id, wait.operation, wait.topic, wake_at
+            )
+            publish_changes(changes, self.using)
+        except Error as exc:
+            log.warning("Could not suspend the run (%s); replaying from its checkpoints.", exc)
+            self._hand_back(execution.workflow_id, log)
+            return
+        if not suspended:
+            log.info("Stopped: it was cancelled or reclaimed meanwhile.")
+        elif wait.topic is None:
+            log.info("Sleeping until %s; its worker slot is free.", wake_at)
+        else:
+            log.info(
+                "Waiting for a message on topic %r%s; its worker slot is free.",
+                wait.topic or None,
+                "" if wake_at is None else f" until {wake_at}",
             )
 
     def _hand_back(self, workflow_id: str, log: WorkflowAdapter) -> None:

@@ -95,6 +95,8 @@ DURABLE_STREAMS = {
     "POLL_INTERVAL": float(os.environ.get("DS_POLL_INTERVAL", "0.02")),
     "SHUTDOWN_GRACE_SECONDS": float(os.environ.get("DS_GRACE_SECONDS", "10")),
     "WORKER_HEARTBEAT_SECONDS": float(os.environ.get("DS_WORKER_HEARTBEAT_SECONDS", "10")),
+    # Waits block in place unless a test asks for suspension (the default is 1 s).
+    "SUSPEND_AFTER_SECONDS": float(os.environ.get("DS_SUSPEND_AFTER_SECONDS", "60")),
 }
 
 LOGGING = {

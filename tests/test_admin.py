@@ -735,3 +735,21 @@ def test_a_large_step_error_is_cut_on_the_workflow_and_steps_pages(
         html = response.content.decode()
         assert len(html) < 200_000, url
         assert "<strong>OverflowError</strong>: the error record is longer than" in html
+
+
+def test_waiting_runs_show_their_wait_and_have_a_filter(admin_client: Client) -> None:
+    until = timezone.now() + timedelta(hours=2)
+    waiting = make_workflow(Status.WAITING, wait_operation=3, wait_topic="review", wake_at=until)
+    sleeping = make_workflow(Status.WAITING, wait_operation=1, wake_at=until)
+    make_workflow(Status.SUCCESS)
+    response = admin_client.get(CHANGELIST, {"status__exact": "WAITING"})
+    assert {w.pk for w in response.context["cl"].result_list} == {waiting.pk, sleeping.pk}
+    html = response.content.decode()
+    assert "ds-badge-waiting" in html and "?status__exact=WAITING" in html
+    page = admin_client.get(page_url(waiting)).content.decode()
+    assert "Current wait" in page and "Waiting for a message on topic" in page
+    assert "review" in page and " until " in page
+    page = admin_client.get(page_url(sleeping)).content.decode()
+    assert "Sleeping until" in page
+    done = admin_client.get(page_url(make_workflow(Status.SUCCESS))).content.decode()
+    assert "Current wait" not in done

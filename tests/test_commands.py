@@ -57,11 +57,13 @@ def test_status_counts_queues_runs_and_workers() -> None:
     )
     _row(Status.SUCCESS, finished_at=now)
     _row(Status.ERROR, finished_at=now)
+    _row(Status.WAITING, wait_operation=1, wait_topic="")
 
     report = json.loads(_run("durable_streams_status", "--json"))
     assert report["statuses"] == {
         "ENQUEUED": 3,
         "RUNNING": 2,
+        "WAITING": 1,
         "SUCCESS": 1,
         "ERROR": 1,
         "CANCELLED": 0,
@@ -81,7 +83,7 @@ def test_status_counts_queues_runs_and_workers() -> None:
     assert workers["host-b-2"]["alive"] is False
 
     text = _run("durable_streams_status")
-    assert "Runs: 3 enqueued, 2 running, 1 success, 1 error, 0 cancelled" in text
+    assert "Runs: 3 enqueued, 2 running, 1 waiting, 1 success, 1 error, 0 cancelled" in text
     default_line = next(line for line in text.splitlines() if line.startswith("default "))
     assert default_line.split()[1:3] == ["2", "1"]
     assert re.search(r" 12[0-2]s ago$", default_line)

@@ -81,3 +81,12 @@ def swapper() -> None:
     else:
         sleep(0)
     recv("go")
+
+
+@workflow
+def first_recv(timeout: float) -> str:
+    """A recv as its first operation: nothing recorded before it."""
+    try:
+        return str(recv("go", timeout=timeout))
+    except MessageTimeout:
+        return "timed out"

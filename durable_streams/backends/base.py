@@ -57,9 +57,9 @@ class Backend:
     # Statements written by hand
 
     def names(self) -> dict[str, str]:
-        """The quoted table names (``workflow``, ``step``, ``stream``, ``entry``) and the
-        column names that are keywords somewhere (``key``, ``length``, ``offset``, ``value``),
-        for statement templates."""
+        """The quoted table names (``workflow``, ``step``, ``stream``, ``entry``,
+        ``message``) and the column names that are keywords somewhere (``key``, ``length``,
+        ``offset``, ``value``), for statement templates."""
         # The app registry, not an import: the models ask their backend for statements.
         tables = {
             name: self.quote(apps.get_model("durable_streams", model)._meta.db_table)
@@ -68,6 +68,7 @@ class Backend:
                 ("step", "Step"),
                 ("stream", "Stream"),
                 ("entry", "StreamEntry"),
+                ("message", "Message"),
             ]
         }
         columns = {name: self.quote(name) for name in ("key", "length", "offset", "value")}

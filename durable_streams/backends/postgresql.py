@@ -30,9 +30,11 @@ CHANNEL = "durable_streams"
 
 # The claim, locked and leased in one statement whose text does not change with the
 # lists in it (so it is prepared once): claimable workflows with attempts left,
-# expired leases first. Each SELECT goes through its own partial index in created_at
-# order: one SELECT with an OR of both would sort every enqueued row on every claim.
-# Rows the second SELECT locks beyond the limit are let go when the statement commits.
+# expired leases first, then waiting runs whose timer is due or whose message arrived
+# (a message committed after this snapshot announces the queue again, so a later claim
+# sees it). Each SELECT goes through its own partial index in created_at order: one
+# SELECT with an OR of them would sort every enqueued row on every claim. Rows the
+# later SELECTs lock beyond the limit are let go when the statement commits.
 # The last column says whether to load what earlier runs recorded: a queued row was
 # queued again only after those runs' writes committed, so this snapshot sees them;
 # a reclaimed row is always loaded, since its last holder may have committed a write
@@ -54,14 +56,29 @@ enqueued AS (
     ORDER BY created_at LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 ),
-picked AS (SELECT * FROM expired UNION ALL SELECT * FROM enqueued LIMIT %(limit)s)
+woken AS (
+    SELECT id, status, lease_owner FROM {workflow} w0
+    WHERE status = 'WAITING'
+        AND queue = ANY(%(queues)s::text[]) AND name = ANY(%(names)s::text[])
+        AND attempts < max_attempts AND NOT id = ANY(%(exclude)s::text[])
+        AND (wake_at <= %(now)s OR EXISTS (
+            SELECT FROM {message} m
+            WHERE m.destination_id = w0.id AND m.topic = w0.wait_topic
+                AND m.consumed_operation IS NULL))
+    ORDER BY created_at LIMIT %(limit)s
+    FOR UPDATE OF w0 SKIP LOCKED
+),
+picked AS (
+    SELECT * FROM expired UNION ALL SELECT * FROM woken UNION ALL SELECT * FROM enqueued
+    LIMIT %(limit)s
+)
 UPDATE {workflow} w
 SET status = 'RUNNING', lease_owner = %(worker)s, lease_expires_at = %(until)s,
     attempts = w.attempts + 1, updated_at = %(now)s, started_at = COALESCE(w.started_at, %(now)s)
 FROM picked
 WHERE w.id = picked.id
 RETURNING w.id, w.name, w.inputs, w.attempts, picked.status, picked.lease_owner,
-    picked.status = 'RUNNING'
+    picked.status IN ('RUNNING', 'WAITING') OR w.wait_operation IS NOT NULL
     OR EXISTS (SELECT FROM {step} s WHERE s.workflow_id = w.id)
     OR EXISTS (SELECT FROM {stream} s WHERE s.workflow_id = w.id)
 """

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 from django.db import models, transaction
-from django.db.models import F, Q, Value
+from django.db.models import Exists, F, Min, OuterRef, Q, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
@@ -70,13 +70,68 @@ class WorkflowQuerySet(models.QuerySet["Workflow"]):
         return self.filter(status__in=TERMINAL_STATUSES)
 
     def claimable(self, queues: Collection[str], names: Collection[str]) -> WorkflowQuerySet:
-        """Enqueued workflows, and running ones whose worker's lease ran out, oldest first."""
+        """Enqueued workflows, running ones whose worker's lease ran out, and waiting ones
+        whose timer is due or whose message arrived, oldest first."""
         now = timezone.now()
+        arrived = Message.objects.filter(
+            destination_id=OuterRef("pk"),
+            topic=OuterRef("wait_topic"),
+            consumed_operation__isnull=True,
+        )
         return self.filter(
-            Q(status=Status.ENQUEUED) | Q(status=Status.RUNNING, lease_expires_at__lt=now),
+            Q(status=Status.ENQUEUED)
+            | Q(status=Status.RUNNING, lease_expires_at__lt=now)
+            | (Q(status=Status.WAITING) & (Q(wake_at__lte=now) | Exists(arrived))),
             queue__in=queues,
             name__in=names,
         ).order_by("created_at")
+
+    def next_wake(self, queues: Collection[str], names: Collection[str]) -> datetime | None:
+        """The earliest timer of the waiting workflows of ``queues`` (a sleep's wake time,
+        a recv's deadline), or None: how long an idle worker may wait for work."""
+        wake: datetime | None = self.filter(
+            status=Status.WAITING, wake_at__isnull=False, queue__in=queues, name__in=names
+        ).aggregate(wake=Min("wake_at"))["wake"]
+        return wake
+
+    def suspend(
+        self,
+        worker_id: str,
+        workflow_id: str,
+        operation: int,
+        topic: str | None,
+        wake_at: datetime | None,
+    ) -> tuple[bool, Changes]:
+        """Leave a run this worker holds waiting at ``operation``: a sleep until ``wake_at``,
+        or a recv on ``topic`` (until ``wake_at``, if it has a timeout).
+
+        The lease is let go and the attempt not counted. False if the worker no longer
+        holds it. The change to publish is its queue: a message that arrived just
+        before the suspension committed makes it claimable at once, and idle workers
+        learn of its timer.
+        """
+        with transaction.atomic(using=self.db):
+            take_write_lock(self.db)
+            held = self.held_by(worker_id).filter(pk=workflow_id)
+            queue = held.values_list("queue", flat=True).first()
+            changed = held.update(
+                status=Status.WAITING,
+                lease_owner=None,
+                lease_expires_at=None,
+                attempts=F("attempts") - 1,
+                updated_at=timezone.now(),
+                wait_operation=operation,
+                wait_topic=topic,
+                wake_at=wake_at,
+            )
+        if not changed or queue is None:
+            return False, NO_CHANGES
+        return True, Changes(queues=(queue,))
+
+    def wait_of(self, workflow_id: str) -> tuple[int | None, datetime | None]:
+        """The operation and the deadline of the wait a run was last suspended in."""
+        row = self.filter(pk=workflow_id).values_list("wait_operation", "wake_at").first()
+        return (None, None) if row is None else row
 
     def enqueue(self, run: Workflow) -> tuple[bool, Changes]:
         """Insert the new ``run``; its queue is the change to announce to idle workers.
@@ -157,12 +212,15 @@ class WorkflowQuerySet(models.QuerySet["Workflow"]):
                 updated_at=now,
                 started_at=Coalesce("started_at", Value(now)),
             )
-            details = {
-                pk: (name, inputs, attempts)
-                for pk, name, inputs, attempts in self.filter(pk__in=ids).values_list(
-                    "pk", "name", "inputs", "attempts"
-                )
-            }
+            details = {}
+            # A run that was ever suspended has a wait to load (a recv's deadline).
+            suspended = set()
+            for pk, name, inputs, attempts, wait_operation in self.filter(pk__in=ids).values_list(
+                "pk", "name", "inputs", "attempts", "wait_operation"
+            ):
+                details[pk] = (name, inputs, attempts)
+                if wait_operation is not None:
+                    suspended.add(pk)
             recorded = set(
                 Step.objects.using(self.db)
                 .filter(workflow_id__in=ids)
@@ -176,7 +234,13 @@ class WorkflowQuerySet(models.QuerySet["Workflow"]):
                 )
             )
         return [
-            Claim(pk, *details[pk], status, owner, status == Status.RUNNING or pk in recorded)
+            Claim(
+                pk,
+                *details[pk],
+                status,
+                owner,
+                status in (Status.RUNNING, Status.WAITING) or pk in recorded | suspended,
+            )
             for pk, status, owner in picked_rows
         ]
 
@@ -358,6 +422,9 @@ class WorkflowQuerySet(models.QuerySet["Workflow"]):
                     updated_at=now,
                     lease_owner=None,
                     lease_expires_at=None,
+                    wait_operation=None,
+                    wait_topic=None,
+                    wake_at=None,
                 )
                 Stream.objects.using(self.db).filter(
                     workflow_id__in=chunk, closed_by_end=True
@@ -478,6 +545,12 @@ class Workflow(models.Model):
     updated_at = models.DateTimeField(_("updated at"), default=timezone.now)
     started_at = models.DateTimeField(_("started at"), null=True, blank=True)
     finished_at = models.DateTimeField(_("finished at"), null=True, blank=True)
+    # The wait the run was last suspended in (status WAITING): the operation of its
+    # sleep or recv, the recv's topic ("" the default topic; None for a sleep), and the
+    # sleep's wake time or the recv's deadline (None: no timeout).
+    wait_operation = models.PositiveIntegerField(_("wait operation"), null=True, blank=True)
+    wait_topic = models.CharField(_("waits for topic"), max_length=255, null=True, blank=True)
+    wake_at = models.DateTimeField(_("waits until"), null=True, blank=True)
 
     objects = WorkflowQuerySet.as_manager()
 
@@ -499,6 +572,12 @@ class Workflow(models.Model):
                 fields=["queue", "created_at"],
                 name="ds_workflow_running_q_idx",
                 condition=Q(status="RUNNING"),
+            ),
+            # The waiting runs a claim looks at (their timer or their messages).
+            models.Index(
+                fields=["queue", "created_at"],
+                name="ds_workflow_waiting_idx",
+                condition=Q(status="WAITING"),
             ),
             models.Index(fields=["status", "-created_at"], name="ds_workflow_status_idx"),
             models.Index(fields=["name", "-created_at"], name="ds_workflow_name_idx"),

@@ -19,13 +19,16 @@ def new_workflow_id() -> str:
 class Status(models.TextChoices):
     ENQUEUED = "ENQUEUED", _("Enqueued")
     RUNNING = "RUNNING", _("Running")
+    # Suspended in a sleep or a recv: no worker holds it; one claims it when its
+    # timer is due or a message for it arrives.
+    WAITING = "WAITING", _("Waiting")
     SUCCESS = "SUCCESS", _("Success")
     ERROR = "ERROR", _("Error")
     CANCELLED = "CANCELLED", _("Cancelled")
 
 
 TERMINAL_STATUSES = frozenset({Status.SUCCESS, Status.ERROR, Status.CANCELLED})
-ACTIVE_STATUSES = frozenset({Status.ENQUEUED, Status.RUNNING})
+ACTIVE_STATUSES = frozenset({Status.ENQUEUED, Status.RUNNING, Status.WAITING})
 # Ended without success: an operator may resume or retry these.
 RESUMABLE_STATUSES = frozenset({Status.ERROR, Status.CANCELLED})
 
@@ -37,7 +40,8 @@ class Claim(NamedTuple):
     name: str
     inputs: str
     attempts: int  # counting this one
-    previous_status: str  # RUNNING: taken over from a worker whose lease expired
+    # RUNNING: taken over from a worker whose lease expired; WAITING: woken from a wait
+    previous_status: str
     previous_owner: str | None
     # False only when no earlier run can have recorded anything: nothing to replay.
     has_history: bool = True

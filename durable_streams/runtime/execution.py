@@ -107,6 +107,9 @@ class Execution:
     in_transaction: bool = False
     # A statement of the library's own (a checkpoint, a history read) that failed.
     fault: BaseException | None = None
+    # The wait an earlier run was suspended in: (operation, deadline as a Unix time or
+    # None). A recv reaching that operation keeps the deadline it had.
+    suspended_wait: tuple[int, float | None] | None = None
 
     def stream_id(self, key: str) -> int | None:
         state = self.streams.get(key)
@@ -122,8 +125,15 @@ class Execution:
 
     @classmethod
     def load(cls, workflow_id: str, worker_id: str, using: str) -> Execution:
-        """Read what earlier runs of this workflow recorded, in one query."""
+        """Read what earlier runs of this workflow recorded (and the wait it was last
+        suspended in)."""
         execution = cls(workflow_id, worker_id, using)
+        operation, wake_at = Workflow.objects.using(using).wait_of(workflow_id)
+        if operation is not None:
+            execution.suspended_wait = (
+                operation,
+                None if wake_at is None else wake_at.timestamp(),
+            )
         for row in Workflow.objects.using(using).history(workflow_id):
             if row.kind == STEP:
                 assert row.operation is not None  # a checkpoint's column is NOT NULL

@@ -6,9 +6,13 @@ a recv's message or timeout, a send, a set_event. A replay finds them and return
 the same thing at the same point. Messages and events have tables of their own, so
 that a waiting run can later be suspended and woken by what arrives.
 
-In this version a waiting run blocks in place: it keeps its worker slot, and its
-lease, which the worker's heartbeat renews. It waits on the wake-up path (the bus)
-with a bounded wait, and wakes at once when it is cancelled or its worker stops.
+A short wait blocks in place: it keeps its worker slot, and its lease, which the
+worker's heartbeat renews. It waits on the wake-up path (the bus) with a bounded
+wait, and wakes at once when it is cancelled or its worker stops. A wait longer than
+``SUSPEND_AFTER_SECONDS`` suspends the run: ``Suspended`` ends its thread, the worker
+records the wait on the workflow's row (status WAITING) and lets the lease go, and a
+claim takes the run again once its timer is due or a message on its topic arrives;
+the replay comes back to the same wait.
 """
 
 from __future__ import annotations
@@ -22,10 +26,18 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from .. import encoding
-from ..bus import announce, event_topic, message_topic, poll_interval, subscribe, workflow_topic
+from ..bus import (
+    announce,
+    event_topic,
+    message_topic,
+    poll_interval,
+    queue_topic,
+    subscribe,
+    workflow_topic,
+)
 from ..conf import get_config
 from ..db import take_write_lock
-from ..exceptions import MessageTimeout, NotInWorkflow, WorkflowNotFound
+from ..exceptions import MessageTimeout, NotInWorkflow, Suspended, WorkflowNotFound
 from ..models import Event, Message, Step, Workflow
 from .execution import (
     Execution,
@@ -110,14 +122,23 @@ def _wait_in_place(
     attempt: Callable[[], T | None],
     until: float | None,
     what: str,
+    *,
+    suspend: tuple[int, str | None] | None = None,
+    suspend_after: float = 0.0,
 ) -> T | None:
     """Call ``attempt`` until it returns something, or until the wall-clock time ``until``.
 
     Woken by ``topics``, by a change of the workflow (a cancel) and by a stop of the
     run; between two wake-ups at most the poll interval passes. A cancel or a lost
     lease ends the run here at once.
+
+    With ``suspend`` (the operation, and the recv's topic or None for a sleep), a wait
+    still going after ``suspend_after`` seconds, with more than ``SUSPEND_AFTER_SECONDS``
+    left, raises ``Suspended``: the worker leaves the run WAITING and frees its slot.
     """
     using = execution.using
+    threshold = get_config().SUSPEND_AFTER_SECONDS
+    suspend_at = time.time() + suspend_after
     with (
         subscribe([*topics, workflow_topic(execution.workflow_id)]) as waiter,
         execution.stop.watched_by(waiter.ring),
@@ -138,12 +159,17 @@ def _wait_in_place(
                 result = attempt()
             if result is not None:
                 return result
-            wait = interval
-            if until is not None:
-                left = until - time.time()
-                if left <= 0:
-                    return None
-                wait = min(wait, left)
+            now = time.time()
+            left = math.inf if until is None else until - now
+            if left <= 0:
+                return None
+            if suspend is not None and now >= suspend_at and left > threshold:
+                # What arrives from now on finds the run WAITING: the claim sees it.
+                execution.flush()
+                raise Suspended(suspend[0], suspend[1], until)
+            wait = min(interval, left)
+            if suspend is not None and suspend_at > now:
+                wait = min(wait, suspend_at - now)
             waiter.wait(wait)
 
 
@@ -178,7 +204,8 @@ def sleep(seconds: float) -> None:
             1,
             timezone.now(),
         )
-    _wait_in_place(execution, [], lambda: None, wake_at, "sleeping")
+    # A sleep longer than the threshold is suspended at once: nothing can end it early.
+    _wait_in_place(execution, [], lambda: None, wake_at, "sleeping", suspend=(operation, None))
 
 
 # Messages
@@ -199,7 +226,9 @@ def _insert_message(
     repeated key leaves the caller's transaction usable.
     """
     messages = Message.objects.using(using)
-    if not Workflow.objects.using(using).filter(pk=destination).exists():
+    queue = Workflow.objects.using(using).filter(pk=destination).values_list("queue", flat=True)
+    destination_queue = queue.first()
+    if destination_queue is None:
         raise WorkflowNotFound(destination)
     if idempotency_key is not None and (
         messages.filter(destination_id=destination, idempotency_key=idempotency_key).exists()
@@ -222,7 +251,8 @@ def _insert_message(
         ):
             return False
         raise
-    announce([message_topic(destination)], using)
+    # The queue's topic too: a run suspended in its recv is claimed again at once.
+    announce([message_topic(destination), queue_topic(destination_queue)], using)
     return True
 
 
@@ -320,8 +350,20 @@ def recv(topic: str | None = None, *, timeout: float | None = None) -> Any:
         return (encoding.loads(text),)
 
     until = None if seconds is None else time.time() + seconds
+    resumed = execution.suspended_wait
+    if resumed is not None and resumed[0] == operation:
+        # Woken from its suspension: the deadline counts from the first run's recv.
+        until = resumed[1]
     what = f"waiting for a message on topic {topic!r}"
-    received = _wait_in_place(execution, [message_topic(execution.workflow_id)], take, until, what)
+    received = _wait_in_place(
+        execution,
+        [message_topic(execution.workflow_id)],
+        take,
+        until,
+        what,
+        suspend=(operation, topic_text),
+        suspend_after=get_config().SUSPEND_AFTER_SECONDS,
+    )
     if received is not None:
         return received[0]
     assert seconds is not None
