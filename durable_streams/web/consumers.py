@@ -139,7 +139,8 @@ class StreamConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]  # channels:
         self._unacked_bytes = 0
         self._acked = asyncio.Event()
         # Set by every frame sent: the heartbeat waits for a silence, not a clock tick.
-        self._sent = asyncio.Event()
+        # The loop time of the last frame sent; the heartbeat sleeps until a silence is due.
+        self._sent_at = 0.0
 
     async def connect(self) -> None:
         try:
@@ -212,22 +213,24 @@ class StreamConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]  # channels:
                 await self.close(code=SERVER_ERROR, reason="Server error.")
 
     async def send(self, text_data: str | None = None, **kwargs: Any) -> None:
-        self._sent.set()
+        # A float stored per frame, no wake-up: the heartbeat looks at it when it is due.
+        self._sent_at = asyncio.get_running_loop().time()
         await super().send(text_data=text_data, **kwargs)
 
     async def _heartbeat(self, interval: float) -> None:
         """Send a heartbeat frame after each ``interval`` seconds without any frame."""
         frame = heartbeat_frame(interval)
+        loop = asyncio.get_running_loop()
+        self._sent_at = loop.time()
         with contextlib.suppress(Exception):
             while True:
-                self._sent.clear()
-                try:
-                    async with asyncio.timeout(interval):
-                        await self._sent.wait()
-                except TimeoutError:
-                    if self._pump is not None and self._pump.done():
-                        return  # the socket is closing
-                    await self.send(text_data=frame)
+                due = self._sent_at + interval - loop.time()
+                if due > 0:
+                    await asyncio.sleep(due)
+                    continue
+                if self._pump is not None and self._pump.done():
+                    return  # the socket is closing
+                await self.send(text_data=frame)
 
     async def _room(self, window: int, stall: float) -> bool:
         """Wait until acks bring the unacknowledged data under ``window``.
