@@ -71,6 +71,16 @@ from .pages import CappedCountPaginator, EntryRow, Pager, StepRow, StreamPanel, 
 from .readonly import ReadOnlyAdmin
 
 
+def _value_heads(queryset: QuerySet[Any], limit: int) -> list[Any]:
+    """The first ``limit`` rows and one more (is there more?), each with the head of its
+    value (``value_head``) instead of the value."""
+    return list(
+        queryset.defer("value").annotate(value_head=Substr("value", 1, PREVIEW_CHARS + 1))[
+            : limit + 1
+        ]
+    )
+
+
 @admin.register(Workflow)
 class WorkflowAdmin(ReadOnlyAdmin, admin.ModelAdmin):  # type: ignore[type-arg]  # generic only in the stubs
     list_display = (
@@ -471,19 +481,12 @@ class WorkflowAdmin(ReadOnlyAdmin, admin.ModelAdmin):  # type: ignore[type-arg] 
         for stream in streams:
             stream.workflow = obj  # its state needs the workflow's status: no query each
         # Values are shown by their head only: a message or event may be large.
-        sent = list(
-            Message.objects.using(using)
-            .filter(destination_id=obj.pk)
-            .order_by("-id")
-            .defer("value")
-            .annotate(value_head=Substr("value", 1, PREVIEW_CHARS + 1))[: PAGE_MESSAGES + 1]
+        sent = _value_heads(
+            Message.objects.using(using).filter(destination_id=obj.pk).order_by("-id"),
+            PAGE_MESSAGES,
         )
-        events = list(
-            Event.objects.using(using)
-            .filter(workflow_id=obj.pk)
-            .order_by("key")
-            .defer("value")
-            .annotate(value_head=Substr("value", 1, PREVIEW_CHARS + 1))[: PAGE_EVENTS + 1]
+        events = _value_heads(
+            Event.objects.using(using).filter(workflow_id=obj.pk).order_by("key"), PAGE_EVENTS
         )
         retries = list(
             Workflow.objects.using(using)
