@@ -36,6 +36,10 @@ SYSTEMS = {
     DBOS: "DBOS · PostgreSQL",
     DS_SQLITE: "durable_streams · SQLite",
 }
+# With --baseline: the same durable_streams workloads run from another checkout, each
+# right after this tree's, so that a change is measured against its parent in one run.
+BASE = "@base"
+BASE_SYSTEMS = {DS_PG: DS_PG + BASE, DS_SQLITE: DS_SQLITE + BASE}
 
 
 # What a run measures
@@ -311,13 +315,22 @@ class Run:
     results: dict[str, dict[str, list[dict[str, Any]]]] = field(default_factory=dict)
     errors: dict[str, dict[str, str]] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+    baseline: Path | None = None
 
     def env(self, system: str) -> dict[str, str]:
-        env = {"BENCH_DS_DB": "sqlite" if system == DS_SQLITE else "pg"}
+        mine = system.removesuffix(BASE)
+        env = {"BENCH_DS_DB": "sqlite" if mine == DS_SQLITE else "pg"}
         env["BENCH_SQLITE_PATH"] = str(self.sqlite_path)
         if self.sizes.lease_seconds is not None:
             env["BENCH_LEASE_SECONDS"] = str(self.sizes.lease_seconds)
+        if system.endswith(BASE) and self.baseline is not None:
+            env["BENCH_DS_DB_NAME"] = _base_db_name()
+            env["BENCH_SQLITE_PATH"] = str(self.sqlite_path.with_name("ds_bench_base.sqlite3"))
+            env["PYTHONPATH"] = str(self.baseline)
         return env
+
+    def cwd(self, system: str) -> Path:
+        return self.baseline if system.endswith(BASE) and self.baseline else ROOT
 
     def run_child(self, args: list[str], system: str, limit: float) -> dict[str, Any]:
         with self.log.open("a") as log:
@@ -326,7 +339,7 @@ class Run:
             try:
                 done = subprocess.run(
                     [sys.executable, *args],
-                    cwd=ROOT,
+                    cwd=self.cwd(system),
                     env=child_env(self.env(system)),
                     stdout=subprocess.PIPE,
                     stderr=log,
@@ -351,6 +364,36 @@ def recreate_databases(names: list[str]) -> None:
             conn.execute(f'CREATE DATABASE "{name}"')
 
 
+def _base_db_name() -> str:
+    return os.environ.get("BENCH_DS_DB_NAME", "ds_bench") + "_base"
+
+
+def with_baselines(systems: tuple[str, ...]) -> list[str]:
+    """The systems of a workload, each of ours followed by its baseline twin."""
+    out = []
+    for system in systems:
+        out.append(system)
+        if system in BASE_SYSTEMS:
+            out.append(BASE_SYSTEMS[system])
+    return out
+
+
+def check_baseline(path: Path) -> None:
+    """Refuse a baseline whose processes would import this tree's package instead."""
+    if not (path / "durable_streams").is_dir() or not (path / "bench" / "ds_side.py").is_file():
+        raise SystemExit(f"--baseline {path}: not a durable_streams checkout with bench/")
+    found = subprocess.run(
+        [sys.executable, "-c", "import durable_streams; print(durable_streams.__file__)"],
+        cwd=path,
+        env=child_env({"PYTHONPATH": str(path)}),
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    if not found.startswith(str(path.resolve())):
+        raise SystemExit(f"--baseline {path}: its processes import durable_streams from {found}")
+
+
 def set_up(run: Run, systems: set[str]) -> None:
     """Fresh databases for this run: dropped and created again, then migrated."""
     names = []
@@ -358,7 +401,14 @@ def set_up(run: Run, systems: set[str]) -> None:
         names.append(os.environ.get("BENCH_DS_DB_NAME", "ds_bench"))
     if DBOS in systems:
         names.append(os.environ.get("BENCH_DBOS_DB_NAME", "dbos_bench"))
+    if BASE_SYSTEMS[DS_PG] in systems:
+        names.append(_base_db_name())
     recreate_databases(names)
+    for base in (BASE_SYSTEMS[DS_PG], BASE_SYSTEMS[DS_SQLITE]):
+        if base in systems:
+            if base.startswith(DS_SQLITE):
+                Path(run.env(base)["BENCH_SQLITE_PATH"]).unlink(missing_ok=True)
+            run.run_child(["-m", "bench.ds_side", "migrate"], base, 120)
     if DS_PG in systems or "pg" in systems:
         run.run_child(["-m", "bench.ds_side", "migrate"], DS_PG, 120)
     if DS_SQLITE in systems:
@@ -376,7 +426,7 @@ def execute(run: Run, workloads: list[Workload], systems: set[str]) -> None:
         for workload in workloads:
             if repeat >= workload.repeats(run.sizes):
                 continue
-            for system in workload.systems:
+            for system in with_baselines(workload.systems):
                 if system != "pg" and system not in systems:
                     continue
                 if workload.name in run.errors and system in run.errors[workload.name]:
@@ -809,6 +859,42 @@ def idle_rows(sizes: Sizes) -> list[Row]:
     return rows
 
 
+def render_baseline(run: Run) -> str:
+    """This tree against the baseline checkout, row by row: the change, better or worse."""
+    assert run.baseline is not None
+    pairs = [(DS_PG, BASE_SYSTEMS[DS_PG]), (DS_SQLITE, BASE_SYSTEMS[DS_SQLITE])]
+    lines = [
+        "",
+        f"This tree against the baseline {run.baseline}, each workload run right after the "
+        "other in every repeat. Change: positive is better; **worse** marks more than 10%.",
+        "",
+        "| # | measure | PostgreSQL | baseline | change | SQLite | baseline | change |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in build_rows(run):
+        if row.workload in ("commit_rate", "floor"):
+            continue
+        by_system = cells(run, row.workload, row.metric)
+        shown = []
+        for mine, base in pairs:
+            now, before = by_system.get(mine), by_system.get(base)
+            shown += [c.show(row.digits) if c else "" for c in (now, before)]
+            if not now or not before or not now.values or not before.values:
+                shown.append("")
+                continue
+            if row.higher_better:
+                change = now.median / before.median - 1 if before.median else None
+            else:
+                change = before.median / now.median - 1 if now.median else None
+            if change is None:
+                shown.append("")
+            else:
+                shown.append(f"{change:+.0%}" + (" **worse**" if change < -0.10 else ""))
+        if any(shown):
+            lines.append(f"| {row.item} | {row.label} | " + " | ".join(shown) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def render(run: Run, info: dict[str, Any], load: dict[str, Any]) -> str:
     rows = build_rows(run)
     systems = [DS_PG, DBOS, DS_SQLITE]
@@ -895,6 +981,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-dbos", action="store_true", help="skip DBOS")
     parser.add_argument("--no-sqlite", action="store_true", help="skip durable_streams on SQLite")
     parser.add_argument("--repeats", type=int, help="override the number of repeats")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="another checkout (e.g. a git worktree of the parent commit) whose durable_streams "
+        "runs each workload right after this tree's; adds a before/after table",
+    )
     args = parser.parse_args(argv)
 
     sizes = QUICK if args.quick else FULL
@@ -908,10 +1000,15 @@ def main(argv: list[str] | None = None) -> int:
     if DBOS in systems and not _has_dbos():
         print("dbos is not installed: pip install -e '.[bench]'; running without DBOS.")
         systems.discard(DBOS)
+    if args.baseline:
+        args.baseline = args.baseline.resolve()
+        check_baseline(args.baseline)
+        systems |= {BASE_SYSTEMS[s] for s in systems if s in BASE_SYSTEMS}
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="ds-bench-"))
     run = Run(sizes, args.quick, workdir / "ds_bench.sqlite3", RESULTS / "latest.log")
+    run.baseline = args.baseline
     run.log.write_text("")
     workloads = []
     for workload in WORKLOADS:
@@ -955,6 +1052,8 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": time.monotonic() - started,
     }
     table = render(run, info, load)
+    if run.baseline is not None:
+        table += render_baseline(run)
     print()
     print(table)
     (RESULTS / "latest.md").write_text(table)
