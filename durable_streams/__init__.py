@@ -13,6 +13,7 @@ __all__ = [
     "MessageTimeout",
     "NonDeterministicWorkflow",
     "Status",
+    "ScheduledWorkflow",
     "SchemaMissing",
     "StepFailed",
     "StreamClosed",
@@ -31,6 +32,7 @@ __all__ = [
     "current_workflow_id",
     "get_event",
     "get_workflow",
+    "list_schedules",
     "read_stream",
     "recv",
     "run_step",
@@ -83,6 +85,7 @@ if TYPE_CHECKING:
         write_stream,
     )
     from .models import Status
+    from .scheduler import ScheduledWorkflow, list_schedules
 
 
 def __getattr__(name: str) -> Any:
@@ -92,6 +95,10 @@ def __getattr__(name: str) -> Any:
         from .models import Status
 
         return Status
+    if name in ("ScheduledWorkflow", "list_schedules"):
+        from . import scheduler
+
+        return getattr(scheduler, name)
     if name in __all__:
         from . import api
 

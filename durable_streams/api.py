@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
+import datetime
 import functools
 import inspect
 import json
@@ -21,7 +22,7 @@ from django.core.exceptions import ValidationError
 from django.db import DatabaseError, InterfaceError, OperationalError, connections
 from django.db.models import Model
 
-from . import encoding, schema, telemetry
+from . import cron, encoding, schema, telemetry
 from .bus import (
     event_topic,
     poll_interval,
@@ -116,6 +117,7 @@ class WorkflowFunction(Generic[P, R]):
         name: str | None,
         queue: str,
         max_attempts: int | None,
+        schedule: str | None = None,
     ) -> None:
         if not callable(fn):
             raise TypeError(f"@workflow decorates a function, not {type(fn).__name__}.")
@@ -144,8 +146,28 @@ class WorkflowFunction(Generic[P, R]):
         except (TypeError, ValueError):
             # Some callables implemented in C have none: then only the run's call checks.
             self._signature = None
+        self.schedule = None if schedule is None else self._check_schedule(schedule)
         functools.update_wrapper(self, fn)
         registry.register(self)
+
+    def _check_schedule(self, schedule: str) -> cron.Schedule:
+        """Parse ``schedule`` and check that this workflow can be started by its ticks."""
+        parsed = cron.Schedule(schedule, what=f"The schedule of workflow {self.name!r}")
+        if len(self.name) > cron.MAX_NAME_LENGTH:
+            raise ValueError(
+                f"The scheduled workflow {self.name!r} has a name of {len(self.name)} characters; "
+                f"a scheduled workflow's name may have at most {cron.MAX_NAME_LENGTH}, so that "
+                "the ids of its runs (the name and the tick) fit. Pass @workflow(name=...)."
+            )
+        if self._signature is not None:
+            try:
+                self._signature.bind(None)
+            except TypeError as exc:
+                raise TypeError(
+                    f"The scheduled workflow {self.name!r} must take exactly one argument, the "
+                    f"time of the tick that starts it, but it cannot be called with one: {exc}."
+                ) from None
+        return parsed
 
     @property
     def max_attempts(self) -> int:
@@ -218,7 +240,11 @@ def _check_name(what: str, value: object) -> str:
 def workflow(fn: Callable[P, R], /) -> WorkflowFunction[P, R]: ...
 @overload
 def workflow(
-    *, name: str | None = None, queue: str = "default", max_attempts: int | None = None
+    *,
+    name: str | None = None,
+    queue: str = "default",
+    max_attempts: int | None = None,
+    schedule: str | None = None,
 ) -> Callable[[Callable[P, R]], WorkflowFunction[P, R]]: ...
 def workflow(
     fn: Callable[P, R] | None = None,
@@ -227,13 +253,20 @@ def workflow(
     name: str | None = None,
     queue: str = "default",
     max_attempts: int | None = None,
+    schedule: str | None = None,
 ) -> WorkflowFunction[P, R] | Callable[[Callable[P, R]], WorkflowFunction[P, R]]:
-    """Register a function as a durable workflow, under ``name`` (default: module.qualname)."""
+    """Register a function as a durable workflow, under ``name`` (default: module.qualname).
+
+    With ``schedule`` (a cron expression), the workers start it once per tick, with
+    the tick's time (an aware datetime in UTC) as its one argument.
+    """
     if fn is not None:
         return WorkflowFunction(fn, name=name, queue=queue, max_attempts=max_attempts)
 
     def decorate(fn: Callable[P, R]) -> WorkflowFunction[P, R]:
-        return WorkflowFunction(fn, name=name, queue=queue, max_attempts=max_attempts)
+        return WorkflowFunction(
+            fn, name=name, queue=queue, max_attempts=max_attempts, schedule=schedule
+        )
 
     return decorate
 
@@ -373,6 +406,13 @@ def _check_arguments(
 
     Found by the worker instead, they would fail every attempt of a run already stored.
     """
+    if wf.schedule is not None:
+        tick = args[0] if len(args) == 1 else None
+        if kwargs or not isinstance(tick, datetime.datetime) or tick.utcoffset() is None:
+            raise TypeError(
+                f"The scheduled workflow {wf.name!r} starts with one argument, the time of a "
+                "tick: an aware datetime (e.g. datetime.now(UTC)), and nothing else."
+            )
     if wf._signature is None:
         return
     try:
@@ -392,6 +432,13 @@ def _start(
     wf: WorkflowFunction[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> WorkflowHandle:
     """Store a run of ``wf`` with these arguments and the options ``wf`` is bound to."""
+    return store_run(wf, args, kwargs)[0]
+
+
+def store_run(
+    wf: WorkflowFunction[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[WorkflowHandle, bool]:
+    """``_start``, and whether this call stored the run (False: the same start was stored)."""
     # Checked before the child id below takes an operation number.
     _check_arguments(wf, args, kwargs)
     options = wf._options
@@ -428,7 +475,7 @@ def _start(
                 publish_changes(changes, using)
                 if inserted:
                     telemetry.workflow_started(wf.name, queue)
-                    break
+                    return WorkflowHandle(run.id), True
                 existing = (
                     runs.filter(pk=run.id)
                     .values_list("name", "owner_id", "is_public", "inputs")
@@ -441,7 +488,7 @@ def _start(
             continue
         _check_same_run(run, *existing)
         break
-    return WorkflowHandle(run.id)
+    return WorkflowHandle(run.id), False
 
 
 def _raise_if_unmigrated(exc: DatabaseError, using: str) -> None:

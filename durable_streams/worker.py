@@ -37,6 +37,7 @@ from .models import Claim, Status, WorkerProcess, Workflow, WorkflowQuerySet
 from .models.workers import GONE_AFTER_BEATS
 from .runtime import execution as runtime
 from .runtime import registry, writer
+from .scheduler import Scheduler
 
 logger = logging.getLogger("durable_streams.worker")
 
@@ -110,6 +111,8 @@ class Worker:
         self._wake_known = False
         self._beats = 0
         self.completed = 0
+        # A burst worker drains the queues: it starts no scheduled run.
+        self._scheduler = None if burst else Scheduler(self.queues, self.using)
 
     # Control
 
@@ -175,6 +178,8 @@ class Worker:
                     try:
                         keeper.ready()
                         names = registry.names()
+                        if self._scheduler is not None:
+                            self._scheduler.start_due()
                         claimed = self._claim(free, names) if free > 0 else []
                         self._warn_unknown(names)
                     except DatabaseError as exc:
@@ -203,7 +208,7 @@ class Worker:
                     if self.burst and not claimed and idle and not self._timers(names):
                         break
                     if not self._stopping.is_set() and waiter.wait(
-                        self._idle_wait(interval, names, keeper)
+                        self._wait_for(interval, names, keeper)
                     ):
                         # Rung: a run may have been suspended with a new timer.
                         self._wake_known = False
@@ -223,6 +228,12 @@ class Worker:
             return Workflow.objects.using(self.using).next_wake(self.queues, names) is not None
         except DatabaseError:
             return False
+
+    def _wait_for(self, interval: float, names: list[str], keeper: ConnectionKeeper) -> float:
+        """The idle wait, cut short for the next scheduled tick to start on time."""
+        wait = self._idle_wait(interval, names, keeper)
+        left = None if self._scheduler is None else self._scheduler.seconds_left()
+        return wait if left is None else min(wait, left)
 
     def _idle_wait(self, interval: float, names: list[str], keeper: ConnectionKeeper) -> float:
         """How long the loop may wait for an announcement: at most until the next timer
@@ -595,7 +606,11 @@ class Worker:
         with runtime.executing(execution):
             try:
                 try:
-                    result = wf.fn(*inputs["args"], **inputs["kwargs"])
+                    args = inputs["args"]
+                    if wf.schedule is not None and len(args) == 1 and isinstance(args[0], str):
+                        # The tick, stored as JSON text: the workflow takes a datetime.
+                        args = [datetime.fromisoformat(args[0])]
+                    result = wf.fn(*args, **inputs["kwargs"])
                     output = encoding.encode(result, f"The result of workflow {claim.name!r}")
                 except LeaseLost:
                     raise

@@ -452,6 +452,7 @@ def long_atomic(label: str, seconds: float) -> str:
 from .workflows_atomic import atomic_stream_writer  # noqa: E402, F401 - registers it
 from .workflows_faults import two_steps  # noqa: E402, F401 - registers the fault tests' workflows
 from .workflows_interrupted import interruptible  # noqa: E402, F401 - registers it
+from .workflows_schedules import yearly  # noqa: E402, F401 - registers the schedule tests' workflows
 from .workflows_storm import storm  # noqa: E402, F401 - registers it
 from .workflows_waiting import napper  # noqa: E402, F401 - registers the wait tests' workflows
 

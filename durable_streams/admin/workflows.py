@@ -37,6 +37,7 @@ from ..models import (
     StreamEntry,
     Workflow,
 )
+from ..scheduler import list_schedules
 from .actions import OBJECT_ACTIONS, ActionResult, batches, cancel_all, resume_all, retry_all
 from .display import (
     DETAIL_CHARS,
@@ -328,6 +329,11 @@ class WorkflowAdmin(ReadOnlyAdmin, admin.ModelAdmin):  # type: ignore[type-arg] 
         wrap = self.admin_site.admin_view
         return [
             path(
+                "schedules/",
+                wrap(self.schedules_view),
+                name=f"{info[0]}_{info[1]}_schedules",
+            ),
+            path(
                 "<path:object_id>/act/<str:action>/",
                 wrap(self.object_action_view),
                 name=f"{info[0]}_{info[1]}_act",
@@ -598,6 +604,32 @@ class WorkflowAdmin(ReadOnlyAdmin, admin.ModelAdmin):  # type: ignore[type-arg] 
             "status_badge": status_badge(obj.status),
             "media": self.media,
         }
+
+    def schedules_view(self, request: HttpRequest) -> HttpResponse:
+        """The scheduled workflows of this process: their cron, next tick and last run."""
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        rows = [
+            {
+                "name": found.name,
+                "schedule": found.schedule,
+                "queue": found.queue,
+                "next_tick": "—" if found.next_tick is None else format_time(found.next_tick),
+                "last_tick": None if found.last_tick is None else format_time(found.last_tick),
+                "last_run_url": None
+                if found.last_run is None
+                else self._url("change", quote(found.last_run.workflow_id)),
+                "last_run_id": None if found.last_run is None else found.last_run.workflow_id,
+            }
+            for found in list_schedules()
+        ]
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.opts,
+            "title": gettext("Schedules"),
+            "schedules": rows,
+        }
+        return TemplateResponse(request, "admin/durable_streams/workflow/schedules.html", context)
 
     def steps_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
         obj = self._viewable(request, object_id)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any, Protocol
 
+from ..cron import Schedule
 from ..exceptions import WorkflowNotRegistered
 
 
@@ -20,6 +21,9 @@ class Registered(Protocol):
 
     @property
     def fn(self) -> Callable[..., Any]: ...
+
+    @property
+    def schedule(self) -> Schedule | None: ...
 
 
 _lock = threading.Lock()
@@ -60,3 +64,10 @@ def queue_of(name: str) -> str | None:
     with _lock:
         workflow = _workflows.get(name)
     return None if workflow is None else workflow.queue
+
+
+def scheduled(queues: Collection[str]) -> list[Registered]:
+    """The registered workflows with a schedule whose default queue is one of ``queues``."""
+    with _lock:
+        workflows = list(_workflows.values())
+    return [wf for wf in workflows if wf.schedule is not None and wf.queue in queues]
