@@ -569,8 +569,11 @@ def cells(run: Run, workload: str, metric: str) -> dict[str, Cell]:
     return out
 
 
-def ratio(row: Row, by_system: dict[str, Cell]) -> float | None:
-    ours, theirs = by_system.get(DS_PG), by_system.get(DBOS)
+def ratio(
+    row: Row, by_system: dict[str, Cell], mine: str = DS_PG, peer: str = DBOS
+) -> float | None:
+    """How many times better ``mine`` did than ``peer`` on ``row`` (above 1: better)."""
+    ours, theirs = by_system.get(mine), by_system.get(peer)
     if not ours or not theirs or not ours.values or not theirs.values:
         return None
     if row.higher_better:
@@ -879,16 +882,11 @@ def render_baseline(run: Run) -> str:
         for mine, base in pairs:
             now, before = by_system.get(mine), by_system.get(base)
             shown += [c.show(row.digits) if c else "" for c in (now, before)]
-            if not now or not before or not now.values or not before.values:
-                shown.append("")
-                continue
-            if row.higher_better:
-                change = now.median / before.median - 1 if before.median else None
-            else:
-                change = before.median / now.median - 1 if now.median else None
-            if change is None:
+            times = ratio(row, by_system, mine, base)
+            if times is None:
                 shown.append("")
             else:
+                change = times - 1
                 shown.append(f"{change:+.0%}" + (" **worse**" if change < -0.10 else ""))
         if any(shown):
             lines.append(f"| {row.item} | {row.label} | " + " | ".join(shown) + " |")

@@ -83,17 +83,10 @@ class Schedule:
             return None
         return tick.astimezone(UTC)
 
-    def explain(self) -> str:
-        """The expression in words, as cronsim says it ("Every minute"), else itself."""
-        try:
-            return str(CronSim(self.expression, datetime.now(UTC)).explain())
-        except Exception:  # an explanation is a nicety, never an error
-            return self.expression
-
 
 def tick_id(name: str, tick: datetime) -> str:
     """The workflow id of the run of ``name`` for ``tick``."""
-    return f"{ID_PREFIX}{name}:{tick.astimezone(UTC).strftime(_TICK_FORMAT)}"
+    return id_prefix(name) + tick.astimezone(UTC).strftime(_TICK_FORMAT)
 
 
 def id_prefix(name: str) -> str:

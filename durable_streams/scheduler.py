@@ -112,9 +112,7 @@ class Scheduler:
         """Seconds until the next tick to start (or the next try after a failure)."""
         if time.monotonic() < self._retry_at:
             return self._retry_at - time.monotonic()
-        if registry.scheduled(self.queues) and len(self._next) < len(
-            registry.scheduled(self.queues)
-        ):
+        if len(self._next) < len(registry.scheduled(self.queues)):
             return 0.0  # a schedule registered since the last look
         ticks = [tick for tick in self._next.values() if tick is not None]
         if not ticks:
